@@ -1,0 +1,1 @@
+"""Wrappers of existing linear RNN layers and models (installed as memplug.adapters)."""

@@ -1,0 +1,1 @@
+"""Tasks, ablation runner and benchmarks (installed as memplug.experiments)."""

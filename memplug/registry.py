@@ -1,0 +1,101 @@
+"""Backends by name. A backend is a scan function with the keywords of `memplug.routed_scan`.
+
+`backend="auto"` picks, among the backends available on this machine that take the inputs' device
+type, dtype and rule, the one with the highest priority for that device type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+import torch
+
+from .checks import FLOAT_DTYPES
+from .rules import Rule
+
+
+def _family_rules(rule: Rule) -> bool:
+    return rule.family is not None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    scan: Callable
+    step: Optional[Callable]
+    priority: Mapping[str, int]  # device type -> priority for "auto"; the keys are the device types it runs on
+    dtypes: tuple
+    supports_rule: Callable[[Rule], bool]
+    available: Callable[[], bool]
+
+    def why_not(self, device: torch.device, dtype: torch.dtype, rule: Rule) -> Optional[str]:
+        """None if this backend takes these inputs, else the reason it does not."""
+        if not self.available():
+            return f"backend {self.name!r} is not available on this machine"
+        if device.type not in self.priority:
+            return f"backend {self.name!r} runs on {sorted(self.priority)}, not on {device.type}"
+        if dtype not in self.dtypes:
+            return f"backend {self.name!r} takes dtypes {self.dtypes}, not {dtype}"
+        if not self.supports_rule(rule):
+            return f"backend {self.name!r} does not run rule {rule.name!r}"
+        return None
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, scan: Callable, step: Optional[Callable] = None, *,
+                     priority: Optional[Mapping[str, int]] = None, dtypes=FLOAT_DTYPES,
+                     supports_rule: Callable[[Rule], bool] = _family_rules,
+                     available: Callable[[], bool] = lambda: True, replace: bool = False) -> Backend:
+    """Register a backend.
+
+    scan: `scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_w, coupling, scale,
+        initial_state, output_final_state, cu_seqlens) -> (o, final_state or None)`. Inputs arrive
+        validated, with `rule` resolved to a `Rule`, `scale` to a float and `read_w` to a tensor.
+    step: the same for `routed_step` (keyword `state` instead of `initial_state`, no `cu_seqlens`,
+        `output_final_state`); None uses the reference step, which touches only the routed slots.
+    priority: device type -> priority under `backend="auto"` (higher wins). Its keys are the device
+        types the backend runs on. Default: cpu and cuda at -1, below every built-in backend.
+    dtypes: input dtypes the backend takes. supports_rule: which rules it runs (default: every rule
+        of a family, see `memplug.rules`). available: whether it can run on this machine.
+    """
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"register_backend: name must be a non-empty string other than 'auto', got {name!r}")
+    if name in _BACKENDS and not replace:
+        raise ValueError(f"register_backend: a backend named {name!r} exists; pass replace=True to replace it")
+    if not callable(scan):
+        raise TypeError(f"register_backend: scan must be callable, got {type(scan).__name__}")
+    if step is not None and not callable(step):
+        raise TypeError(f"register_backend: step must be callable or None, got {type(step).__name__}")
+    backend = Backend(name, scan, step, dict(priority or {"cpu": -1, "cuda": -1}), tuple(dtypes),
+                      supports_rule, available)
+    _BACKENDS[name] = backend
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    if name not in _BACKENDS:
+        raise ValueError(f"backend: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
+    del _BACKENDS[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends usable on this machine."""
+    return sorted(n for n, b in _BACKENDS.items() if b.available())
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rule: Rule) -> Backend:
+    """The backend to run; raises ValueError naming `backend` if it cannot take these inputs."""
+    if backend == "auto":
+        fits = [b for b in _BACKENDS.values() if b.why_not(device, dtype, rule) is None]
+        if not fits:
+            raise ValueError(f"backend: no available backend runs rule {rule.name!r} on {device.type} "
+                             f"with dtype {dtype}; available: {available_backends()}")
+        return max(fits, key=lambda b: b.priority[device.type])
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend: unknown backend {backend!r}; registered: {sorted(_BACKENDS)} or 'auto'")
+    reason = _BACKENDS[backend].why_not(device, dtype, rule)
+    if reason is not None:
+        raise ValueError(f"backend: {reason}")
+    return _BACKENDS[backend]

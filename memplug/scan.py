@@ -1,0 +1,67 @@
+"""The functional core (SPEC section 4): `routed_scan` over a sequence, `routed_step` for decoding."""
+from __future__ import annotations
+
+import torch
+
+from .checks import check_scan
+from .registry import resolve_backend
+from .rules import get_rule
+
+
+def routed_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g=None, beta=None, read_w=None,
+                coupling="dt", scale=None, initial_state=None, output_final_state=False,
+                cu_seqlens=None, backend="auto"):
+    """Routed sparse-state scan: every head owns `num_slots` states; each token updates the `R` slots
+    named by `route_idx` with `rule` and reads them back, mixed by `read_w` (default `route_w`).
+
+    Shapes (SPEC section 2): q `[B,T,H,K]`; k `[B,T,H,K]` or `[B,T,H,R,K]`; v `[B,T,H,V]` or
+    `[B,T,H,R,V]`; g `[B,T,H]` / `[B,T,H,K]` (or per route); beta `[B,T,H]` (or per route);
+    route_idx, route_w, read_w `[B,T,Hr,R]` with Hr 1 or H; initial_state `[N,H,m,K,V]`;
+    cu_seqlens `[N+1]` with B = 1.
+
+    Returns `o [B,T,H,V]` in the dtype of q and, if `output_final_state`, the final states
+    `[N,H,m,K,V]` in float32 (float64 for float64 inputs).
+    """
+    rule = get_rule(rule)
+    check_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
+               beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=initial_state,
+               cu_seqlens=cu_seqlens)
+    if not isinstance(output_final_state, bool):
+        raise TypeError(f"output_final_state: expected a bool, got {output_final_state!r}")
+    impl = resolve_backend(backend, q.device, q.dtype, rule)
+    return impl.scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
+                     beta=beta, read_w=route_w if read_w is None else read_w, coupling=coupling,
+                     scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+                     initial_state=initial_state, output_final_state=output_final_state,
+                     cu_seqlens=cu_seqlens)
+
+
+def routed_step(q, k, v, *, rule, route_idx, route_w, state, g=None, beta=None, read_w=None,
+                coupling="dt", scale=None, backend="auto"):
+    """One decoding step: the inputs of `routed_scan` with T = 1 and `state [B,H,m,K,V]`
+    (float32, or float64 for float64 inputs). Updates only the routed slots, in place where the
+    backend can; returns `(o [B,1,H,V], state)`."""
+    rule = get_rule(rule)
+    _check_tensor_state(state)
+    if q.dim() == 4 and q.shape[1] != 1:
+        raise ValueError(f"q: routed_step takes one token, expected shape [B, 1, H, K], got {list(q.shape)}")
+    check_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=state.shape[2], g=g,
+               beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=state,
+               cu_seqlens=None, state_name="state")
+    wanted = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if state.dtype != wanted:
+        raise TypeError(f"state: expected dtype {wanted} for q of dtype {q.dtype}, got {state.dtype}")
+    impl = resolve_backend(backend, q.device, q.dtype, rule)
+    step = impl.step
+    if step is None:
+        from memplug.backends.reference import reference_step as step
+    return step(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, state=state, g=g, beta=beta,
+                read_w=route_w if read_w is None else read_w, coupling=coupling,
+                scale=q.shape[-1] ** -0.5 if scale is None else float(scale))
+
+
+def _check_tensor_state(state):
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"state: expected a torch.Tensor, got {type(state).__name__}")
+    if state.dim() != 5:
+        raise ValueError(f"state: expected shape [B, H, m, K, V], got {list(state.shape)}")
