@@ -1,8 +1,13 @@
 """memplug: routed sparse-state memory for linear RNNs.
 
 Functional core: `routed_scan`, `routed_step` (SPEC section 4). Registries: `register_rule`,
-`register_backend`, `available_backends`.
+`register_backend`, `available_backends`. Layers: `RoutedMemory` and its presets
+`FactorizationMemory`, `MixtureOfMemories`; routers in `memplug.routing`.
 """
+from . import routing
+from .routing import RouterConfig
+from .cache import MemoryCache
+from .layers import FactorizationMemory, MixtureOfMemories, RoutedMemory
 from .registry import available_backends, register_backend, unregister_backend
 from .rules import Rule, available_rules, get_rule, register_rule, unregister_rule
 from .scan import routed_scan, routed_step
@@ -10,6 +15,7 @@ from .scan import routed_scan, routed_step
 from . import backends  # noqa: E402,F401  (registers the built-in backends)
 
 __all__ = [
+    "RoutedMemory", "FactorizationMemory", "MixtureOfMemories", "MemoryCache", "RouterConfig", "routing",
     "routed_scan", "routed_step", "register_backend", "unregister_backend", "available_backends",
     "register_rule", "unregister_rule", "get_rule", "available_rules", "Rule",
 ]

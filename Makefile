@@ -1,0 +1,21 @@
+# The two set-up commands of the README. Each installs what it needs into .venv on first use:
+# PyTorch's CPU build when the machine has no NVIDIA GPU, then memplug with its test extra.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: quick test
+
+quick: $(VENV)/.installed  ## the main job: the quick ablation on an embedded default
+	$(VENV)/bin/memplug ablate --preset quick --out runs/quick
+
+test: $(VENV)/.installed  ## the CPU test suite
+	$(PY) -m pytest tests
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	if nvidia-smi -L >/dev/null 2>&1; then echo "GPU found: default torch build"; \
+	else $(PY) -m pip install --quiet torch==2.13.0; fi
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@

@@ -1,0 +1,32 @@
+"""Decoding cache of a `RoutedMemory` layer: fixed size, whatever the number of tokens seen."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class MemoryCache:
+    """What one layer carries from one call to the next.
+
+    state: slot states `[N, H, m, K, V]` (float32, or float64 for a float64 layer).
+    conv: short-convolution histories by stream name ("q", "k", "v", "shared_k", "shared_v"),
+        `[N, kernel_size - 1, channels]` each; empty without short convolutions.
+    shared_state: the always-on slot `[N, H, 1, K, V]`, or None without one.
+    """
+
+    state: torch.Tensor
+    conv: dict = field(default_factory=dict)
+    shared_state: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.shape[0]
+
+    def reorder(self, index: torch.Tensor) -> "MemoryCache":
+        """The cache of the sequences `index` (beam search reorders the batch)."""
+        return MemoryCache(self.state.index_select(0, index),
+                           {name: s.index_select(0, index) for name, s in self.conv.items()},
+                           None if self.shared_state is None else self.shared_state.index_select(0, index))

@@ -1,0 +1,272 @@
+"""Layers: `RoutedMemory` and its presets `FactorizationMemory` and `MixtureOfMemories`.
+
+A token's way through `RoutedMemory.forward`:
+
+1. projections: the query `q`, and the *writes* (`k`, `v`, and the rule's `g` / `beta`), each
+   through a short causal convolution; with `per_slot_kv` every slot has its own writes and the
+   token's routed slots are gathered;
+2. routing: `Router` -> slot indices and weights (`memplug.routing`);
+3. memory: `memplug.routed_scan` (or `routed_step` when decoding one token with a cache), which
+   runs the rule's single-token update (`memplug.rules`) on the routed slots;
+4. read-out: an always-on shared slot is added if configured, then a gated RMS norm per head and
+   the output projection.
+
+The plain backbone is `num_slots=1, topk=1, coupling="none"`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import MemoryCache
+from .checks import COUPLINGS
+from .modules import RMSNorm, ShortConv, at_least_float32
+from .routing import Router, RouterConfig, Routing, load_balancing_loss
+from .rules import get_rule
+from .scan import routed_scan, routed_step
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+class _Stream(nn.Module):
+    """A linear projection to `width` channels, then a short convolution (or SiLU without one)."""
+
+    def __init__(self, hidden_size, width, short_conv, conv_size):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, width, bias=False)
+        self.conv = ShortConv(width, conv_size) if short_conv else None
+
+    def forward(self, x, state, cu_seqlens, output_state):
+        y = self.proj(x)
+        if self.conv is None:
+            return F.silu(y), None
+        return self.conv(y, state, cu_seqlens, output_state)
+
+
+class Writes(nn.Module):
+    """The write inputs of a rule for `copies` sets of slots: `k [B,T,H,copies,K]`,
+    `v [B,T,H,copies,V]`, `g` (`[B,T,H,copies]` or `[B,T,H,copies,K]`) and `beta [B,T,H,copies]`
+    as the rule needs them.
+
+    Scalar decays follow Mamba-2: `g = -exp(A_log) * softplus(a + dt_bias)`; per-channel decays
+    follow GLA: `g = logsigmoid(a) / 16`. `beta = sigmoid(b)`.
+    """
+
+    def __init__(self, name, hidden_size, num_heads, head_k_dim, head_v_dim, rule, copies, short_conv, conv_size):
+        super().__init__()
+        self.name = name  # prefix of this module's entries in the cache's conv histories
+        self.shape = (num_heads, copies)
+        H, K, V = num_heads, head_k_dim, head_v_dim
+        self.k = _Stream(hidden_size, H * copies * K, short_conv, conv_size)
+        self.v = _Stream(hidden_size, H * copies * V, short_conv, conv_size)
+        self.g_kind = rule.g
+        if rule.g == "scalar":
+            self.a_proj = nn.Linear(hidden_size, H * copies, bias=False)
+            self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+            dt = torch.empty(H).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        elif rule.g == "vector":
+            self.a_proj = nn.Linear(hidden_size, H * copies * K, bias=True)
+        self.b_proj = nn.Linear(hidden_size, H * copies, bias=False) if rule.beta else None
+
+    def forward(self, x, conv_state, cu_seqlens, output_state):
+        heads = lambda t: t.unflatten(-1, (*self.shape, -1))
+        k, k_state = self.k(x, conv_state.get(self.name + "k"), cu_seqlens, output_state)
+        v, v_state = self.v(x, conv_state.get(self.name + "v"), cu_seqlens, output_state)
+        g = beta = None
+        if self.g_kind == "scalar":
+            a = heads(at_least_float32(self.a_proj(x)))[..., 0]
+            g = -self.A_log.exp()[:, None] * F.softplus(a + self.dt_bias[:, None])
+        elif self.g_kind == "vector":
+            g = F.logsigmoid(heads(at_least_float32(self.a_proj(x)))) / 16
+        if self.b_proj is not None:
+            beta = torch.sigmoid(heads(at_least_float32(self.b_proj(x)))[..., 0])
+        return heads(k), heads(v), g, beta, {self.name + "k": k_state, self.name + "v": v_state}
+
+
+def _select(x, idx):
+    """Per-slot inputs `[B,T,H,m,...]` at the routed slots `idx [B,T,H,R]` -> `[B,T,H,R,...]`."""
+    if x is None:
+        return None
+    idx = idx.reshape(*idx.shape, *(1,) * (x.dim() - 4)).expand(*idx.shape, *x.shape[4:])
+    return x.gather(3, idx)
+
+
+class RoutedMemory(nn.Module):
+    """A linear RNN layer with routed sparse-state memory.
+
+    Args:
+        hidden_size, num_heads, head_k_dim, head_v_dim: layer sizes.
+        rule: update rule name (`memplug.available_rules()`).
+        num_slots: slots `m` per head; topk: slots `R` each token routes to.
+        coupling: "dt" (the routing weight scales the update) or "none" (it only weights the read).
+        per_slot_kv: every slot has its own write projections (k, v, g, beta), as in MoM;
+            otherwise one write projection is shared by all slots, as in Factorization Memory.
+        shared_slot: add an always-on dense slot (MoM's shared memory).
+        router: a `RouterConfig`, a dict of its fields, or None for the defaults.
+        short_conv, conv_size: short causal convolutions on q, k, v.
+        output_gate: gate the normalised read with `silu(W x)` (the read's merge gate).
+        qk_norm: "l2" normalises q and k per head; the default does so for delta rules only.
+        backend: the `routed_scan` backend ("auto" picks the fastest for the device).
+
+    `forward(x [B,T,D], cache=None, cu_seqlens=None, use_cache=False) -> (y, cache, aux)`:
+    returns a `MemoryCache` if `cache` was given or `use_cache`, else None; `aux["aux_loss"]` is
+    the weighted load-balancing loss to add to the training loss (0 without one) and
+    `aux["routing"]` the `Routing` (None with one slot), for `memplug.routing.routing_stats`.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_k_dim: int, head_v_dim: int,
+                 rule: str = "gated_deltanet", num_slots: int = 4, topk: int = 2, coupling: str = "dt",
+                 per_slot_kv: bool = False, shared_slot: bool = False, router=None, short_conv: bool = True,
+                 conv_size: int = 4, output_gate: bool = True, qk_norm: Optional[str] = "auto",
+                 backend: str = "auto", norm_eps: float = 1e-5):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_k_dim", head_k_dim),
+                            ("head_v_dim", head_v_dim), ("num_slots", num_slots), ("topk", topk),
+                            ("conv_size", conv_size)):
+            _positive_int(name, value)
+        self.rule = get_rule(rule)
+        if topk > num_slots:
+            raise ValueError(f"topk: expected at most num_slots = {num_slots} routes per token, got {topk}")
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
+        router = RouterConfig.make(router)
+        if router.kind == "dense" and topk != num_slots:
+            raise ValueError(f"topk: dense routing uses every slot, so topk must equal num_slots = {num_slots}, got {topk}")
+        if router.kind == "threshold" and coupling == "none":
+            raise ValueError("router.kind: threshold routing needs coupling='dt'; under 'none' a dropped "
+                             "route (weight 0) would still write to its slot")
+        if qk_norm == "auto":
+            qk_norm = "l2" if self.rule.family is not None and self.rule.family.delta else None
+        if qk_norm not in (None, "l2"):
+            raise ValueError(f"qk_norm: expected 'auto', 'l2' or None, got {qk_norm!r}")
+        self.config = dict(hidden_size=hidden_size, num_heads=num_heads, head_k_dim=head_k_dim,
+                           head_v_dim=head_v_dim, rule=self.rule.name, num_slots=num_slots, topk=topk,
+                           coupling=coupling, per_slot_kv=per_slot_kv, shared_slot=shared_slot,
+                           router=router.to_dict(), short_conv=short_conv, conv_size=conv_size,
+                           output_gate=output_gate, qk_norm=qk_norm, backend=backend, norm_eps=norm_eps)
+        self.num_heads, self.head_k_dim, self.head_v_dim = num_heads, head_k_dim, head_v_dim
+        self.num_slots, self.topk, self.coupling, self.backend = num_slots, topk, coupling, backend
+        self.per_slot_kv, self.qk_norm = per_slot_kv, qk_norm
+
+        self.q = _Stream(hidden_size, num_heads * head_k_dim, short_conv, conv_size)
+        write_args = (hidden_size, num_heads, head_k_dim, head_v_dim, self.rule)
+        self.writes = Writes("", *write_args, num_slots if per_slot_kv else 1, short_conv, conv_size)
+        self.shared_writes = Writes("shared_", *write_args, 1, short_conv, conv_size) if shared_slot else None
+        self.router = Router(hidden_size, num_heads, num_slots, topk, router) if num_slots > 1 else None
+        self.g_proj = nn.Linear(hidden_size, num_heads * head_v_dim, bias=False) if output_gate else None
+        self.o_norm = RMSNorm(head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(num_heads * head_v_dim, hidden_size, bias=False)
+
+    def state_numel(self) -> int:
+        """Numbers in the recurrent state of one sequence (slots, plus the shared slot)."""
+        slots = self.num_slots + (self.shared_writes is not None)
+        return self.num_heads * slots * self.head_k_dim * self.head_v_dim
+
+    def _route(self, x) -> Routing:
+        if self.router is not None:
+            return self.router(x)
+        B, T = x.shape[:2]
+        ones = x.new_ones(B, T, 1, 1, dtype=torch.float32)
+        return Routing(torch.zeros(B, T, 1, 1, dtype=torch.long, device=x.device), ones, ones)
+
+    def _memory(self, q, k, v, g, beta, route_idx, route_w, num_slots, coupling, state, cu_seqlens, want_state):
+        kw = dict(rule=self.rule, route_idx=route_idx, route_w=route_w, g=g, beta=beta, coupling=coupling,
+                  backend=self.backend)
+        if state is not None and q.shape[1] == 1 and cu_seqlens is None:
+            return routed_step(q, k, v, state=state, **kw)
+        return routed_scan(q, k, v, num_slots=num_slots, initial_state=state, output_final_state=want_state,
+                           cu_seqlens=cu_seqlens, **kw)
+
+    def _check_forward(self, x, cache, cu_seqlens):
+        D = self.o_proj.out_features
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != D:
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected a tensor of shape [B, T, hidden_size={D}], got {shape}")
+        if cache is not None and not isinstance(cache, MemoryCache):
+            raise TypeError(f"cache: expected a MemoryCache or None, got {type(cache).__name__}")
+        rows = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        if cache is not None and cache.batch_size != rows:
+            raise ValueError(f"cache: holds {cache.batch_size} sequences, but the input has {rows}")
+
+    def forward(self, x, cache: Optional[MemoryCache] = None, cu_seqlens=None, use_cache: bool = False):
+        self._check_forward(x, cache, cu_seqlens)
+        want_cache = use_cache or cache is not None
+        conv = cache.conv if cache is not None else {}
+        H, K = self.num_heads, self.head_k_dim
+        q, q_conv = self.q(x, conv.get("q"), cu_seqlens, want_cache)
+        q = q.unflatten(-1, (H, K))
+
+        routing = self._route(x)
+        idx, weight = routing.idx, routing.weight
+        k, v, g, beta, write_conv = self.writes(x, conv, cu_seqlens, want_cache)
+        if self.per_slot_kv:
+            routes = idx.expand(*idx.shape[:2], H, idx.shape[-1])
+            k, v, g, beta = (_select(t, routes) for t in (k, v, g, beta))
+        else:
+            k, v, g, beta = (None if t is None else t.squeeze(3) for t in (k, v, g, beta))
+        if self.qk_norm == "l2":
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        o, state = self._memory(q, k, v, g, beta, idx, weight, self.num_slots, self.coupling,
+                                None if cache is None else cache.state, cu_seqlens, want_cache)
+
+        new_conv = {"q": q_conv, **write_conv}
+        shared_state = None
+        if self.shared_writes is not None:
+            sk, sv, sg, sbeta, shared_conv = self.shared_writes(x, conv, cu_seqlens, want_cache)
+            sk, sv, sg, sbeta = (None if t is None else t.squeeze(3) for t in (sk, sv, sg, sbeta))
+            if self.qk_norm == "l2":
+                sk = F.normalize(sk, dim=-1)
+            zeros = torch.zeros(*x.shape[:2], 1, 1, dtype=torch.long, device=x.device)
+            ones = torch.ones(*x.shape[:2], 1, 1, dtype=torch.float32, device=x.device)
+            o_shared, shared_state = self._memory(q, sk, sv, sg, sbeta, zeros, ones, 1, "none",
+                                                  None if cache is None else cache.shared_state,
+                                                  cu_seqlens, want_cache)
+            o = o + o_shared
+            new_conv.update(shared_conv)
+
+        gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (H, self.head_v_dim))
+        y = self.o_proj(self.o_norm(o, gate).flatten(-2))
+
+        new_cache = None
+        if want_cache:
+            new_cache = MemoryCache(state, {n: s for n, s in new_conv.items() if s is not None}, shared_state)
+        coef = self.router.config.load_balance_coef if self.router is not None else 0.0
+        aux_loss = coef * load_balancing_loss(routing) if coef > 0 else x.new_zeros(())
+        return y, new_cache, {"aux_loss": aux_loss, "routing": routing if self.router is not None else None}
+
+
+class FactorizationMemory(RoutedMemory):
+    """Factorization Memory (arXiv 2511.00315): the `fm` rule with coupling "dt", one write
+    projection shared by all slots, an RMS-normalised softmax top-k router with temperature, and a
+    merge gate on the read. Every `RoutedMemory` argument can be overridden (e.g. `rule=` for an
+    ablation across rules)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_k_dim: int, head_v_dim: int, num_slots: int = 8,
+                 topk: int = 2, temperature: float = 1.0, **kwargs):
+        defaults = dict(rule="fm", coupling="dt", per_slot_kv=False, shared_slot=False, output_gate=True,
+                        router=RouterConfig(kind="topk", temperature=temperature, rms_norm_input=True))
+        super().__init__(hidden_size, num_heads, head_k_dim, head_v_dim, num_slots=num_slots, topk=topk,
+                         **{**defaults, **kwargs})
+
+
+class MixtureOfMemories(RoutedMemory):
+    """Mixture-of-Memories (arXiv 2502.13685): Gated DeltaNet with coupling "none", per-slot
+    write projections, a shared always-on slot, top-k routing shared by all heads and a Switch
+    load-balancing loss. The short convolutions run on the token stream before routing (MoM runs
+    them on each memory's packed tokens). Every `RoutedMemory` argument can be overridden."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_k_dim: int, head_v_dim: int, num_slots: int = 4,
+                 topk: int = 2, load_balance_coef: float = 0.01, **kwargs):
+        defaults = dict(rule="gated_deltanet", coupling="none", per_slot_kv=True, shared_slot=True,
+                        output_gate=True,
+                        router=RouterConfig(kind="topk", renormalize=True, load_balance_coef=load_balance_coef))
+        super().__init__(hidden_size, num_heads, head_k_dim, head_v_dim, num_slots=num_slots, topk=topk,
+                         **{**defaults, **kwargs})
