@@ -1,0 +1,78 @@
+"""Rules: each built-in rule's single-token update equals the SPEC section 3 table, written out."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import memplug
+from memplug.rules import Coupled, get_rule
+
+
+def _spec_update(rule, S, k, v, g, beta, w):
+    """SPEC section 3, one slot, literally (w = 1 under coupling "none")."""
+    K = S.shape[0]
+    I = torch.eye(K, dtype=S.dtype)
+    kv = torch.outer(k, v)
+    kk = torch.outer(k, k)
+    if rule == "mamba2":
+        return torch.exp(w * g) * S + w * kv
+    if rule == "gla":
+        return torch.diag(torch.exp(w * g)) @ S + w * kv
+    if rule == "deltanet":
+        return (I - w * beta * kk) @ S + w * beta * kv
+    if rule == "gated_deltanet":
+        return torch.exp(w * g) * (I - w * beta * kk) @ S + w * beta * kv
+    if rule == "fm":
+        return (1 - w * beta) * S + w * beta * kv
+    raise AssertionError(rule)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rule=st.sampled_from(["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]),
+       K=st.integers(1, 4), V=st.integers(1, 4), w=st.floats(0, 1), seed=st.integers(0, 1000))
+def test_builtin_rules_follow_the_spec_table(rule, K, V, w, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = get_rule(rule)
+    S = torch.randn(K, V, dtype=torch.float64, generator=gen)
+    k, v = torch.randn(K, dtype=torch.float64, generator=gen), torch.randn(V, dtype=torch.float64, generator=gen)
+    g = -torch.rand(K if r.g == "vector" else (), dtype=torch.float64, generator=gen) if r.g else None
+    beta = torch.rand((), dtype=torch.float64, generator=gen) if r.beta else None
+    w_t = torch.tensor(w, dtype=torch.float64)
+    got = r.step(S, k, v, g, beta, w_t)
+    torch.testing.assert_close(got, _spec_update(rule, S, k, v, g, beta, w_t), rtol=1e-12, atol=1e-12)
+    # A route of weight 0 under coupling "dt" is no route.
+    torch.testing.assert_close(r.step(S, k, v, g, beta, torch.zeros((), dtype=torch.float64)), S, rtol=0, atol=0)
+
+
+def test_register_rule_by_family_and_by_update():
+    try:
+        scaled = memplug.register_rule("test_half_mamba2", g="scalar", family="additive_scalar",
+                                       couple=lambda k, v, g, beta, w: Coupled(0.5 * w[..., None] * k, v, w * g, None))
+        free = memplug.register_rule("test_free", update=lambda S, k, v, g, beta, w: 0.9 * S + k[..., :, None] * v[..., None, :])
+        assert memplug.get_rule("test_half_mamba2") is scaled and scaled.family.name == "additive_scalar"
+        assert free.family is None
+        assert {"test_half_mamba2", "test_free"} <= set(memplug.available_rules())
+        with pytest.raises(ValueError, match="exists"):
+            memplug.register_rule("test_free", update=lambda *a: a[0])
+    finally:
+        for name in ("test_half_mamba2", "test_free"):
+            if name in memplug.available_rules():
+                memplug.unregister_rule(name)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(), "either family and couple, or update"),
+    (dict(family="additive_scalar"), "either family and couple, or update"),
+    (dict(family="additive_scalar", couple=lambda *a: None, update=lambda *a: None), "either"),
+    (dict(family="ternary", couple=lambda *a: None), "unknown family"),
+    (dict(family="additive_vector", couple=lambda *a: None), "needs g='vector'"),
+    (dict(g="matrix", update=lambda *a: None), "g must be"),
+])
+def test_register_rule_rejects_incomplete_definitions(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        memplug.register_rule("test_broken", **kwargs)
+    assert "test_broken" not in memplug.available_rules()
+
+
+def test_unknown_rule_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"^rule: unknown rule 'nope'; registered rules: \[.*'gla'"):
+        get_rule("nope")
