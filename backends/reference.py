@@ -73,6 +73,7 @@ def reference_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, rea
 def reference_step(q, k, v, *, rule, route_idx, route_w, state, g, beta, read_w, coupling, scale):
     """One token; reads and writes only the routed slots of `state`, in place unless autograd
     needs the old values of a leaf state."""
+    out_dtype = q.dtype
     q, k, v, g, beta, idx, w, read_w = _prepare(q, k, v, g, beta, route_idx, route_w, read_w, rule,
                                                 coupling, state.dtype)
     slots, routed, o_t = _token(state, 0, rule, q, k, v, g, beta, idx, w, read_w, scale)
@@ -80,4 +81,4 @@ def reference_step(q, k, v, *, rule, route_idx, route_w, state, g, beta, read_w,
         state = state.scatter(2, slots, routed)
     else:
         state.scatter_(2, slots, routed)
-    return o_t[:, None].to(q.dtype), state
+    return o_t[:, None].to(out_dtype), state

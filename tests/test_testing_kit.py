@@ -1,0 +1,293 @@
+"""The test kit catches planted bugs, each with an AssertionError naming the law it breaks, and passes
+a correct backend."""
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import memplug
+from memplug.backends.reference import reference_scan, reference_step
+from memplug.testing import CaseSpec, LAWS, check_backend, check_case, make_inputs
+from memplug.testing.laws import routed_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(rules=["mamba2"], dtypes=["float32"], max_examples=8)
+
+
+def _register(name, scan, step=None, **kw):
+    memplug.register_backend(name, scan, step, priority={"cpu": -100}, supports_rule=lambda rule: True,
+                             replace=True, **kw)
+
+
+@pytest.fixture
+def backend_name(request):
+    name = "kit_test_" + re.sub(r"\W", "_", request.node.name)
+    yield name
+    if name in memplug.available_backends():
+        memplug.unregister_backend(name)
+
+
+def _caught(name, law, match=None, **kw):
+    """check_backend raises an AssertionError that names `law`; returns the message."""
+    with pytest.raises(AssertionError) as info:
+        check_backend(name, **dict(FAST, **kw))
+    msg = str(info.value)
+    assert f"[{law}]" in msg and LAWS[law].title in msg, msg
+    assert f"backend {name!r}" in msg and "rule 'mamba2'" in msg, msg
+    assert "Minimal failing example" in msg and "CaseSpec(" in msg, msg
+    if match is not None:
+        assert re.search(match, msg), msg
+    return msg
+
+
+# --- planted bugs ------------------------------------------------------------------------------------
+
+def test_scaled_output_is_caught(backend_name):
+    def scaled(q, k, v, **kw):
+        o, S = reference_scan(q, k, v, **kw)
+        return o * 1.001, S
+    _register(backend_name, scaled)
+    _caught(backend_name, "reference_equality", match=r"\n  o: max \|error\|")
+
+
+def test_ignoring_initial_state_is_caught(backend_name):
+    def forgetful(q, k, v, **kw):
+        return reference_scan(q, k, v, **dict(kw, initial_state=None))
+    _register(backend_name, forgetful)
+    _caught(backend_name, "reference_equality")
+    _caught(backend_name, "state_passing", laws=["state_passing"])
+
+
+def _decay_unrouted(S, route_idx, cu_seqlens, m):
+    """Multiply the final states of slots no token routed to by exp(-0.01): the bug of a dense scan
+    that decays every slot."""
+    mask = routed_mask(route_idx, S.shape[1], m)
+    if cu_seqlens is None:
+        ever = mask.any(1)
+    else:
+        b = cu_seqlens.tolist()
+        ever = torch.stack([mask[0, s:e].any(0) for s, e in zip(b[:-1], b[1:])])
+    factor = torch.where(ever, 1.0, torch.exp(torch.tensor(-0.01))).to(S.dtype)
+    return S * factor[..., None, None]
+
+
+def test_decaying_unrouted_slots_is_caught(backend_name):
+    def leaky(q, k, v, **kw):
+        o, S = reference_scan(q, k, v, **dict(kw, output_final_state=True))
+        S = _decay_unrouted(S, kw["route_idx"], kw["cu_seqlens"], kw["num_slots"])
+        return o, (S if kw["output_final_state"] else None)
+    _register(backend_name, leaky)
+    msg = _caught(backend_name, "frozen_slots", laws=["frozen_slots"])
+    assert "not bit for bit equal" in msg
+
+
+def test_ignoring_read_w_is_caught(backend_name):
+    def no_read_w(q, k, v, **kw):
+        return reference_scan(q, k, v, **dict(kw, read_w=kw["route_w"]))
+    _register(backend_name, no_read_w)
+    msg = _caught(backend_name, "reference_equality")
+    assert "read_w=True" in msg  # the minimal case passes a read_w of its own
+
+
+def test_wrong_route_w_gradient_is_caught(backend_name):
+    def detached(q, k, v, **kw):
+        # The bug: the routing weight enters the update detached (only the read keeps its gradient).
+        return reference_scan(q, k, v, **dict(kw, route_w=kw["route_w"].detach()))
+    _register(backend_name, detached)
+    _caught(backend_name, "reference_equality", match=r"grad route_w")
+
+
+class _HalfGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 0.5 * grad
+
+
+def test_custom_autograd_function_with_wrong_gradient_is_caught(backend_name):
+    def half_grad(q, k, v, **kw):
+        return reference_scan(q, k, v, **dict(kw, route_w=_HalfGradient.apply(kw["route_w"])))
+    _register(backend_name, half_grad)
+    _caught(backend_name, "reference_equality", match=r"grad route_w")
+
+
+def test_step_touching_unrouted_slots_is_caught(backend_name):
+    def step(q, k, v, *, state, **kw):
+        o, state = reference_step(q, k, v, state=state, **kw)
+        unrouted = ~routed_mask(kw["route_idx"], state.shape[1], state.shape[2])[:, 0]
+        return o, torch.where(unrouted[..., None, None], 0.999 * state, state)  # decays slots not routed
+    _register(backend_name, reference_scan, step)
+    _caught(backend_name, "decode", laws=["decode"], match="touch only the routed slots")
+
+
+def test_ignoring_cu_seqlens_is_caught(backend_name):
+    def one_sequence(q, k, v, **kw):
+        if kw["cu_seqlens"] is None:
+            return reference_scan(q, k, v, **kw)
+        init = kw["initial_state"]
+        o, S = reference_scan(q, k, v, **dict(kw, cu_seqlens=None, output_final_state=True,
+                                              initial_state=None if init is None else init[:1]))
+        N = kw["cu_seqlens"].numel() - 1
+        return o, (S.expand(N, *S.shape[1:]).clone() if kw["output_final_state"] else None)
+    _register(backend_name, one_sequence)
+    _caught(backend_name, "varlen", laws=["varlen"])
+
+
+def test_label_dependent_backend_is_caught(backend_name):
+    def favours_slot_0(q, k, v, **kw):
+        o, S = reference_scan(q, k, v, **dict(kw, output_final_state=True))
+        S = S.clone()
+        S[:, :, 0] = S[:, :, 0] * 1.01
+        return o, (S if kw["output_final_state"] else None)
+    _register(backend_name, favours_slot_0)
+    _caught(backend_name, "relabeling", laws=["relabeling"])
+
+
+def test_chunk_size_dependence_is_caught(backend_name):
+    def chunky(q, k, v, chunk_size=None, **kw):
+        o, S = reference_scan(q, k, v, **kw)
+        return (o if chunk_size in (None, 32) else o * 1.01), S
+    chunky.chunk_sizes = (16, 32)
+    _register(backend_name, chunky)
+    _caught(backend_name, "chunk_size", laws=["chunk_size"], match="chunk_size=16")
+
+
+def test_wrong_output_dtype_is_caught(backend_name):
+    def float32_out(q, k, v, **kw):
+        o, S = reference_scan(q, k, v, **kw)
+        return o.float(), S
+    _register(backend_name, float32_out)
+    _caught(backend_name, "reference_equality", match="dtype", dtypes=["bfloat16"])
+
+
+def test_crash_on_valid_input_is_caught(backend_name):
+    def no_single_token(q, k, v, **kw):
+        if q.shape[1] == 1:
+            raise RuntimeError("kernel needs T >= 2")
+        return reference_scan(q, k, v, **kw)
+    _register(backend_name, no_single_token)
+    msg = _caught(backend_name, "reference_equality", match="kernel needs T >= 2")
+    assert "T=1" in msg
+
+
+# --- correct backends pass ---------------------------------------------------------------------------
+
+def test_correct_delegating_backend_passes(backend_name):
+    def delegate(q, k, v, chunk_size=None, **kw):  # exposes a chunk size that changes nothing
+        return reference_scan(q, k, v, **kw)
+    _register(backend_name, delegate, dtypes=(torch.float32, torch.float64))
+    report = check_backend(backend_name, rules=["mamba2", "gated_deltanet"], max_examples=4)
+    statuses = {(r.rule, r.law, r.dtype): r.status for r in report.results}
+    assert set(statuses.values()) == {"passed"}
+    assert ("mamba2", "chunk_size", "float32") in statuses
+    assert {d for (_, _, d) in statuses} == {"float32", "float64"}
+
+
+def test_report_marks_laws_that_do_not_apply():
+    report = check_backend("reference", rules=["fm"], dtypes=["float64"], max_examples=1,
+                           laws=["chunk_size", "backbone_reduction"])
+    by_law = {r.law: r.status for r in report.results}
+    assert by_law["chunk_size"].startswith("not applicable")
+    assert by_law["backbone_reduction"] == "passed"
+
+
+def test_check_backend_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        check_backend("no_such_backend")
+    with pytest.raises(ValueError, match="laws"):
+        check_backend("reference", laws=["no_such_law"])
+    with pytest.raises(ValueError, match="rule"):
+        check_backend("reference", rules=["no_such_rule"])
+
+
+def test_check_case_reproduces_a_case():
+    spec = CaseSpec(rule="gla", dtype="float32", B=2, T=5, H=2, K=4, V=6, m=3, R=2, Hr=2, initial_state=True,
+                    per_route=("k", "g"), read_w=True, zero_weights=True)
+    inputs = make_inputs(spec)
+    assert inputs["k"].shape == (2, 5, 2, 2, 4) and inputs["g"].shape == (2, 5, 2, 2, 4)
+    assert inputs["route_idx"].shape == (2, 5, 2, 2)
+    check_case("reference", "reference_equality", spec)
+    check_case("reference", "relabeling", spec)
+
+
+# --- the docs run as written -------------------------------------------------------------------------
+
+def test_docs_examples_run_as_written(capsys):
+    """Every ```python block of docs/testing.md, in order, in one namespace: a backend written from
+    scratch passes check_backend, a family rule and a free-form rule pass check_rule."""
+    text = (ROOT / "docs" / "testing.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3
+    namespace = {}
+    try:
+        for block in blocks:
+            exec(compile(block, str(ROOT / "docs" / "testing.md"), "exec"), namespace)
+    finally:
+        for backend in ("dense",):
+            if backend in memplug.available_backends():
+                memplug.unregister_backend(backend)
+        for rule in ("retention", "leaky_tanh"):
+            if rule in memplug.available_rules():
+                memplug.unregister_rule(rule)
+    report = namespace["report"]
+    assert {r.status for r in report.results} == {"passed", "not applicable: the backend exposes no chunk size "
+                                                  "(no `chunk_size` keyword on its scan)"}
+    assert "frozen_slots" in capsys.readouterr().out
+
+
+# --- the pytest plugin, from the command line --------------------------------------------------------
+
+def _pytest(tmp_path, *args):
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--pyargs",
+                           "memplug.testing", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_pytest_plugin_entry_point_is_installed(tmp_path):
+    # From a neutral directory: in the repository root a stale, git-ignored memplug.egg-info can shadow
+    # the installed metadata.
+    code = ("from importlib.metadata import entry_points; "
+            "print([e.value for e in entry_points(group='pytest11') if e.name == 'memplug'])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert out.strip() == "['memplug.testing.plugin']", (
+        "the pytest11 entry point is missing: reinstall memplug (pip install -e .) after changing pyproject.toml")
+
+
+def test_pytest_plugin_runs_the_kit_on_a_user_backend(tmp_path):
+    (tmp_path / "my_backends.py").write_text(textwrap.dedent('''
+        import memplug
+        from memplug.backends.reference import reference_scan
+        from memplug.rules import Coupled
+
+        def scaled(q, k, v, **kw):
+            o, S = reference_scan(q, k, v, **kw)
+            return o * 1.001, S
+
+        memplug.register_backend("my_good", reference_scan, supports_rule=lambda rule: True)
+        memplug.register_backend("my_scaled", scaled, supports_rule=lambda rule: True)
+        memplug.register_rule("my_rule", family="additive_scalar",
+                              couple=lambda k, v, g, beta, w: Coupled(w[..., None] * k, v, -0.1 * w, None))
+    '''))
+    rc, out = _pytest(tmp_path, "--memplug-import", "my_backends", "--memplug-backend", "my_good",
+                      "--memplug-backend", "my_scaled", "--memplug-rule", "gla", "--memplug-dtype", "float64",
+                      "--memplug-max-examples", "3", "--memplug-law", "reference_equality",
+                      "--memplug-law", "state_passing", "--memplug-check-rule", "my_rule", "-rf")
+    assert rc == 1, out
+    # my_good: both laws pass; my_scaled: reference equality fails, state passing holds (it scales both
+    # ways); my_rule: state passing (reference equality is not a rule law) passes.
+    assert "1 failed, 4 passed" in out, out
+    assert "FAILED" in out and "my_scaled-gla-reference_equality" in out and "[reference_equality]" in out, out
+
+
+def test_pytest_plugin_without_options_skips(tmp_path):
+    rc, out = _pytest(tmp_path, "-rs")
+    assert rc == 0 and "2 skipped" in out and "--memplug-backend" in out, out
