@@ -1,1 +1,25 @@
-"""Wrappers of existing linear RNN layers and models (installed as memplug.adapters)."""
+"""Wrappers of existing linear RNN layers and models (installed as memplug.adapters).
+
+    from memplug.adapters import wrap, wrap_model, load_pretrained
+
+    layer = wrap(fla_layer, num_slots=4, topk=2)            # one layer, drop-in
+    model = wrap_model(fla_causal_lm, num_slots=4, topk=2)  # every supported layer of a model
+
+`wrap` knows flash-linear-attention's GatedLinearAttention, SimpleGatedLinearAttention, DeltaNet,
+GatedDeltaNet and Mamba2 (`supported_layers()`); `register_adapter` teaches it more. See
+docs/adapters.md.
+"""
+from .base import (AdapterContext, MemoryConfig, RoutedAdapter, RuleInputs, SlotConv, SlotLinear, adapter_for,
+                   register_adapter, supported_layers, unregister_adapter, wrap)
+from . import fla_layers  # noqa: F401  (registers the fla adapters; does not import fla)
+from .fla_layers import (RoutedDeltaNet, RoutedGatedDeltaNet, RoutedGatedLinearAttention, RoutedMamba2,
+                         RoutedSimpleGatedLinearAttention)
+from .models import add_cpu_fallbacks, aux_loss, load_pretrained, routed_model_class, wrap_model
+
+__all__ = [
+    "wrap", "wrap_model", "load_pretrained", "aux_loss", "add_cpu_fallbacks", "routed_model_class",
+    "register_adapter", "unregister_adapter", "supported_layers", "adapter_for",
+    "RoutedAdapter", "RuleInputs", "AdapterContext", "MemoryConfig", "SlotLinear", "SlotConv",
+    "RoutedGatedLinearAttention", "RoutedSimpleGatedLinearAttention", "RoutedDeltaNet", "RoutedGatedDeltaNet",
+    "RoutedMamba2",
+]

@@ -1,0 +1,561 @@
+"""The adapter machinery: `RoutedAdapter`, the registry behind `wrap`, and per-slot copies.
+
+An adapter is an `nn.Module` that takes over an existing linear RNN layer: it adopts the layer's
+submodules, parameters and plain attributes under the same names (so `adapter.q_proj is
+layer.q_proj` and the state dict keeps the layer's keys), adds a `memplug.routing.Router`, and
+runs the layer's recurrence through `memplug.routed_scan` / `memplug.routed_step`. A subclass says
+how the layer computes the inputs of a memplug rule and how it turns the memory read into its output:
+
+    class RoutedMyLayer(RoutedAdapter):
+        rule = "gla"                                   # a memplug rule (memplug.available_rules())
+        per_slot_modules = ("k_proj", "v_proj")        # write path, copied per slot with per_slot_kv
+
+        def state_dims(self):                          # (heads, key width, value width) of the state
+            return self.num_heads, self.head_k_dim, self.head_v_dim
+
+        def rule_inputs(self, x, ctx):                 # -> RuleInputs(q, k, v, g, beta)
+            ...
+
+        def output(self, o, x, inputs, ctx):           # memory read o [B,T,H,V] -> layer output
+            ...
+
+    register_adapter(MyLayer, RoutedMyLayer)           # or "package.module.MyLayer"
+
+`forward` (in this base class) follows flash-linear-attention's layer contract: `forward(
+hidden_states, attention_mask=None, past_key_values=None, use_cache=False, output_attentions=False,
+**kwargs) -> (output, None, past_key_values)`, with padding masks `[B, T]` (0 = padding), packed
+sequences through `cu_seqlens=` and the recurrent state kept in fla's `Cache` under the layer's
+`layer_idx`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from memplug.checks import COUPLINGS
+from memplug.layers import _select
+from memplug.routing import Router, RouterConfig, Routing, load_balancing_loss
+from memplug.rules import get_rule
+from memplug.scan import routed_scan, routed_step
+
+from .torch_ops import causal_conv
+
+_FROM_MODULE = object()
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory configuration
+
+
+@dataclass
+class MemoryConfig:
+    """The routed memory an adapter adds (the keyword arguments of `wrap`)."""
+
+    num_slots: int
+    topk: int
+    coupling: str = "dt"
+    router: RouterConfig = field(default_factory=RouterConfig)
+    per_slot_kv: bool = False
+    shared_slot: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("num_slots", "topk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.topk > self.num_slots:
+            raise ValueError(f"topk: expected at most num_slots = {self.num_slots} routes per token, got {self.topk}")
+        if self.coupling not in COUPLINGS:
+            raise ValueError(f"coupling: expected one of {COUPLINGS}, got {self.coupling!r}")
+        self.router = RouterConfig.make(self.router)
+        if self.router.kind == "dense" and self.topk != self.num_slots:
+            raise ValueError(f"topk: dense routing uses every slot, so topk must equal num_slots = "
+                             f"{self.num_slots}, got {self.topk}")
+        if self.router.kind == "threshold" and self.coupling == "none":
+            raise ValueError("router.kind: threshold routing needs coupling='dt'; under 'none' a dropped "
+                             "route (weight 0) would still write to its slot")
+        for name in ("per_slot_kv", "shared_slot"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.backend, str):
+            raise TypeError(f"backend: expected a backend name, got {self.backend!r}")
+
+    @classmethod
+    def make(cls, config=None, **kwargs) -> "MemoryConfig":
+        """A `MemoryConfig` from one, from a dict of its fields, or from keyword arguments."""
+        if isinstance(config, cls):
+            return config if not kwargs else cls(**{**config.to_dict(), **kwargs})
+        fields = dict(config or {}, **kwargs)
+        unknown = set(fields) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"memory config: unknown options {sorted(unknown)}; known: "
+                            f"{sorted(cls.__dataclass_fields__)}")
+        missing = {"num_slots", "topk"} - set(fields)
+        if missing:
+            raise TypeError(f"memory config: missing {sorted(missing)}")
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["router"] = self.router.to_dict()
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-slot copies of write modules
+
+
+class SlotLinear(nn.Module):
+    """`num_slots` independent linear maps: weight `[m, out, in]`, bias `[m, out]`.
+
+    With `shared_input`, `x [..., in]` feeds every slot; otherwise `x [..., m, in]` gives each slot its
+    own input. Returns `[..., m, out]`.
+    """
+
+    def __init__(self, num_slots, in_features, out_features, bias=True, shared_input=True, device=None,
+                 dtype=None):
+        super().__init__()
+        self.num_slots, self.in_features, self.out_features = num_slots, in_features, out_features
+        self.shared_input = shared_input
+        self.weight = nn.Parameter(torch.empty(num_slots, out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_slots, out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def copies(cls, linear: nn.Linear, num_slots: int, shared_input: bool = True) -> "SlotLinear":
+        """`num_slots` copies of `linear`."""
+        w = linear.weight
+        out = cls(num_slots, linear.in_features, linear.out_features, linear.bias is not None, shared_input,
+                  device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w.detach()[None].expand_as(out.weight))
+            if linear.bias is not None:
+                out.bias.copy_(linear.bias.detach()[None].expand_as(out.bias))
+        return out
+
+    def forward(self, x):
+        if self.shared_input:
+            y = torch.einsum("...i,soi->...so", x, self.weight)
+        else:
+            y = torch.einsum("...si,soi->...so", x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return (f"num_slots={self.num_slots}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, shared_input={self.shared_input}")
+
+
+class SlotConv(nn.Module):
+    """`num_slots` copies of a depthwise causal convolution over `channels` channels each, stored as
+    one convolution over `num_slots * channels` channels (slot-major), weight `[m*C, 1, W]` as in fla."""
+
+    def __init__(self, num_slots, channels, kernel_size, bias, activation, device=None, dtype=None):
+        super().__init__()
+        self.num_slots, self.channels, self.kernel_size, self.activation = num_slots, channels, kernel_size, activation
+        self.weight = nn.Parameter(torch.empty(num_slots * channels, 1, kernel_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_slots * channels, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def copies(cls, conv: nn.Module, num_slots: int) -> "SlotConv":
+        w = conv.weight
+        C, W = w.shape[0], w.shape[-1]
+        out = cls(num_slots, C, W, conv.bias is not None, getattr(conv, "activation", None),
+                  device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w.detach().reshape(1, C, 1, W).expand(num_slots, C, 1, W).reshape(-1, 1, W))
+            if conv.bias is not None:
+                out.bias.copy_(conv.bias.detach().repeat(num_slots))
+        return out
+
+    def extra_repr(self):
+        return (f"num_slots={self.num_slots}, channels={self.channels}, kernel_size={self.kernel_size}, "
+                f"bias={self.bias is not None}, activation={self.activation}")
+
+
+def slot_copies(module: nn.Module, num_slots: int, shared_input: bool = True) -> nn.Module:
+    """Per-slot copies of a write module: `nn.Linear` -> `SlotLinear`, a short convolution (a module
+    with a `[C, 1, W]` weight, such as fla's `ShortConvolution`) -> `SlotConv`, `nn.Sequential` of
+    those -> a `Sequential` whose first map feeds every slot and whose later maps act per slot."""
+    if isinstance(module, nn.Linear):
+        return SlotLinear.copies(module, num_slots, shared_input)
+    if isinstance(module, nn.Conv1d):
+        if module.groups != module.in_channels or module.in_channels != module.out_channels:
+            raise ValueError(f"per_slot_kv: can only copy depthwise convolutions, got {module}")
+        return SlotConv.copies(module, num_slots)
+    if isinstance(module, nn.Sequential):
+        parts, shared = [], shared_input
+        for part in module:
+            parts.append(slot_copies(part, num_slots, shared))
+            shared = shared and not isinstance(part, nn.Linear)
+        return nn.Sequential(*parts)
+    if not any(True for _ in module.parameters()):
+        return module  # parameter-free (an activation): acts on any shape
+    raise TypeError(f"per_slot_kv: cannot make per-slot copies of {type(module).__name__}; "
+                    f"supported: nn.Linear, depthwise convolutions, nn.Sequential of those")
+
+
+def _is_slotted(module: nn.Module) -> bool:
+    return isinstance(module, (SlotLinear, SlotConv)) or (
+        isinstance(module, nn.Sequential) and any(_is_slotted(m) for m in module))
+
+
+# --------------------------------------------------------------------------------------------------
+# Rule inputs and the forward context
+
+
+@dataclass
+class RuleInputs:
+    """What an adapter's `rule_inputs` returns.
+
+    q: `[B, T, H, K]`. k: `[B, T, H, c, K]`, v: `[B, T, H, c, V]`, g: `[B, T, H, c]` (scalar decay)
+    or `[B, T, H, c, K]` (per channel), beta: `[B, T, H, c]`, where `c` is 1 for writes shared by all
+    slots and `num_slots` for per-slot writes (`ctx.linear` / `ctx.conv` give that axis).
+    extra: anything `output` needs (e.g. Mamba-2's skip input and gate).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: Optional[torch.Tensor] = None
+    beta: Optional[torch.Tensor] = None
+    extra: Any = None
+
+
+class AdapterContext:
+    """Helpers for one forward call of an adapter: projections and short convolutions that resolve
+    to the per-slot copies where the memory has per-slot writes, with the convolutions' cache.
+
+    `linear(name, x) -> [B, T, c, F]` and `conv(name, y) -> [B, T, c, F]` apply the adapter's module
+    `name` (c = num_slots for a per-slot copy, else 1); `heads(y, d) -> [B, T, H', c, d]` splits the
+    features into heads. Within one forward, a module applied again to the same input is not
+    recomputed (the shared slot's pass reuses the query path), and each convolution's cache entry is
+    written once.
+    """
+
+    def __init__(self, adapter: "RoutedAdapter", conv_cache: Optional[dict], cu_seqlens, output_conv_state: bool,
+                 shared_pass: bool = False, memo: Optional[dict] = None, new_conv: Optional[dict] = None):
+        self.adapter = adapter
+        self.conv_cache = conv_cache or {}
+        self.cu_seqlens = cu_seqlens
+        self.output_conv_state = output_conv_state
+        self.shared_pass = shared_pass
+        self.memo = {} if memo is None else memo
+        self.new_conv = {} if new_conv is None else new_conv
+
+    def for_shared_slot(self) -> "AdapterContext":
+        """The context of the always-on shared slot, which uses the layer's original write modules."""
+        return AdapterContext(self.adapter, self.conv_cache, self.cu_seqlens, self.output_conv_state, True,
+                              self.memo, self.new_conv)
+
+    def _resolve(self, name):
+        slots = self.adapter.slots
+        if name in slots and not self.shared_pass:
+            return slots[name], name
+        module = getattr(self.adapter, name, None)
+        if module is None:
+            raise AttributeError(f"{type(self.adapter).__name__}: no module {name!r}")
+        return module, ("shared." + name if name in slots else name)
+
+    def module(self, name) -> nn.Module:
+        return self._resolve(name)[0]
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        module, key = self._resolve(name)
+        found = self.memo.get(("linear", key))
+        if found is None or found[0] is not x:
+            y = module(x)
+            found = self.memo[("linear", key)] = (x, y if _is_slotted(module) else y.unsqueeze(-2))
+        return found[1]
+
+    def conv(self, name: str, y: torch.Tensor, activation=_FROM_MODULE) -> torch.Tensor:
+        """Causal convolution of `y [B, T, c, F]` with module `name`; its cache entry is `name`."""
+        module, key = self._resolve(name)
+        found = self.memo.get(("conv", key))
+        if found is None or found[0] is not y:
+            act = getattr(module, "activation", None) if activation is _FROM_MODULE else activation
+            out, state = causal_conv(y.flatten(-2), module.weight, module.bias, act, self.conv_cache.get(key),
+                                     self.cu_seqlens, self.output_conv_state)
+            if state is not None:
+                self.new_conv[key] = state
+            found = self.memo[("conv", key)] = (y, out.unflatten(-1, y.shape[-2:]))
+        return found[1]
+
+    @staticmethod
+    def heads(y: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """`[B, T, c, H*d]` -> `[B, T, H, c, d]`."""
+        return y.unflatten(-1, (-1, head_dim)).transpose(-3, -2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The adapter base class
+
+
+class RoutedAdapter(nn.Module):
+    """Base class of the adapters (see the module docstring). Build one with `memplug.adapters.wrap`.
+
+    Class attributes: `rule` (memplug rule name), `per_slot_modules` (names of the write-path modules
+    that `per_slot_kv` copies per slot; empty means the adapter has no per-slot writes), `scale`
+    (read scale; None is `K ** -0.5`).
+
+    After each forward, `last_aux_loss` holds the weighted load-balancing loss (None without one) and
+    `last_routing` the detached `Routing` (None with one slot); `memplug.adapters.aux_loss(model)`
+    sums the former over a model.
+    """
+
+    rule: str = None
+    per_slot_modules: tuple = ()
+    scale: Optional[float] = None
+
+    def __init__(self, layer: nn.Module, memory: MemoryConfig):
+        super().__init__()
+        self.check_layer(layer)
+        self._adopt(layer)
+        self.wrapped_type = f"{type(layer).__module__}.{type(layer).__qualname__}"
+        self.memory_config = memory
+        self._rule = get_rule(self.rule)
+        H, K, V = self.state_dims()
+        self.state_heads, self.state_k_dim, self.state_v_dim = H, K, V
+        if memory.per_slot_kv and not self.per_slot_modules:
+            raise ValueError(f"per_slot_kv: the {type(self).__name__} adapter has no per-slot write projections; "
+                             f"use per_slot_kv=False")
+        reference = next(layer.parameters(), None)
+        factory = {} if reference is None else dict(device=reference.device, dtype=reference.dtype)
+        self.slots = nn.ModuleDict()
+        if memory.per_slot_kv:
+            for name in self.per_slot_modules:
+                module = getattr(self, name, None)
+                if module is None:
+                    continue
+                self.slots[name] = slot_copies(module, memory.num_slots)
+                if not memory.shared_slot:  # the shared slot keeps using the original write modules
+                    delattr(self, name)
+        self.router = None
+        if memory.num_slots > 1:
+            hidden = self.router_input_size()
+            self.router = Router(hidden, H, memory.num_slots, memory.topk, memory.router).to(**factory)
+        self.last_aux_loss = None
+        self.last_routing = None
+        self.train(layer.training)
+
+    # ---- what a subclass provides ----------------------------------------------------------------
+
+    @classmethod
+    def check_layer(cls, layer: nn.Module) -> None:
+        """Raise ValueError for layer options the adapter does not support."""
+
+    def state_dims(self) -> tuple:
+        """(heads, key width, value width) of the recurrent state."""
+        raise NotImplementedError
+
+    def router_input_size(self) -> int:
+        return self.hidden_size
+
+    def rule_inputs(self, x: torch.Tensor, ctx: AdapterContext) -> RuleInputs:
+        raise NotImplementedError
+
+    def output(self, o: torch.Tensor, x: torch.Tensor, inputs: RuleInputs, ctx: AdapterContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- machinery -------------------------------------------------------------------------------
+
+    def _adopt(self, layer):
+        for name, module in layer.named_children():
+            self.add_module(name, module)
+        for name, param in layer.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buffer in layer.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in layer._non_persistent_buffers_set)
+        for name, value in vars(layer).items():
+            if not name.startswith("_") and name != "training" and not hasattr(self, name):
+                setattr(self, name, value)
+
+    def extra_repr(self):
+        m = self.memory_config
+        return (f"wraps={self.wrapped_type}, rule={self._rule.name}, num_slots={m.num_slots}, topk={m.topk}, "
+                f"coupling={m.coupling}, per_slot_kv={m.per_slot_kv}, shared_slot={m.shared_slot}, backend={m.backend}")
+
+    def _route(self, x) -> Routing:
+        if self.router is not None:
+            return self.router(x)
+        B, T = x.shape[:2]
+        ones = torch.ones(B, T, 1, 1, dtype=torch.float32, device=x.device)
+        return Routing(torch.zeros(B, T, 1, 1, dtype=torch.long, device=x.device), ones, ones)
+
+    def _memory(self, q, k, v, g, beta, idx, weight, num_slots, coupling, state, cu_seqlens, use_cache):
+        kw = dict(rule=self._rule, route_idx=idx, route_w=weight, g=g, beta=beta, coupling=coupling,
+                  scale=self.scale, backend=self.memory_config.backend)
+        if state is not None and use_cache and q.shape[1] == 1 and cu_seqlens is None:
+            return routed_step(q, k, v, state=state, **kw)
+        return routed_scan(q, k, v, num_slots=num_slots, initial_state=state, output_final_state=bool(use_cache),
+                           cu_seqlens=cu_seqlens, **kw)
+
+    @staticmethod
+    def _per_route(t, routes):
+        """Writes `[B,T,H,c,...]` -> shared `[B,T,H,...]` (c = 1) or per route `[B,T,H,R,...]`."""
+        if t is None:
+            return None
+        if t.shape[3] == 1:
+            return t.squeeze(3)
+        return _select(t, routes)
+
+    def _unpad(self, hidden_states, attention_mask, cu_seqlens, q_len):
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point():
+                raise TypeError(f"cu_seqlens: expected an integer tensor, got {cu_seqlens!r}")
+            return hidden_states, None, cu_seqlens.to(torch.int64)
+        if attention_mask is None:
+            return hidden_states, None, None
+        if (attention_mask.dim() != 2 or attention_mask.shape[0] != hidden_states.shape[0]
+                or attention_mask.shape[1] < q_len):
+            raise ValueError(f"attention_mask: expected a 0-1 padding mask of shape [batch_size, seq_len] = "
+                             f"[{hidden_states.shape[0]}, >= {q_len}] (0 marks padding), "
+                             f"got {list(attention_mask.shape)}")
+        if bool(attention_mask[:, -q_len:].bool().all()):
+            return hidden_states, None, None
+        from fla.layers.utils import unpad_hidden_states
+
+        x, indices, cu_seqlens = unpad_hidden_states(hidden_states, None, attention_mask, q_len)
+        if bool((cu_seqlens.diff() == 0).any()):
+            raise ValueError("attention_mask: a sequence of the batch has no token in this call (all padding); "
+                             "drop it from the batch")
+        return x, indices, cu_seqlens.to(torch.int64)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                past_key_values=None, use_cache: Optional[bool] = False, output_attentions: Optional[bool] = False,
+                **kwargs):
+        from fla.layers.utils import get_layer_cache, repad_hidden_states, update_layer_cache
+
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            shape = (list(hidden_states.shape) if isinstance(hidden_states, torch.Tensor)
+                     else type(hidden_states).__name__)
+            raise ValueError(f"hidden_states: expected a tensor of shape [batch_size, seq_len, hidden_size], "
+                             f"got {shape}")
+        batch_size, q_len, _ = hidden_states.shape
+        if q_len == 0:
+            return hidden_states, None, past_key_values
+        last_state = get_layer_cache(self, past_key_values)
+        x, indices, cu_seqlens = self._unpad(hidden_states, attention_mask, kwargs.get("cu_seqlens"), q_len)
+        conv_cache = state = shared_state = None
+        if last_state is not None:
+            conv_cache, state = last_state.get("conv_state"), last_state.get("recurrent_state")
+            if isinstance(state, (tuple, list)):
+                state, shared_state = state
+        use_cache = bool(use_cache)
+
+        m = self.memory_config
+        ctx = AdapterContext(self, conv_cache, cu_seqlens, use_cache)
+        inputs = self.rule_inputs(x, ctx)
+        routing = self._route(x)
+        H = inputs.q.shape[2]
+        routes = routing.idx.expand(*routing.idx.shape[:2], H, routing.idx.shape[-1])
+        k, v, g, beta = (self._per_route(t, routes) for t in (inputs.k, inputs.v, inputs.g, inputs.beta))
+        o, state = self._memory(inputs.q, k, v, g, beta, routing.idx, routing.weight, m.num_slots, m.coupling,
+                                state, cu_seqlens, use_cache)
+        if m.shared_slot:
+            shared = self.rule_inputs(x, ctx.for_shared_slot()) if m.per_slot_kv else inputs
+            sk, sv, sg, sbeta = (None if t is None else t.squeeze(3)
+                                 for t in (shared.k, shared.v, shared.g, shared.beta))
+            zeros = torch.zeros(*x.shape[:2], 1, 1, dtype=torch.long, device=x.device)
+            ones = torch.ones(*x.shape[:2], 1, 1, dtype=torch.float32, device=x.device)
+            o_shared, shared_state = self._memory(shared.q, sk, sv, sg, sbeta, zeros, ones, 1, "none",
+                                                  shared_state, cu_seqlens, use_cache)
+            o = o + o_shared
+        y = self.output(o, x, inputs, ctx)
+
+        if past_key_values is not None:
+            recurrent = (state, shared_state) if m.shared_slot and state is not None else state
+            update_layer_cache(self, past_key_values, recurrent_state=recurrent if use_cache else None,
+                               conv_state=ctx.new_conv if use_cache and ctx.new_conv else None, offset=q_len)
+        y = repad_hidden_states(y, indices, batch_size, q_len)
+
+        self.last_routing = None
+        self.last_aux_loss = None
+        if self.router is not None:
+            self.last_routing = Routing(*(t.detach() for t in routing))
+            coef = self.router.config.load_balance_coef
+            if coef > 0:
+                self.last_aux_loss = coef * load_balancing_loss(routing)
+        return y, None, past_key_values
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry and wrap
+
+
+_ADAPTERS: dict[str, type] = {}
+
+
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def register_adapter(layer_type, adapter=None, *, replace: bool = False):
+    """Teach `wrap` a layer type: `register_adapter(LayerClass, AdapterClass)`, or as a class
+    decorator `@register_adapter(LayerClass)`. `layer_type` may be the class or its qualified name
+    ("package.module.Class", which needs no import). Matching is by exact type."""
+    key = layer_type if isinstance(layer_type, str) else _type_name(layer_type)
+    if not isinstance(layer_type, (str, type)):
+        raise TypeError(f"register_adapter: layer_type must be a class or its qualified name, got {layer_type!r}")
+
+    def add(adapter_cls):
+        if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, RoutedAdapter)):
+            raise TypeError(f"register_adapter: the adapter must be a RoutedAdapter subclass, got {adapter_cls!r}")
+        if adapter_cls.rule is None:
+            raise ValueError(f"register_adapter: {adapter_cls.__name__}.rule is not set")
+        get_rule(adapter_cls.rule)
+        if key in _ADAPTERS and _ADAPTERS[key] is not adapter_cls and not replace:
+            raise ValueError(f"register_adapter: {key} already has the adapter {_ADAPTERS[key].__name__}; "
+                             f"pass replace=True to replace it")
+        _ADAPTERS[key] = adapter_cls
+        return adapter_cls
+
+    return add if adapter is None else add(adapter)
+
+
+def unregister_adapter(layer_type) -> None:
+    key = layer_type if isinstance(layer_type, str) else _type_name(layer_type)
+    if key not in _ADAPTERS:
+        raise ValueError(f"unregister_adapter: no adapter registered for {key}")
+    del _ADAPTERS[key]
+
+
+def supported_layers() -> list[str]:
+    """Qualified names of the layer types `wrap` knows."""
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(layer_or_type) -> Optional[type]:
+    """The adapter class registered for a layer (or layer type), or None."""
+    t = layer_or_type if isinstance(layer_or_type, type) else type(layer_or_type)
+    return _ADAPTERS.get(_type_name(t))
+
+
+def wrap(layer: nn.Module, num_slots: int, topk: int, coupling: str = "dt", router=None, per_slot_kv: bool = False,
+         shared_slot: bool = False, backend: str = "auto") -> RoutedAdapter:
+    """Wrap a linear RNN layer with routed sparse-state memory.
+
+    The returned module adopts the layer's modules and parameters (shared, not copied), keeps its
+    forward signature, return format and fla cache, and runs the recurrence over `num_slots` slots
+    per head, `topk` of them per token, through `memplug.routed_scan` / `routed_step`. With
+    `num_slots=1, topk=1` it computes exactly what the layer computes. With `per_slot_kv` the write
+    projections (and their short convolutions) start as copies of the layer's, one per slot.
+
+    coupling: "dt" (the routing weight scales each routed update) or "none"; router: a
+    `memplug.RouterConfig` or a dict of its fields; shared_slot: add an always-on dense slot that
+    uses the layer's original write projections; backend: the `routed_scan` backend.
+    """
+    if isinstance(layer, RoutedAdapter):
+        raise TypeError(f"wrap: this {type(layer).__name__} is already wrapped")
+    if not isinstance(layer, nn.Module):
+        raise TypeError(f"wrap: expected an nn.Module layer, got {type(layer).__name__}")
+    adapter_cls = adapter_for(layer)
+    if adapter_cls is None:
+        raise TypeError(f"wrap: no adapter for layers of type {_type_name(type(layer))}; supported layer types: "
+                        f"{supported_layers()}. Teach wrap a new type with memplug.adapters.register_adapter "
+                        f"(see docs/adapters.md)")
+    memory = MemoryConfig.make(num_slots=num_slots, topk=topk, coupling=coupling, router=router,
+                               per_slot_kv=per_slot_kv, shared_slot=shared_slot, backend=backend)
+    return adapter_cls(layer, memory)

@@ -1,0 +1,132 @@
+"""Run flash-linear-attention's Triton kernels on a CPU through Triton's interpreter.
+
+`TRITON_INTERPRET=1` makes `triton.jit` return interpreted functions, which run on CPU tensors. Two
+things still break fla's kernels there, and `enable()` patches both:
+
+1. autotuning: with more than one config, the autotuner benchmarks each one through the GPU driver,
+   which does not exist. The patch keeps only the last config that survives pruning, so no
+   benchmark runs (configs change speed, not results; fla lists its block sizes in increasing
+   order, and the largest blocks mean the fewest interpreted programs).
+2. loop indices: in compiled Triton, the index of `for i in range(n)` is a tensor, and kernels call
+   `i.to(tl.int64)`; the interpreter runs the loop in Python, so `i` is an int without `.to`. The
+   patch adds, at the top of every `for` loop body of a kernel, an assignment `i = i`, which the
+   interpreter's own source rewriting turns into `i = to_tensor(i)` (an int32 scalar tensor, as
+   compiled Triton has).
+3. speed (no change of results): the interpreter re-patches the whole `triton.language` namespace
+   on every call of a device function (`@triton.jit` helpers such as fla's `exp`), thousands of
+   times per kernel. The patch skips that while a kernel launch has already patched it.
+
+Call `enable()` before fla (or any module defining Triton kernels) is imported: `triton.jit` decides
+at decoration time whether a kernel is interpreted.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+
+_ENABLED = False
+
+
+def _is_range(call) -> bool:
+    """`range(...)` or `tl.range(...)`; not `tl.static_range`, whose index stays a Python int."""
+    if not isinstance(call, ast.Call):
+        return False
+    f = call.func
+    return (isinstance(f, ast.Name) and f.id == "range") or (isinstance(f, ast.Attribute) and f.attr == "range")
+
+
+class _LoopIndexAsTensor(ast.NodeTransformer):
+    """Prepend `target = target` to each `for ... in range(...)` body whose target is a plain name."""
+
+    def visit_For(self, node):
+        self.generic_visit(node)
+        if isinstance(node.target, ast.Name) and _is_range(node.iter):
+            name = node.target.id
+            assign = ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())], value=ast.Name(id=name, ctx=ast.Load()))
+            node.body.insert(0, ast.copy_location(assign, node))
+        return node
+
+
+def enable() -> None:
+    """Turn the interpreter on and apply the three patches (idempotent)."""
+    global _ENABLED
+    if _ENABLED:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    from triton.runtime import autotuner, interpreter
+
+    prune = autotuner.Autotuner.prune_configs
+
+    def last_config_only(self, kwargs):
+        return prune(self, kwargs)[-1:]
+
+    autotuner.Autotuner.prune_configs = last_config_only
+
+    base = interpreter.FunctionRewriter.ast_transformer
+
+    class Transformer(type(base)):
+        def visit_FunctionDef(self, node):
+            node = _LoopIndexAsTensor().visit(node)
+            self.generic_visit(node)
+            return node
+
+    interpreter.FunctionRewriter.ast_transformer = Transformer()
+
+    patch_lang = interpreter._patch_lang
+    launch = {"scope": None, "langs": set()}  # the kernel launch under way and the modules it patched
+
+    import triton.language as tl
+
+    modules_of = {}  # id of a function's globals -> ids of the language modules among them
+
+    def lang_modules(fn):
+        key = id(fn.__globals__)
+        if key not in modules_of:
+            modules_of[key] = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        return modules_of[key]
+
+    class LaunchScope:
+        def restore(self):
+            try:
+                launch["scope"].restore()
+            finally:
+                launch["scope"], launch["langs"] = None, set()
+
+    def patch_lang_once(fn):
+        langs = lang_modules(fn)
+        if launch["scope"] is None:  # a kernel launch: patch, and restore when it ends
+            launch["scope"], launch["langs"] = patch_lang(fn), set(langs)
+            return LaunchScope()
+        if not langs <= launch["langs"]:  # a device function seeing modules the launch did not patch
+            launch["scope"]._changes.extend(patch_lang(fn)._changes)  # undone when the launch ends
+            launch["langs"] |= langs
+        return interpreter._LangPatchScope()
+
+    interpreter._patch_lang = patch_lang_once
+    _ENABLED = True
+
+
+def self_test() -> dict:
+    """Check both patches on a kernel of our own: autotuned over two configs, whose loop index calls
+    `.to()`. Only the last config (BLOCK = 4, the width of the input) gives the right result, and
+    benchmarking would need a GPU driver. Returns the maximum error against PyTorch (0 expected) and
+    the config the autotuner kept."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 8}), triton.Config({"BLOCK": 4})], key=["n"])
+    @triton.jit
+    def running_sum(x, y, n, BLOCK: tl.constexpr):
+        cols = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(n):
+            row = i.to(tl.int64)  # an AttributeError without the loop-index patch
+            acc += tl.load(x + row * BLOCK + cols)
+            tl.store(y + row * BLOCK + cols, acc)
+
+    x = torch.randn(5, 4)
+    y = torch.empty_like(x)
+    running_sum[(1,)](x, y, x.shape[0])
+    return {"max_error": float((y - x.cumsum(0)).abs().max()), "block": running_sum.best_config.kwargs["BLOCK"]}

@@ -1,0 +1,420 @@
+"""Adapters (memplug.adapters): fla layers and models wrapped with routed sparse memory.
+
+Reproduction is checked against fla itself: `tests/support/fla_reference.py` runs fla's layers with
+their Triton kernels under Triton's interpreter on the CPU, in a separate process started at the
+first test of this module (the interpreter must be on before fla is imported, and this process runs
+the adapters without it). The tests that need its results come last, so the two overlap.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from memplug.adapters import (MemoryConfig, RoutedAdapter, SlotConv, SlotLinear, aux_loss, load_pretrained,
+                              supported_layers, wrap, wrap_model)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from support.fla_cases import (B, CASES, D, DECODE_ONLY, MODELS, PREFILL, T, build, build_model,  # noqa: E402
+                               inputs, token_ids)
+
+pytest.importorskip("fla")
+from fla.models.utils import Cache  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*(ShortConvolution|fast path|Triton|causal_conv1d).*")
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_CASE = {}  # layer type -> its first case in CASES
+for _name, (_cls, _, _) in CASES.items():
+    FIRST_CASE.setdefault(_cls.rsplit(".", 1)[-1], _name)
+LAYER_TYPES = sorted(FIRST_CASE)
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference process
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reference_process(request, tmp_path_factory):
+    """Start the reference script at the first test of this module, if a selected test needs it;
+    `reference` waits for it."""
+    if not any("reference" in getattr(item, "fixturenames", ()) for item in request.session.items
+               if getattr(item, "module", None) is request.module):
+        yield None
+        return
+    path = tmp_path_factory.mktemp("fla_reference") / "reference.pt"
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "support" / "fla_reference.py"), str(path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    yield process, path
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(_reference_process):
+    process, path = _reference_process
+    output, _ = process.communicate(timeout=900)
+    if process.returncode != 0:
+        pytest.fail("tests/support/fla_reference.py failed:\n" + output.decode(errors="replace")[-4000:])
+    return torch.load(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _decode(layer, x, mask=None, prefill=PREFILL):
+    """Prefill (if any), then one token per call, through fla's Cache; returns outputs and the cache entry."""
+    cache = Cache()
+    outputs = []
+    if prefill:
+        outputs.append(layer(x[:, :prefill], attention_mask=None if mask is None else mask[:, :prefill],
+                             past_key_values=cache, use_cache=True)[0])
+    for t in range(prefill, x.shape[1]):
+        outputs.append(layer(x[:, t:t + 1], attention_mask=None if mask is None else mask[:, :t + 1],
+                             past_key_values=cache, use_cache=True)[0])
+    return torch.cat(outputs, 1), cache[0]
+
+
+def _routed_configs(layer_type):
+    configs = [dict(num_slots=4, topk=2)]
+    if layer_type == "Mamba2":
+        configs.append(dict(num_slots=3, topk=2, coupling="none", shared_slot=True,
+                            router={"per_head": True, "load_balance_coef": 0.01}))
+    else:
+        configs.append(dict(num_slots=3, topk=2, coupling="none", per_slot_kv=True, shared_slot=True,
+                            router={"per_head": True, "load_balance_coef": 0.01}))
+    return configs
+
+
+ROUTED = [(t, c) for t in LAYER_TYPES for c in _routed_configs(t)]
+ROUTED_IDS = [f"{t}-{'shared_writes' if i == 0 else 'slot_options'}"
+              for t in LAYER_TYPES for i, _ in enumerate(_routed_configs(t))]
+
+
+def _close(a, b, atol=2e-5, rtol=1e-4):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrapping, registry and errors
+
+
+def test_supported_layers_and_unknown_layer_error():
+    names = supported_layers()
+    for layer in ("GatedLinearAttention", "SimpleGatedLinearAttention", "DeltaNet", "GatedDeltaNet", "Mamba2"):
+        assert any(n.endswith("." + layer) for n in names)
+    with pytest.raises(TypeError, match="no adapter for layers of type torch.nn.modules.linear.Linear") as error:
+        wrap(nn.Linear(4, 4), num_slots=2, topk=1)
+    assert "fla.layers.gla.GatedLinearAttention" in str(error.value) and "register_adapter" in str(error.value)
+
+
+@pytest.mark.parametrize("layer_type", LAYER_TYPES)
+def test_wrap_keeps_the_layers_parameters(layer_type):
+    layer = build(FIRST_CASE[layer_type])
+    routed = wrap(layer, num_slots=4, topk=2)
+    assert isinstance(routed, RoutedAdapter) and routed.layer_idx == layer.layer_idx
+    for name, param in layer.named_parameters():
+        assert routed.get_parameter(name) is param  # shared, same names
+    extra = set(dict(routed.named_parameters())) - set(dict(layer.named_parameters()))
+    assert extra == {"router.proj.weight"}
+    with pytest.raises(TypeError, match="already wrapped"):
+        wrap(routed, num_slots=2, topk=1)
+
+
+def test_per_slot_copies_start_as_copies():
+    layer = build("gla")
+    routed = wrap(layer, num_slots=3, topk=2, per_slot_kv=True)
+    assert not hasattr(routed, "k_proj")  # replaced by its per-slot copies (no shared slot)
+    k = routed.slots["k_proj"]
+    assert isinstance(k, SlotLinear) and k.weight.shape == (3, *layer.k_proj.weight.shape)
+    assert all(torch.equal(w, layer.k_proj.weight) for w in k.weight)
+    conv = routed.slots["k_conv1d"]
+    assert isinstance(conv, SlotConv)
+    assert torch.equal(conv.weight.reshape(3, *layer.k_conv1d.weight.shape)[2], layer.k_conv1d.weight)
+    gate = routed.slots["gk_proj"]
+    assert gate[0].shared_input and not gate[1].shared_input
+    assert torch.equal(gate[1].bias[1], layer.gk_proj[1].bias)
+    with_shared = wrap(build("gla"), num_slots=3, topk=2, per_slot_kv=True, shared_slot=True)
+    assert isinstance(with_shared.k_proj, nn.Linear)  # the shared slot keeps the original
+
+
+@pytest.mark.parametrize("layer_type", LAYER_TYPES)
+def test_dense_copies_reproduce_the_layer_at_initialisation(layer_type):
+    """Every slot starts from the layer's state and (with per_slot_kv) the layer's projections: with
+    dense routing and coupling "none" all slots see every token alike, and the read weights sum to 1,
+    so the extended layer computes the original one."""
+    per_slot = layer_type != "Mamba2"
+    layer = build(FIRST_CASE[layer_type])
+    one = wrap(layer, num_slots=1, topk=1)
+    many = wrap(layer, num_slots=3, topk=3, coupling="none", per_slot_kv=per_slot, router={"kind": "dense"})
+    x, _ = inputs()
+    with torch.no_grad():
+        _close(many(x)[0], one(x)[0])
+
+
+def test_rejected_options():
+    from fla.layers import DeltaNet, GatedDeltaNet
+
+    with pytest.raises(ValueError, match="allow_neg_eigval"):
+        wrap(DeltaNet(hidden_size=D, num_heads=2, allow_neg_eigval=True), num_slots=2, topk=1)
+    with pytest.raises(ValueError, match="allow_neg_eigval"):
+        wrap(GatedDeltaNet(hidden_size=D, num_heads=2, head_dim=8, allow_neg_eigval=True), num_slots=2, topk=1)
+    with pytest.raises(ValueError, match="per_slot_kv"):
+        wrap(build("mamba2"), num_slots=2, topk=1, per_slot_kv=True)
+    with pytest.raises(ValueError, match="topk"):
+        wrap(build("gla"), num_slots=2, topk=3)
+    with pytest.raises(ValueError, match="coupling"):
+        wrap(build("gla"), num_slots=2, topk=1, coupling="bogus")
+    with pytest.raises(TypeError, match="unknown options"):
+        MemoryConfig.make(num_slots=2, topk=1, slots=3)
+    with pytest.raises(ValueError, match="attention_mask"):
+        wrap(build("gla"), num_slots=2, topk=1)(torch.randn(2, 3, D), attention_mask=torch.ones(2, 3, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Routed memory: training, decoding, padding, packing
+
+
+@pytest.mark.parametrize("layer_type,config", ROUTED, ids=ROUTED_IDS)
+def test_routed_forward_backward(layer_type, config):
+    layer = build(FIRST_CASE[layer_type]).train()
+    routed = wrap(layer, **config)
+    x, _ = inputs()
+    y, attentions, cache = routed(x)
+    assert y.shape == x.shape and attentions is None and cache is None and torch.isfinite(y).all()
+    loss = y.square().mean()
+    balance = aux_loss(routed)
+    if config.get("router", {}).get("load_balance_coef"):
+        assert balance is not None and balance > 0
+        loss = loss + balance
+    else:
+        assert balance is None
+    loss.backward()
+    assert routed.router.proj.weight.grad.abs().sum() > 0
+    out = routed.o_proj if hasattr(routed, "o_proj") else routed.out_proj
+    assert out.weight.grad.abs().sum() > 0
+    for name, param in routed.slots.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert routed.last_routing.idx.shape[-1] == config["topk"]
+
+
+@pytest.mark.parametrize("layer_type,config", ROUTED, ids=ROUTED_IDS)
+def test_routed_cached_decoding_equals_full_forward(layer_type, config):
+    routed = wrap(build(FIRST_CASE[layer_type]), **config)
+    x, _ = inputs()
+    with torch.no_grad():
+        full = routed(x)[0]
+        cache = Cache()
+        routed(x, past_key_values=cache, use_cache=True)
+        decoded, entry = _decode(routed, x, prefill=3)
+    _close(decoded, full)
+    final = cache[0]["recurrent_state"]
+    if isinstance(final, tuple):
+        assert final[0].shape[2] == config["num_slots"] and final[1].shape[2] == 1
+        final, got = torch.cat(final, 2), torch.cat(entry["recurrent_state"], 2)
+    else:
+        assert final.shape[2] == config["num_slots"]
+        got = entry["recurrent_state"]
+    _close(got, final)
+    for name, conv in cache[0]["conv_state"].items():
+        _close(entry["conv_state"][name], conv)
+
+
+@pytest.mark.parametrize("layer_type,config", ROUTED, ids=ROUTED_IDS)
+def test_routed_padding_and_packing(layer_type, config):
+    """A left-padded batch equals each row run alone on its tokens; `cu_seqlens` packing equals the rows."""
+    routed = wrap(build(FIRST_CASE[layer_type]), **config)
+    x, mask = inputs()
+    with torch.no_grad():
+        padded = routed(x, attention_mask=mask)[0]
+        for row in range(B):
+            valid = mask[row].bool()
+            alone = routed(x[row:row + 1, valid])[0]
+            _close(padded[row, valid], alone[0])
+        lengths = [4, T - 4]
+        packed = torch.cat([x[0, :lengths[0]], x[1, :lengths[1]]])[None]
+        cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+        out = routed(packed, cu_seqlens=cu)[0]
+        _close(out[0, :lengths[0]], routed(x[:1, :lengths[0]])[0][0])
+        _close(out[0, lengths[0]:], routed(x[1:, :lengths[1]])[0][0])
+        # decoding a padded batch (as generate does) equals the padded full forward
+        decoded, _ = _decode(routed, x, mask, prefill=5)
+    valid = mask.bool()
+    _close(decoded[valid], padded[valid])
+
+
+def test_padding_row_without_tokens_is_an_error():
+    routed = wrap(build("gla"), num_slots=2, topk=1)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match="no token"):
+        routed(torch.randn(2, 4, D), attention_mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+
+
+MODEL_CONFIGS = {
+    "GLAForCausalLM": ("GLAConfig", dict(hidden_size=D, num_hidden_layers=2, num_heads=2, hidden_ratio=2,
+                                         use_short_conv=True)),
+    "DeltaNetForCausalLM": ("DeltaNetConfig", dict(hidden_size=D, num_hidden_layers=2, num_heads=2, hidden_ratio=2)),
+    "GatedDeltaNetForCausalLM": ("GatedDeltaNetConfig", dict(hidden_size=D, num_hidden_layers=2, num_heads=2,
+                                                             head_dim=8, hidden_ratio=2)),
+    "Mamba2ForCausalLM": ("Mamba2Config", dict(hidden_size=D, num_hidden_layers=2, head_dim=8, state_size=6,
+                                               expand=2, chunk_size=8)),
+}
+
+
+def _model(name, seed=0):
+    import fla.models
+
+    config_name, kwargs = MODEL_CONFIGS[name]
+    torch.manual_seed(seed)
+    config = getattr(fla.models, config_name)(vocab_size=64, pad_token_id=0, eos_token_id=63, bos_token_id=1, **kwargs)
+    return getattr(fla.models, name)(config).eval()
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_model_generate_with_and_without_cache(name):
+    model = wrap_model(_model(name), num_slots=4, topk=2)
+    wrapped = [m for m in model.modules() if isinstance(m, RoutedAdapter)]
+    assert len(wrapped) == 2
+    ids = token_ids()[:, :6]
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **kw)
+        uncached = model.generate(ids, use_cache=False, **kw)
+    assert cached.shape == (B, 11)
+    assert torch.equal(cached, uncached)
+
+
+def test_wrap_model_layer_types_and_errors():
+    model = _model("GLAForCausalLM")
+    with pytest.raises(ValueError, match="no layer to wrap"):
+        wrap_model(model, layer_types=["DeltaNet"], num_slots=2, topk=1)
+    wrap_model(model, layer_types="GatedLinearAttention", num_slots=2, topk=1)
+    assert model.config.memplug["layers"] == ["model.layers.0.attn", "model.layers.1.attn"]
+    with pytest.raises(ValueError, match="already holds wrapped layers"):
+        wrap_model(model, num_slots=2, topk=1)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = wrap_model(_model("GLAForCausalLM"), num_slots=3, topk=2, per_slot_kv=True, shared_slot=True,
+                       router={"temperature": 0.5, "load_balance_coef": 0.01})
+    with torch.no_grad():  # move the router and slot copies off their initial values
+        for name, p in model.named_parameters():
+            if "router" in name or "slots" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    restored = load_pretrained(tmp_path)
+    assert type(restored).__name__ == "RoutedGLAForCausalLM" and isinstance(restored, type(model))
+    layer = restored.model.layers[1].attn
+    assert isinstance(layer, RoutedAdapter)
+    assert layer.memory_config == model.model.layers[1].attn.memory_config
+    assert layer.memory_config.router.temperature == 0.5
+    state, restored_state = model.state_dict(), restored.state_dict()
+    assert state.keys() == restored_state.keys()
+    for key in state:
+        assert torch.equal(state[key], restored_state[key]), key
+    ids = token_ids()
+    with torch.no_grad():
+        _close(restored(ids).logits, model(ids).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no 'memplug' entry"):
+        _model("GLAForCausalLM").save_pretrained(tmp_path / "plain")
+        load_pretrained(tmp_path / "plain")
+
+
+# --------------------------------------------------------------------------------------------------
+# Docs
+
+
+def test_docs_examples_run():
+    """Every python block of docs/adapters.md runs (the README snippet and the registry example)."""
+    from memplug.adapters import base
+
+    text = (ROOT / "docs" / "adapters.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3
+    registered = dict(base._ADAPTERS)
+    try:
+        namespace = {}
+        for block in blocks:
+            exec(compile(block, "docs/adapters.md", "exec"), namespace)
+    finally:
+        base._ADAPTERS.clear()
+        base._ADAPTERS.update(registered)
+
+
+# --------------------------------------------------------------------------------------------------
+# Against fla's own kernels (the reference process)
+
+
+def test_interpreter_patches(reference):
+    """The patches of tests/support/triton_interpret.py: an autotuned kernel of our own whose loop
+    index calls .to(), and fla's chunked Gated DeltaNet kernel against fla's naive recurrence."""
+    assert reference["self_test"]["block"] == 4  # the last config, no benchmark
+    assert reference["self_test"]["max_error"] < 1e-5
+    assert reference["kernel_check"] < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_one_slot_reproduces_fla(reference, name):
+    """num_slots=1, topk=1 computes what fla's layer computes: outputs (full, padded, decoded step by
+    step, decoded with padding), and the final recurrent and convolution states of its cache."""
+    ref = reference["cases"][name]
+    layer = build(name)
+    layer.load_state_dict(ref["state_dict"])
+    x, mask = inputs()
+    valid = mask.bool()
+    per_slot = CASES[name][0].rsplit(".", 1)[-1] != "Mamba2"
+    for routed in [wrap(layer, num_slots=1, topk=1)] + ([wrap(layer, num_slots=1, topk=1, per_slot_kv=True)]
+                                                        if per_slot else []):
+        with torch.no_grad():
+            if "full" in ref:
+                _close(routed(x)[0], ref["full"])
+                _close(routed(x, attention_mask=mask)[0][valid], ref["padded"][valid])
+            prefill = 0 if name in DECODE_ONLY else PREFILL
+            decoded, entry = _decode(routed, x, prefill=prefill)
+            _close(decoded, ref["decode"])
+            if "padded_decode" in ref:
+                _close(_decode(routed, x, mask)[0][valid], ref["padded_decode"][valid])
+        state = entry["recurrent_state"]
+        assert state.shape[2] == 1 and state.dtype == torch.float32
+        expected = ref["decode_state"]
+        if CASES[name][2] == "vk":  # fla keeps [N, H, V, K]; memplug [N, H, m, K, V]
+            expected = expected.transpose(-1, -2)
+        _close(state[:, :, 0], expected)
+        if ref["decode_conv"] is not None:
+            fla_conv = ref["decode_conv"]
+            fla_conv = (fla_conv,) if isinstance(fla_conv, torch.Tensor) else fla_conv
+            ours = entry["conv_state"]
+            names = [n for n in ("q_conv1d", "k_conv1d", "v_conv1d", "conv1d") if n in ours]
+            assert len(names) == len(fla_conv)
+            for n, expected_conv in zip(names, fla_conv):
+                _close(ours[n], expected_conv)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_one_slot_model_reproduces_fla(reference, name):
+    """A wrapped fla causal LM with one slot (and the PyTorch fallbacks of its fused norms and MLP)
+    gives fla's logits."""
+    ref = reference["models"][name]
+    model = build_model(name)
+    model.load_state_dict(ref["state_dict"])
+    wrap_model(model, num_slots=1, topk=1)
+    with torch.no_grad():
+        _close(model(token_ids()).logits, ref["logits"])
