@@ -1,0 +1,143 @@
+"""The intra-chunk part of each family's scan: everything about one chunk that does not depend on
+the state entering it. The state pass and the output pass (`state.py`) are shared by all families.
+
+Within a chunk of C tokens with log-decays a_1..a_C, write A_t = a_1 + ... + a_t (per key channel
+for vector decay). Every family's update can be written as an additive one,
+
+    S_t = exp(a_t) S_{t-1} + k_t d_t^T,
+
+with *effective values* d_t: d_t = v_t for the additive families. For the delta family,
+S_t = exp(a_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T gives d_t = b_t (v_t - exp(a_t) S_{t-1}^T k_t),
+which depends on the state; solving the chunk's lower-triangular system for all d_t at once (the
+WY/UT form) gives d = u - w S_0, with S_0 the state entering the chunk:
+
+    (I + L) u = b v,   (I + L) w = b exp(A) k,   L_ts = b_t exp(A_t - A_s) k_t.k_s  for s < t.
+
+Unrolling the additive form then gives, for the whole chunk,
+
+    S_C = exp(A_C) S_0 + sum_s exp(A_C - A_s) k_s d_s^T                       (state pass)
+    o_t = (q_t exp(A_t))^T S_0 + sum_{s<=t} exp(A_t - A_s) (q_t.k_s) d_s         (output pass)
+
+`ChunkForm` holds exactly these per-chunk quantities. Decays are only ever exponentiated as sums of
+consecutive a's, never as differences of such sums: every exponent is <= 0 however strong the decay
+(no overflow, no cancellation), and a = -inf (a slot wiped clean) gives zeros, not NaN, as no -inf is
+ever subtracted.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from memplug.rules import Family
+
+
+class ChunkForm(NamedTuple):
+    """One family's chunks in the shared form. Leading dimensions `[n, h]` (chunks, heads)."""
+
+    q: torch.Tensor  # [n,h,C,K] queries decayed from the chunk start: q_t exp(A_t)
+    k: torch.Tensor  # [n,h,C,K] keys decayed to the chunk end: k_s exp(A_C - A_s)
+    decay: torch.Tensor  # [n,h,1,1] (scalar) or [n,h,K,1] (vector): exp(A_C)
+    attn: torch.Tensor  # [n,h,C,C] exp(A_t - A_s) q_t.k_s for s <= t, zero above the diagonal
+    u: torch.Tensor  # [n,h,C,V] effective values (those not depending on the state)
+    w: Optional[torch.Tensor]  # [n,h,C,K] effective values' dependence on S_0 (delta), or None
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """`a [..., C]` -> `[..., C, C]` with entry (t, s) = a_{s+1} + ... + a_t for s <= t and -inf above
+    the diagonal. Built by cumulative sums of masked copies, not as differences of prefix sums, so
+    it is exact for strong decays and free of inf - inf."""
+    C = a.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=a.device).tril()
+    below = causal.tril(-1)
+    x = a[..., :, None].expand(*a.shape, C).masked_fill(~below, 0)  # x[t, s] = a_t for t > s
+    return x.cumsum(-2).masked_fill_(~causal, float("-inf"))
+
+
+def _prefix_suffix(a: torch.Tensor, dim: int):
+    """Decay from the chunk start through t (A_t) and from after t to the chunk end (A_C - A_t),
+    both as sums of the `a` involved, along `dim`."""
+    prefix = a.cumsum(dim)
+    after = torch.cat([a.narrow(dim, 1, a.shape[dim] - 1), torch.zeros_like(a.narrow(dim, 0, 1))], dim)
+    suffix = after.flip(dim).cumsum(dim).flip(dim)
+    return prefix, suffix
+
+
+def _scalar_decay(q, k, a):
+    """Decayed queries and keys, chunk decay and causal decay matrix for scalar `a [n,h,C]`."""
+    prefix, suffix = _prefix_suffix(a, -1)
+    gamma = segsum(a).exp_()  # [n,h,C,C], exp(A_t - A_s) on and below the diagonal, 0 above
+    return (q * prefix.exp()[..., None], k * suffix.exp()[..., None],
+            prefix[..., -1:, None].exp(), gamma, prefix)
+
+
+def additive_scalar(q, k, v, a, b) -> ChunkForm:
+    if a is None:
+        a = q.new_zeros(q.shape[:-1])
+    q_dec, k_dec, decay, gamma, _ = _scalar_decay(q, k, a)
+    return ChunkForm(q_dec, k_dec, decay, gamma * (q @ k.transpose(-1, -2)), v, None)
+
+
+def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """`[..., nb, s, s]` -> `[..., nb*s, nb*s]` with the blocks on the diagonal."""
+    nb = blocks.shape[-3]
+    eye = torch.eye(nb, dtype=blocks.dtype, device=blocks.device)[:, None, :, None]
+    return (blocks[..., :, :, None, :] * eye).flatten(-4, -3).flatten(-2, -1)
+
+
+def _vector_attention(q, k, a) -> torch.Tensor:
+    """sum_c q_tc k_sc exp(A_tc - A_sc) for s <= t, with per-channel decays `a [n,h,C,K]`.
+
+    By recursive halving: a pair s < t is handled in the smallest block of a dyadic split of the
+    chunk that holds both, where s lies in the first half and t in the second. Relative to the
+    midpoint, the decay factors into exp(decay from after the midpoint to t) for the query and
+    exp(decay from after s to the midpoint) for the key, both sums of decays and so <= 0: each level
+    is one batched product of safely decayed queries and keys. Pairs s = t have no decay.
+    """
+    C = q.shape[-2]
+    n = 1 << (C - 1).bit_length()  # identity tokens up to a power of two
+    q, k, a = (F.pad(x, (0, 0, 0, n - C)) for x in (q, k, a))
+    attn = (q * k).sum(-1).diag_embed()
+    size = 2
+    while size <= n:
+        half = size // 2
+        qb, kb, ab = (x.unflatten(-2, (n // size, 2, half)) for x in (q, k, a))  # [.., blocks, 2, half, K]
+        q_after = qb[..., 1, :, :] * ab[..., 1, :, :].cumsum(-2).exp()
+        k_before = kb[..., 0, :, :] * _prefix_suffix(ab[..., 0, :, :], -2)[1].exp()
+        quadrant = q_after @ k_before.transpose(-1, -2)  # [.., blocks, half, half]: t after, s before
+        attn = attn + _block_diagonal(F.pad(quadrant, (0, half, half, 0)))
+        size *= 2
+    return attn[..., :C, :C]
+
+
+def additive_vector(q, k, v, a, b) -> ChunkForm:
+    prefix, suffix = _prefix_suffix(a, -2)
+    attn = _vector_attention(q, k, a)
+    return ChunkForm(q * prefix.exp(), k * suffix.exp(), prefix[..., -1, :, None].exp(), attn, v, None)
+
+
+def delta(q, k, v, a, b) -> ChunkForm:
+    if a is None:
+        a = q.new_zeros(q.shape[:-1])
+    q_dec, k_dec, decay, gamma, prefix = _scalar_decay(q, k, a)
+    L = (b[..., :, None] * gamma * (k @ k.transpose(-1, -2))).tril_(-1)
+    rhs = b[..., None] * torch.cat([v, prefix.exp()[..., None] * k], -1)
+    # (I + L) x = rhs; `unitriangular` takes the unit diagonal as given, so L itself is passed.
+    u, w = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True).split(
+        [v.shape[-1], k.shape[-1]], -1)
+    return ChunkForm(q_dec, k_dec, decay, gamma * (q @ k.transpose(-1, -2)), u, w)
+
+
+INTRA_CHUNK = {"additive_scalar": additive_scalar, "additive_vector": additive_vector, "delta": delta}
+
+
+def supports_rule(rule) -> bool:
+    """Whether the chunked scan runs `rule`: every rule of one of the three families."""
+    return rule.family is not None and rule.family.name in INTRA_CHUNK
+
+
+def intra_chunk(family: Family, q, k, v, a, b) -> ChunkForm:
+    """`family`'s chunks in the shared form. Inputs `[n,h,C,...]`: q, k `[..,K]`, v `[..,V]`,
+    a `[..]` or `[..,K]` (None: no decay), b `[..]` (delta only)."""
+    return INTRA_CHUNK[family.name](q, k, v, a, b)

@@ -1,0 +1,59 @@
+"""The state pass and the output pass, shared by every family (see `families.py` for the form).
+
+Chunks arrive step-major, a block of steps at a time (see `chunking.py`): step j holds chunk j of
+the `active[j]` lanes that have one, and those lanes are the first `active[j]` of the running
+states. The state pass is the only sequential part: one batched update per step, so its length is
+the number of chunks of the longest packed sequence, not the number of tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from .families import ChunkForm
+
+
+def pass_states(state: torch.Tensor, form: ChunkForm, active: list, following: int):
+    """Run the running states through the chunks of some steps.
+
+    state `[active[0],h,K,V]`: the state of each lane entering the first step. `following`: the
+    lanes that go on after the last step. Returns what each chunk's queries read from the state
+    entering it, (q_t exp(A_t))^T S_0 `[chunks,h,C,V]`; the effective values of each chunk
+    `[chunks,h,C,V]` (d = u - w S_0); the states of the `following` lanes after the last step; and
+    the final states of the lanes that end here, as a list of pieces for ever lower lanes. The states
+    entering the chunks are used where they arise and never gathered into one tensor.
+    """
+    h = state.shape[1]
+    # Heads join the lanes (3-d batched products); tensors are split into steps once, not sliced
+    # per step, and finished lanes are split off the running states, so that autograd's backward
+    # of the pass stays linear in the chunks.
+    sizes = [lanes * h for lanes in active]
+    steps = lambda x: x.flatten(0, 1).split(sizes)
+    q, decay = steps(form.q), steps(form.decay)
+    if form.w is None:  # additive: the chunk's write does not depend on the state, batch it
+        writes = steps(form.k.transpose(-1, -2) @ form.u)
+    else:
+        u, w, k = steps(form.u), steps(form.w), steps(form.k)
+    reads, values, finished = [], [], []
+    state = state.flatten(0, 1)
+    for j, size in enumerate(sizes):
+        reads.append(q[j] @ state)
+        if form.w is None:
+            state = torch.addcmul(writes[j], decay[j], state)
+        else:
+            d = torch.baddbmm(u[j], w[j], state, alpha=-1)
+            values.append(d)
+            state = torch.baddbmm(decay[j] * state, k[j].transpose(-1, -2), d)
+        # Lanes with exactly this many chunks end here; they are the tail of the running lanes.
+        still = sizes[j + 1] if j + 1 < len(sizes) else following * h
+        state, done = state.split([still, size - still])
+        finished.append(done.unflatten(0, (-1, h)))
+    unflat = lambda x: x.unflatten(0, (-1, h))
+    values = form.u if form.w is None else unflat(torch.cat(values))
+    return unflat(torch.cat(reads)), values, unflat(state), finished
+
+
+def chunk_outputs(form: ChunkForm, reads: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """o_t = (q_t exp(A_t))^T S_0 + sum_{s<=t} exp(A_t - A_s) (q_t.k_s) d_s, for every chunk at once:
+    `[Nc,h,C,V]`, from the reads of the entering states and the effective values."""
+    flat = lambda x: x.flatten(0, 1)
+    return torch.baddbmm(flat(reads), flat(form.attn), flat(values)).unflatten(0, reads.shape[:2])

@@ -1,0 +1,434 @@
+"""The chunked backend against the float64 reference: every law of SPEC section 6, plus packing."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import memplug
+import memplug.backends.chunked as chunked
+from memplug import get_rule, routed_scan, routed_step
+from memplug.backends.chunked.chunking import chunk_layout
+from memplug.backends.packing import combine, pack
+
+RULES = ["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]
+CHUNK_SIZES = [1, 2, 3, 5, 8, 16, 64]
+BLOCK_ROWS = [1, 7, 40, 1 << 15]  # blocks of one lane each, a few lanes, one block
+GRAD_INPUTS = ("q", "k", "v", "g", "beta", "route_w", "read_w", "initial_state")
+TOKEN_INPUTS = ("q", "k", "v", "g", "beta", "route_idx", "route_w", "read_w")
+
+
+def tokens(inputs: dict, part: slice) -> dict:
+    """The inputs of the tokens `part` (initial state unchanged)."""
+    return {n: x[:, part] if n in TOKEN_INPUTS and x is not None else x for n, x in inputs.items()}
+
+
+@contextmanager
+def chunk_size(size, block_rows=None):
+    """Run the chunked backend with chunks of `size` rows (and blocks of `block_rows` rows)."""
+    old = chunked.CHUNK_SIZE, chunked.BLOCK_ROWS
+    chunked.CHUNK_SIZE = size
+    chunked.BLOCK_ROWS = old[1] if block_rows is None else block_rows
+    try:
+        yield
+    finally:
+        chunked.CHUNK_SIZE, chunked.BLOCK_ROWS = old
+
+
+@dataclass
+class Problem:
+    rule: str
+    coupling: str
+    inputs: dict  # keyword arguments of routed_scan, without rule/coupling/backend
+    per_route: frozenset = frozenset()  # which of k, v, g, beta are given per route
+
+    def run(self, backend="chunked", **overrides):
+        kw = dict(self.inputs, **overrides)
+        return routed_scan(rule=self.rule, coupling=self.coupling, output_final_state=True, backend=backend, **kw)
+
+
+def make_problem(*, rule, coupling, B, T, H, Hr, m, R, used, K, V, per_route, with_state, read_w, seed,
+                 dtype=torch.float64, N=None):
+    """Random inputs; routes go to `used` of the m slots, so the others receive no tokens.
+    `per_route` lists which of k, v, g, beta are given per route. N: sequences of the initial state."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = get_rule(rule)
+    rand = lambda *shape: torch.rand(*shape, generator=gen, dtype=dtype)
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)
+    lead = lambda name: (B, T, H, R) if name in per_route else (B, T, H)
+    # Unit keys keep the delta rule's (I - b k k^T) a contraction, as in the layers.
+    k = torch.nn.functional.normalize(randn(*lead("k"), K), dim=-1)
+    inputs = dict(q=randn(B, T, H, K), k=k, v=randn(*lead("v"), V), num_slots=m)
+    if spec.g == "scalar":
+        inputs["g"] = -2 * rand(*lead("g"))
+    elif spec.g == "vector":
+        inputs["g"] = -2 * rand(*lead("g"), K)
+    if spec.beta:
+        inputs["beta"] = rand(*lead("beta"))
+    slots = torch.randperm(m, generator=gen)[:used]
+    inputs["route_idx"] = slots[torch.rand(B, T, Hr, used, generator=gen).argsort(-1)[..., :R]]
+    route_w = rand(B, T, Hr, R)
+    inputs["route_w"] = route_w * (rand(B, T, Hr, R) > 0.2)  # some routes of weight exactly 0
+    if read_w:
+        inputs["read_w"] = rand(B, T, Hr, R)
+    if with_state:
+        inputs["initial_state"] = randn(B if N is None else N, H, m, K, V)
+    return Problem(rule, coupling, inputs, frozenset(per_route))
+
+
+@st.composite
+def problem_params(draw, max_T=20, **fixed):
+    H = draw(st.sampled_from([1, 2]))
+    m = draw(st.integers(1, 6))
+    R = draw(st.integers(1, min(m, 3)))
+    kw = dict(rule=draw(st.sampled_from(RULES)), coupling=draw(st.sampled_from(["dt", "none"])),
+              B=draw(st.integers(1, 2)), T=draw(st.integers(1, max_T)), H=H,
+              Hr=draw(st.sampled_from([1, H])), m=m, R=R, used=draw(st.integers(R, m)),
+              K=draw(st.integers(1, 4)), V=draw(st.integers(1, 3)),
+              per_route=draw(st.sets(st.sampled_from(["k", "v", "g", "beta"]))),
+              with_state=draw(st.booleans()), read_w=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
+    kw.update(fixed)
+    return kw
+
+
+problems = lambda **kw: problem_params(**kw).map(lambda params: make_problem(**params))
+
+
+def with_grads(problem: Problem, backend: str, seed=0):
+    """Outputs, final states and the gradients of every tensor input of a fixed random loss."""
+    inputs = {name: x.detach().clone().requires_grad_() if name in GRAD_INPUTS and x is not None else x
+              for name, x in problem.inputs.items()}
+    o, S = replace(problem, inputs=inputs).run(backend)
+    gen = torch.Generator().manual_seed(seed)
+    weights = lambda x: torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    loss = (o * weights(o)).sum() + (S * weights(S)).sum()
+    loss.backward()
+    # An input the loss does not depend on (route_w under coupling "none" with its own read_w) has
+    # no gradient: count it as zero.
+    grads = {name: torch.zeros_like(x) if x.grad is None else x.grad
+             for name, x in inputs.items() if isinstance(x, torch.Tensor) and x.requires_grad}
+    return o.detach(), S.detach(), grads
+
+
+def assert_same(a, b, tol, what=""):
+    torch.testing.assert_close(a.to(b.dtype), b, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+# Law 1: reference equality.
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.sampled_from(CHUNK_SIZES), st.sampled_from(BLOCK_ROWS))
+def test_equals_reference_float64_with_gradients(problem, size, block_rows):
+    expected = with_grads(problem, "reference")
+    with chunk_size(size, block_rows):
+        got = with_grads(problem, "chunked")
+    assert_same(got[0], expected[0], 1e-10, "o")
+    assert_same(got[1], expected[1], 1e-10, "final state")
+    assert got[2].keys() == expected[2].keys()
+    for name in expected[2]:
+        assert_same(got[2][name], expected[2][name], 1e-9, f"grad of {name}")
+
+
+@settings(max_examples=15, deadline=None)
+@given(problems(max_T=40), st.sampled_from([4, 16, 64]))
+def test_float32_close_to_float64_reference(problem, size):
+    expected = with_grads(problem, "reference")
+    low = replace(problem, inputs={n: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                                   for n, x in problem.inputs.items()})
+    with chunk_size(size):
+        o, S, grads = with_grads(low, "chunked")
+    assert o.dtype == torch.float32 and S.dtype == torch.float32
+    assert_same(o, expected[0], 1e-4, "o")
+    assert_same(S, expected[1], 1e-4, "final state")
+    for name in expected[2]:
+        assert_same(grads[name], expected[2][name], 1e-3, f"grad of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_compute_in_float32(dtype):
+    problem = make_problem(rule="gated_deltanet", coupling="dt", B=1, T=30, H=2, Hr=2, m=4, R=2, used=4, K=8,
+                           V=4, per_route=set(), with_state=True, read_w=False, seed=1, dtype=torch.float32)
+    half = {n: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() and n != "initial_state"
+            else x for n, x in problem.inputs.items()}
+    upcast = {n: x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for n, x in half.items()}
+    o, S = replace(problem, inputs=half).run()
+    o_ref, S_ref = replace(problem, inputs=upcast).run("reference")
+    assert o.dtype == dtype and S.dtype == torch.float32
+    assert_same(o.double(), o_ref, 1e-2, "o")  # only o is rounded to the half dtype
+    assert_same(S.double(), S_ref, 1e-5, "final state")
+
+
+def test_fm_gate_of_one_wipes_the_slot_without_nan():
+    # w * beta = 1 gives the log-decay log1p(-1) = -inf: the slot forgets everything before.
+    problem = make_problem(rule="fm", coupling="dt", B=1, T=12, H=1, Hr=1, m=2, R=1, used=2, K=3, V=2,
+                           per_route=set(), with_state=True, read_w=False, seed=3)
+    problem.inputs["beta"][0, 3:9] = 1.0
+    problem.inputs["route_w"][0, 3:9] = 1.0
+    o_ref, S_ref = problem.run("reference")
+    for size in (1, 4, 64):
+        with chunk_size(size):
+            o, S = problem.run()
+        assert torch.isfinite(o).all() and torch.isfinite(S).all()
+        assert_same(o, o_ref, 1e-12, "o")
+        assert_same(S, S_ref, 1e-12, "final state")
+
+
+@pytest.mark.parametrize("rule", ["gla", "gated_deltanet", "mamba2"])
+def test_strong_decays_stay_finite_and_exact(rule):
+    # Decays of exp(-60) per step: a cumulative sum over a chunk reaches -3840; exponentiating its
+    # negative would overflow, so this checks that only sums of decays (<= 0) are exponentiated.
+    problem = make_problem(rule=rule, coupling="none", B=1, T=70, H=1, Hr=1, m=2, R=1, used=2, K=4, V=2,
+                           per_route=set(), with_state=True, read_w=False, seed=4)
+    g = problem.inputs["g"]
+    problem.inputs["g"] = torch.where(torch.rand(g.shape, generator=torch.Generator().manual_seed(0)) < 0.5,
+                                      -60.0, -0.01).to(g)
+    expected = with_grads(problem, "reference")
+    low = replace(problem, inputs={n: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                                   for n, x in problem.inputs.items()})
+    with chunk_size(64):
+        got = with_grads(low, "chunked")
+    for name, a, b in [("o", got[0], expected[0]), ("S", got[1], expected[1])] + \
+            [(n, got[2][n], expected[2][n]) for n in expected[2]]:
+        assert torch.isfinite(a).all(), name
+        assert_same(a, b, 1e-4, name)
+
+
+# Law 2: state passing; chunk size changes nothing.
+
+@settings(max_examples=60, deadline=None)
+@given(problems(max_T=30, with_state=True), st.data())
+def test_state_passing_and_chunk_size(problem, data):
+    T = problem.inputs["q"].shape[1]
+    size_a, size_b = data.draw(st.sampled_from(CHUNK_SIZES)), data.draw(st.sampled_from(CHUNK_SIZES))
+    with chunk_size(size_a):
+        o, S = problem.run()
+    with chunk_size(size_b, data.draw(st.sampled_from(BLOCK_ROWS))):
+        o_b, S_b = problem.run()
+    assert_same(o_b, o, 1e-10, "o across chunk sizes")
+    assert_same(S_b, S, 1e-10, "final state across chunk sizes")
+    if T < 2:
+        return
+    split = data.draw(st.integers(1, T - 1))
+    first, second = tokens(problem.inputs, slice(0, split)), tokens(problem.inputs, slice(split, T))
+    with chunk_size(size_a):
+        o1, S1 = replace(problem, inputs=first).run()
+        o2, S2 = replace(problem, inputs=dict(second, initial_state=S1)).run()
+    assert_same(torch.cat([o1, o2], 1), o, 1e-10, "o of the two parts")
+    assert_same(S2, S, 1e-10, "final state of the two parts")
+
+
+# Law 3: decoding token by token.
+
+@settings(max_examples=10, deadline=None)
+@given(problems(max_T=12, with_state=True), st.sampled_from([2, 5, 64]))
+def test_decode_equals_scan(problem, size):
+    with chunk_size(size):
+        o, S = problem.run()
+    inputs = problem.inputs
+    T = inputs["q"].shape[1]
+    state = inputs["initial_state"].clone()
+    for t in range(T):
+        kw = {n: x for n, x in tokens(inputs, slice(t, t + 1)).items() if n not in ("initial_state", "num_slots")}
+        o_t, state = routed_step(rule=problem.rule, coupling=problem.coupling, state=state, backend="chunked", **kw)
+        assert_same(o_t, o[:, t:t + 1], 1e-10, f"o at t={t}")
+    assert_same(state, S, 1e-10, "state")
+
+
+# Law 4: packed variable-length sequences.
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=12).flatmap(
+    lambda lengths: st.tuples(st.just(lengths), problem_params(B=1, T=sum(lengths), N=len(lengths), with_state=True))),
+    st.sampled_from([1, 3, 4, 64]))
+def test_varlen_equals_one_by_one(lengths_params, size):
+    lengths, params = lengths_params
+    problem = make_problem(**params)
+    cu_seqlens = torch.tensor([0] + lengths).cumsum(0)
+    packed = replace(problem, inputs=dict(problem.inputs, cu_seqlens=cu_seqlens))
+    expected = with_grads(packed, "reference")
+    with chunk_size(size):
+        o, S, grads = with_grads(packed, "chunked")
+        assert_same(o, expected[0], 1e-10, "o")
+        assert_same(S, expected[1], 1e-10, "final state")
+        for name in expected[2]:
+            assert_same(grads[name], expected[2][name], 1e-9, f"grad of {name}")
+        for n in range(len(lengths)):
+            bos, eos = int(cu_seqlens[n]), int(cu_seqlens[n + 1])
+            one = dict(tokens(problem.inputs, slice(bos, eos)), initial_state=problem.inputs["initial_state"][n:n + 1])
+            o_n, S_n = replace(problem, inputs=one).run()
+            assert_same(o[:, bos:eos], o_n, 1e-10, f"o of sequence {n}")
+            assert_same(S[n:n + 1], S_n, 1e-10, f"final state of sequence {n}")
+
+
+# Law 5: frozen slots.
+
+@settings(max_examples=15, deadline=None)
+@given(problems(with_state=True), st.sampled_from([torch.float32, torch.float64]))
+def test_unrouted_slots_keep_their_state_bit_for_bit(problem, dtype):
+    inputs = {n: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+              for n, x in problem.inputs.items()}
+    _, S = replace(problem, inputs=inputs).run()
+    B, T, Hr, R = inputs["route_idx"].shape
+    H, m = inputs["q"].shape[2], inputs["num_slots"]
+    routed = torch.zeros(B, Hr, m, dtype=torch.bool)
+    routed.scatter_(2, inputs["route_idx"].transpose(1, 2).reshape(B, Hr, T * R), True)
+    frozen = ~routed.expand(B, H, m) if Hr == 1 else ~routed
+    assert torch.equal(S[frozen], inputs["initial_state"][frozen])
+
+
+# Law 6: backbone reduction against flash-linear-attention's naive references.
+
+def _fla_reference(rule, q, k, v, g, beta, S0):
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+    from fla.ops.gla.naive import naive_recurrent_gla
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+    if rule == "mamba2":
+        return naive_recurrent_simple_gla(q, k, v, g, initial_state=S0, output_final_state=True)
+    if rule == "fm":  # S <- (1 - beta) S + beta k v^T: scalar decay log(1 - beta), key beta k
+        return naive_recurrent_simple_gla(q, beta[..., None] * k, v, torch.log1p(-beta), initial_state=S0,
+                                          output_final_state=True)
+    if rule == "gla":
+        return naive_recurrent_gla(q, k, v, g, initial_state=S0, output_final_state=True)
+    if rule == "deltanet":
+        heads_first = lambda x: x.transpose(1, 2)
+        o, S = delta_rule_recurrence(*map(heads_first, (q, k, v, beta)), initial_state=S0)
+        return heads_first(o), S
+    return naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=True)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_backbone_reduction_equals_fla_naive(rule):
+    problem = make_problem(rule=rule, coupling="none", B=2, T=37, H=2, Hr=2, m=1, R=1, used=1, K=8, V=4,
+                           per_route=set(), with_state=True, read_w=False, seed=5, dtype=torch.float32)
+    problem.inputs["route_w"] = torch.ones_like(problem.inputs["route_w"])
+    with chunk_size(16):
+        o, S = problem.run()
+    x = problem.inputs
+    o_fla, S_fla = _fla_reference(rule, x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), x["initial_state"][:, :, 0])
+    assert_same(o, o_fla, 1e-4, "o")
+    assert_same(S[:, :, 0], S_fla, 1e-4, "final state")
+
+
+# Law 7: relabeling.
+
+@settings(max_examples=10, deadline=None)
+@given(problems(with_state=True), st.integers(0, 2**31))
+def test_relabeling_slots_and_routes(problem, seed):
+    o, S = problem.run()
+    gen = torch.Generator().manual_seed(seed)
+    x = problem.inputs
+    m, R = x["num_slots"], x["route_idx"].shape[-1]
+    perm = torch.randperm(m, generator=gen)  # slot i is called perm[i]
+    relabeled = dict(x, route_idx=perm[x["route_idx"]],
+                     initial_state=x["initial_state"][:, :, perm.argsort()])
+    o_p, S_p = replace(problem, inputs=relabeled).run()
+    assert_same(o_p, o, 1e-12, "o after relabeling slots")
+    assert_same(S_p, S[:, :, perm.argsort()], 1e-12, "final states after relabeling slots")
+
+    order = torch.randperm(R, generator=gen)  # permute the routes of every token
+    permuted = {n: v[..., order] for n, v in x.items() if n in ("route_idx", "route_w", "read_w")}
+    permuted.update({n: x[n][:, :, :, order] for n in problem.per_route if x.get(n) is not None})
+    o_r, S_r = replace(problem, inputs=dict(x, **permuted)).run()
+    assert_same(o_r, o, 1e-12, "o after permuting routes")
+    assert_same(S_r, S, 1e-12, "final states after permuting routes")
+
+
+# Packing and selection.
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 30), st.sampled_from([(1, 1), (1, 3), (3, 3)]), st.integers(1, 7),
+       st.integers(0, 2**31), st.booleans())
+def test_packing_holds_each_slots_tokens_in_time_order(B, T, heads, m, seed, varlen):
+    Hr, H = heads
+    gen = torch.Generator().manual_seed(seed)
+    R = int(torch.randint(1, m + 1, (), generator=gen))
+    route_idx = torch.rand(B, T, Hr, m, generator=gen).argsort(-1)[..., :R]
+    cu_seqlens = None
+    if varlen:
+        B = 1
+        route_idx = route_idx[:1]
+        cuts = torch.randperm(T - 1, generator=gen)[:int(torch.randint(0, T, (), generator=gen))] + 1
+        cu_seqlens = torch.cat([torch.tensor([0]), cuts.sort().values, torch.tensor([T])])
+    p = pack(route_idx, m, H, cu_seqlens)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    E = B * T * Hr * R
+    assert sorted(p.entries.tolist()) == list(range(E))
+    seen = 0
+    for s, segment in enumerate(p.segments.tolist()):
+        n, hr, slot = segment // (Hr * m), segment // m % Hr, segment % m
+        entries = p.entries[p.offsets[s]:p.offsets[s + 1]].tolist()
+        # the expected entries: every (token, route) of sequence n, group hr routed to `slot`, in time order
+        expected = []
+        for b in range(B):
+            for t in range(T):
+                seq = b if cu_seqlens is None else int((cu_seqlens[1:] <= t).sum())
+                for r in range(R):
+                    if seq == n and route_idx[b, t, hr, r] == slot:
+                        expected.append(((b * T + t) * Hr + hr) * R + r)
+        assert entries == expected
+        seen += len(entries)
+    assert seen == E and p.segments.unique().numel() == p.segments.numel()
+    assert int(p.segments.max()) < N * Hr * m
+
+    # combine inverts the packing: route outputs laid out in packed order come back to their tokens.
+    V = 2
+    route_out = torch.randn(B, T, Hr, R, H // Hr, V, generator=gen, dtype=torch.float64)
+    read_w = torch.rand(B, T, Hr, R, generator=gen, dtype=torch.float64)
+    packed = route_out.reshape(E, H // Hr, V)[p.entries]
+    expected = torch.einsum("bgrhv,bgr->bghv", route_out.reshape(B, T * Hr, R, H // Hr, V),
+                            read_w.reshape(B, T * Hr, R)).reshape(B, T, H, V)
+    assert_same(combine(packed, read_w, p), expected, 1e-14, "combine")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 6), st.sampled_from(CHUNK_SIZES), st.sampled_from(BLOCK_ROWS),
+       st.integers(0, 2**31))
+def test_chunk_layout_gives_each_lane_its_own_chunks_in_order(T, m, size, block_rows, seed):
+    route_idx = torch.randint(0, m, (2, T, 1, 1), generator=torch.Generator().manual_seed(seed))
+    p = pack(route_idx, m, 1)
+    chunks = chunk_layout(p, size, block_rows)
+    assert sorted(chunks.lane_segments.tolist()) == p.segments.tolist()
+    active = [a for block in chunks.blocks for a in block.active]
+    assert active[0] == p.segments.numel() and active == sorted(active, reverse=True)
+    global_row = {}  # entry -> row of the whole layout
+    first_row = 0
+    for b, block in enumerate(chunks.blocks):
+        assert block.chunks == sum(block.active)
+        assert block.following == (chunks.blocks[b + 1].active[0] if b + 1 < len(chunks.blocks) else 0)
+        assert block.rows.unique().numel() == block.rows.numel() and int(block.rows.max()) < block.chunks * size
+        global_row.update({e: first_row + r for e, r in zip(block.entries.tolist(), block.rows.tolist())})
+        first_row += block.chunks * size
+    assert sorted(global_row) == list(range(p.entries.numel()))
+    used = set()
+    for s in range(p.segments.numel()):
+        rows = torch.tensor([global_row[e] for e in p.entries[p.offsets[s]:p.offsets[s + 1]].tolist()])
+        # the segment fills its chunks from their first row, in time order, one chunk after the other
+        assert (rows % size).tolist() == [i % size for i in range(rows.numel())] and (rows.diff() > 0).all()
+        chunk_ids = set((rows // size).tolist())
+        assert len(chunk_ids) == -(-rows.numel() // size) and not chunk_ids & used  # no chunk is shared
+        used |= chunk_ids
+
+
+def test_auto_picks_chunked_on_cpu():
+    from memplug.registry import resolve_backend
+    for rule in RULES:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            assert resolve_backend("auto", torch.device("cpu"), dtype, get_rule(rule)).name == "chunked"
+    assert "chunked" in memplug.available_backends()
+
+
+def test_bench_runs_on_small_shapes(capsys):
+    from memplug.experiments.bench import main
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--rule", "mamba2,deltanet", "--T", "32", "--long-T", "64", "--m", "2", "--many-slots", "4",
+                     "--H", "2", "--K", "4", "--V", "4", "--ref-tokens", "8", "--repeats", "1",
+                     "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert printed.count("goal") == 6 and "rule deltanet" in printed
