@@ -162,5 +162,15 @@ register_rule("deltanet", beta=True, family=DELTA,
               couple=lambda k, v, g, beta, w: Coupled(k, v, None, w * beta))
 register_rule("gated_deltanet", g="scalar", beta=True, family=DELTA,
               couple=lambda k, v, g, beta, w: Coupled(k, v, w * g, w * beta))
-register_rule("fm", beta=True, family=ADDITIVE_SCALAR, check=_fm_check,
-              couple=lambda k, v, g, beta, w: Coupled((w * beta)[..., None] * k, v, torch.log1p(-w * beta), None))
+
+
+def _fm_couple(k, v, g, beta, w):
+    gate = w * beta
+    # log(1 - gate) is -inf at gate = 1, and its gradient through exp(log(1 - gate)) would be
+    # 0 * inf = NaN. Stopping the gate one epsilon short of 1 keeps every gradient finite and leaves
+    # eps (2e-16 in float64, 1e-7 in float32) of the old state instead of none: a rounding error.
+    forget = torch.log1p(-gate.clamp(max=1 - torch.finfo(gate.dtype).eps))
+    return Coupled(gate[..., None] * k, v, forget, None)
+
+
+register_rule("fm", beta=True, family=ADDITIVE_SCALAR, check=_fm_check, couple=_fm_couple)

@@ -162,18 +162,21 @@ def test_half_inputs_compute_in_float32(dtype):
 
 
 def test_fm_gate_of_one_wipes_the_slot_without_nan():
-    # w * beta = 1 gives the log-decay log1p(-1) = -inf: the slot forgets everything before.
+    # w * beta = 1: the slot forgets everything before (up to eps), with finite gradients.
     problem = make_problem(rule="fm", coupling="dt", B=1, T=12, H=1, Hr=1, m=2, R=1, used=2, K=3, V=2,
                            per_route=set(), with_state=True, read_w=False, seed=3)
     problem.inputs["beta"][0, 3:9] = 1.0
     problem.inputs["route_w"][0, 3:9] = 1.0
-    o_ref, S_ref = problem.run("reference")
+    o_ref, S_ref, grads_ref = with_grads(problem, "reference")
     for size in (1, 4, 64):
         with chunk_size(size):
-            o, S = problem.run()
+            o, S, grads = with_grads(problem, "chunked")
         assert torch.isfinite(o).all() and torch.isfinite(S).all()
         assert_same(o, o_ref, 1e-12, "o")
         assert_same(S, S_ref, 1e-12, "final state")
+        for name in grads_ref:
+            assert torch.isfinite(grads[name]).all() and torch.isfinite(grads_ref[name]).all(), name
+            assert_same(grads[name], grads_ref[name], 1e-10, f"d{name}")
 
 
 @pytest.mark.parametrize("rule", ["gla", "gated_deltanet", "mamba2"])
