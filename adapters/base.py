@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from memplug.checks import COUPLINGS
-from memplug.layers import _select
+from memplug.layers import select_routes
 from memplug.routing import Router, RouterConfig, Routing, load_balancing_loss
 from memplug.rules import get_rule
 from memplug.scan import routed_scan, routed_step
@@ -399,7 +399,7 @@ class RoutedAdapter(nn.Module):
             return None
         if t.shape[3] == 1:
             return t.squeeze(3)
-        return _select(t, routes)
+        return select_routes(t, routes)
 
     def _unpad(self, hidden_states, attention_mask, cu_seqlens, q_len):
         if cu_seqlens is not None:

@@ -91,7 +91,7 @@ class Writes(nn.Module):
         return heads(k), heads(v), g, beta, {self.name + "k": k_state, self.name + "v": v_state}
 
 
-def _select(x, idx):
+def select_routes(x, idx):
     """Per-slot inputs `[B,T,H,m,...]` at the routed slots `idx [B,T,H,R]` -> `[B,T,H,R,...]`."""
     if x is None:
         return None
@@ -209,7 +209,7 @@ class RoutedMemory(nn.Module):
         k, v, g, beta, write_conv = self.writes(x, conv, cu_seqlens, want_cache)
         if self.per_slot_kv:
             routes = idx.expand(*idx.shape[:2], H, idx.shape[-1])
-            k, v, g, beta = (_select(t, routes) for t in (k, v, g, beta))
+            k, v, g, beta = (select_routes(t, routes) for t in (k, v, g, beta))
         else:
             k, v, g, beta = (None if t is None else t.squeeze(3) for t in (k, v, g, beta))
         if self.qk_norm == "l2":
