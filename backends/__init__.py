@@ -1,10 +1,19 @@
 """memplug's built-in backends, registered on import of `memplug`.
 
 - `reference`: SPEC section 3 one token at a time (every device, every rule, float64 oracle).
+- `chunked`: SPEC section 5 in PyTorch operations: packed routing, chunked scans per rule family
+  (every rule of a family, every device; the default on CPU).
+- `triton`: SPEC section 5 with Triton kernels, forward and backward, and an O(R) decode step (every
+  rule of a family; the default on CUDA; on CPU only in Triton's interpreter, never chosen by "auto").
 """
 from memplug.registry import register_backend
 
+from .chunked import chunked_scan, supports_rule as _chunked_rules
 from .reference import reference_scan, reference_step
+from .triton import DTYPES as _TRITON_DTYPES, triton_available, triton_priority, triton_scan, triton_step
 
 register_backend("reference", reference_scan, reference_step, priority={"cpu": 0, "cuda": 0},
                  supports_rule=lambda rule: True)
+register_backend("chunked", chunked_scan, priority={"cpu": 10, "cuda": 5}, supports_rule=_chunked_rules)
+register_backend("triton", triton_scan, triton_step, priority=triton_priority(), dtypes=_TRITON_DTYPES,
+                 available=triton_available)

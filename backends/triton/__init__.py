@@ -1,0 +1,195 @@
+"""The Triton backend: SPEC section 5 with Triton kernels, the default of `backend="auto"` on CUDA.
+
+1. pack: `backends/packing.py` (one sort) groups the route entries of each (sequence, head group,
+   slot) into one packed sequence; every per-route input is gathered into packed rows `[E, Hb, ...]`
+   (E = B*T*Hr*R route entries, Hb heads per head group). Work from here on is proportional to R*T.
+2. couple: the rule's `couple` runs in PyTorch on the route entries (decays and weights in float32),
+   as in the chunked backend, so autograd carries gradients through the coupling into route_w, g and
+   beta, and a new rule of an existing family needs no new kernel. One slot with one routing for all
+   heads (the plain rule) skips the sort and the gathers: its packed order is the token order.
+3. scan: one chunked variable-length scan per family over all packed sequences at once
+   (`function.ChunkScan`); chunks of BT rows never span two packed sequences.
+4. combine: `backends/packing.py` mixes the route outputs back into tokens with `read_w`.
+
+Kernel inventory (forward / backward; "all" = every family):
+
+    chunk.cumsum_kernel          all: chunk-local cumulative log-decays / their reverse sum
+    chunk.state_fwd_kernel       all: inter-chunk state pass (delta: also d = u - w S_0)
+    chunk.output_fwd_kernel      all: output pass (computes M for scalar or no decay)
+    chunk.dd_local_kernel        all (bwd): output pass backward into the effective values
+    chunk.state_bwd_kernel       all (bwd): state pass backward
+    chunk.grad_kernel            all (bwd): gradients of q, k, decays (scalar decay: with M's part)
+    vector.attention_fwd_kernel  additive_vector (gla): intra-chunk attention with per-channel decay
+    vector.attention_bwd_kernel  additive_vector (bwd)
+    delta.wy_fwd_kernel          delta (deltanet, gated_deltanet): WY/UT transform (fwd; bwd recompute)
+    delta.wy_bwd_kernel          delta (bwd)
+    decode.step_kernel           all: `routed_step`, the R routed slots of each head updated in place
+
+Scalar-decay rules (mamba2, fm) use only the shared kernels. Backward passes recompute the states
+entering each chunk (and the delta family's u, w from the stored T) rather than storing them.
+Dtypes: float32 (products as "tf32x3": about float32 accuracy on tensor cores), float16 and bfloat16
+(tensor-core products, float32 accumulation, decays and states); float64 is left to the other
+backends. The key width K is limited to 256 (one block of the state per program); wider
+keys run on the chunked backend. The kernels run on CPU tensors in Triton's interpreter when
+`TRITON_INTERPRET=1` is set before the backend's first call (for tests; "auto" never picks it on CPU).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..layout import routes_per_head, rule_inputs_per_route
+from ..packing import Packing, combine, pack, per_entry, place, read_states, routing_per_entry, write_states
+
+# Rows per chunk. Each of CHUNK_SIZES gives the same result (up to rounding); tests vary it. (Powers
+# of two >= 16 for the products; at most 64 for the delta family's blockwise WY inverse.)
+CHUNK_SIZES = (16, 32, 64)
+CHUNK_SIZE = 64
+MAX_K = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (CPU) rather than compiling them. The kernel
+    modules are imported on first use, so the variable may be set any time before that."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_available() -> bool:
+    """Triton is installed and can run: on a CUDA GPU, or in its interpreter."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return interpreting() or torch.cuda.is_available()
+
+
+def triton_priority() -> dict:
+    """Priority under `backend="auto"`: first on CUDA; on CPU (Triton's interpreter only) below every
+    other backend, so that "auto" never picks the interpreter."""
+    return {"cuda": 20, "cpu": -10}
+
+
+def _check_device(q) -> None:
+    if q.device.type == "cpu" and not interpreting():
+        raise ValueError("backend 'triton' runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
+                         "before the first call (tests do), or pass CUDA tensors")
+
+
+def triton_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_w, coupling, scale,
+                initial_state, output_final_state, cu_seqlens, chunk_size=None):
+    """`routed_scan` with validated inputs (see `memplug.register_backend`). `chunk_size`: rows per
+    chunk, one of `CHUNK_SIZES` (default `CHUNK_SIZE`)."""
+    BT = CHUNK_SIZE if chunk_size is None else chunk_size
+    if BT not in CHUNK_SIZES or not isinstance(BT, int):
+        raise ValueError(f"chunk_size: backend 'triton' takes one of {CHUNK_SIZES}, got {chunk_size!r}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"q: backend 'triton' takes dtypes {DTYPES}, got {q.dtype}")
+    _check_device(q)
+    K, V = q.shape[-1], v.shape[-1]
+    if K > MAX_K:
+        from ..chunked import chunked_scan
+        return chunked_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
+                            beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=initial_state,
+                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    from .function import chunk_layout, chunk_scan
+
+    dt = q.dtype
+    f32 = torch.float32
+    B, T, H = q.shape[:3]
+    # One slot and one routing for all heads (the plain rule): the packed order is the token order, so
+    # nothing is sorted, gathered or scattered.
+    identity = num_slots == 1 and route_idx.shape[2] == 1
+    if identity:
+        packing = _token_order_packing(B, T, H, cu_seqlens, q.device)
+    else:
+        packing = pack(route_idx, num_slots, H, cu_seqlens)
+    E, Hb = packing.entries.numel(), packing.Hb
+    rows = None if identity else packing.positions  # entry -> row of the (unpadded) packed order
+
+    def entries(x, event_dims, dtype=f32):  # [E, Hb, ...] in route-entry order
+        return None if x is None else per_entry(x, packing, event_dims).to(dtype)
+
+    def packed(x):  # entry order -> packed order (contiguous)
+        return None if x is None else (x.contiguous() if identity else place(x, rows, E))
+
+    w = routing_per_entry(route_w, packing).to(f32)
+    if coupling == "none":
+        w = torch.ones_like(w)
+    vector = rule.family.decay == "vector"  # the delta family's decay is scalar (memplug.rules)
+    # The coupling is elementwise per route: apply it in entry order, then pack. Decays, write strengths
+    # and weights are float32; k and v keep their dtype (float16/bfloat16 promote to float32 where they
+    # meet a float32 weight, and pass through uncopied where the coupling leaves them alone).
+    c = rule.couple(entries(k, 1, k.dtype), entries(v, 1, v.dtype), entries(g, 1 if rule.g == "vector" else 0),
+                    entries(beta, 0), w)
+    a = None if c.a is None else packed(c.a.expand(*((E, Hb, K) if vector else (E, Hb))).to(f32))
+    b = packed(c.b.expand(E, Hb).to(f32)) if rule.family.delta else None
+    qp = packed(entries(q, 1, dt))
+    kp = packed(c.k.expand(E, Hb, K).to(dt))
+    vp = packed(c.v.expand(E, Hb, V).to(dt))
+
+    h0 = None
+    if initial_state is not None:
+        h0 = read_states(initial_state, packing, packing.segments, f32, K, V).contiguous()
+    layout = chunk_layout(packing.offsets, BT)
+    out, final = chunk_scan(qp, kp, vp, a, b, h0, layout, scale, output_final_state)
+    if identity:
+        o = (out.view(B, T, H, V) * read_w.reshape(B, T, 1, 1).to(f32)).to(dt)
+    else:
+        o = combine(out, read_w, packing).to(dt)
+    if not output_final_state:
+        return o, None
+    return o, write_states(initial_state, packing, packing.segments, final)
+
+
+triton_scan.chunk_sizes = CHUNK_SIZES
+
+
+def _token_order_packing(B: int, T: int, H: int, cu_seqlens, device) -> Packing:
+    """What `pack` returns for one slot and one routing shared by the heads (m = R = Hr = 1), built
+    without sorting: every sequence is one segment, its entries in token order."""
+    E = B * T
+    offsets = torch.arange(0, E + 1, T, device=device) if cu_seqlens is None else cu_seqlens.to(torch.int64)
+    N = offsets.numel() - 1
+    return Packing(torch.arange(E, device=device), offsets, torch.arange(N, device=device), B=B, T=T, H=H, Hr=1,
+                   R=1, m=1, N=N)
+
+
+def triton_step(q, k, v, *, rule, route_idx, route_w, state, g, beta, read_w, coupling, scale):
+    """`routed_step` with validated inputs: the decode kernel updates the R routed slots of each head
+    in place. Where autograd must see the step (a state or input that requires grad, with grad
+    enabled), or K > 256, the reference step runs instead (it also touches only the routed slots)."""
+    tensors = [x for x in (q, k, v, g, beta, route_w, read_w, state) if x is not None]
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    K, V = q.shape[-1], v.shape[-1]
+    if needs_grad or K > MAX_K or state.dtype != torch.float32 or q.dtype not in DTYPES:
+        from ..reference import reference_step
+        return reference_step(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, state=state, g=g,
+                              beta=beta, read_w=read_w, coupling=coupling, scale=scale)
+    _check_device(q)
+    import triton
+
+    from .common import block
+    from .decode import step_kernel
+
+    f32 = torch.float32
+    B, _, H, _ = q.shape
+    R = route_idx.shape[-1]
+    ks, vs, gs, bs = rule_inputs_per_route(rule, k, v, g, beta, R)  # [B,1,H,R,...]
+    w = routes_per_head(route_w, H).to(f32)
+    if coupling != "dt":
+        w = torch.ones_like(w)
+    cast = lambda x: None if x is None else x.to(f32)
+    c = rule.couple(cast(ks), cast(vs), cast(gs), cast(bs), w)
+    first = lambda x, *event: None if x is None else x.expand(B, 1, H, R, *event)[:, 0].to(f32).contiguous()
+    decay = 0 if c.a is None else (2 if rule.family.decay == "vector" else 1)
+    a = None if c.a is None else (first(c.a, K) if decay == 2 else first(c.a))
+    is_delta = rule.family.delta
+    idx = routes_per_head(route_idx, H)[:, 0].contiguous()
+    rw = routes_per_head(read_w, H)[:, 0].to(f32).contiguous()
+    o = q.new_empty(B, H, V, dtype=f32)
+    grid = lambda meta: (B * H, triton.cdiv(V, meta["BV"]))
+    step_kernel[grid](state, q[:, 0].contiguous(), first(c.k, K), first(c.v, V), a,
+                      first(c.b) if is_delta else None, idx, rw, o, *state.stride(), H, scale,
+                      R=R, K=K, V=V, BK=block(K), DECAY=decay, DELTA=is_delta)
+    return o[:, None].to(q.dtype), state

@@ -1,0 +1,368 @@
+"""The kernels shared by every rule family: chunk-local cumulative decays, the state pass and the
+output pass, forward and backward.
+
+Layout (see `backends/triton/__init__.py`): the packed sequences are rows of `[E, Hb, ...]` tensors
+(E route entries in packed order, Hb heads per head group), cut into chunks of BT rows; chunk `c`
+is row `c` of `chunk_indices` (packed sequence, chunk within it). Per chunk, with A_t the chunk-local
+cumulative log-decay (a scalar per row, or one per key channel) and S_0 the state entering it:
+
+    d   = u - w S_0 (delta family) or v (additive families)                 effective values
+    S_C = exp(A_C) S_0 + sum_s exp(A_C - A_s) k_s d_s^T                      state pass
+    o_t = scale (q_t exp(A_t))^T S_0 + scale sum_{s<=t} M_ts d_s             output pass
+
+with M_ts = exp(A_t - A_s) q_t.k_s computed in the kernel for scalar (or no) decay, and given by the
+rule-specific kernel (`vector.py`) for per-channel decay. Flags: DECAY 0 (none), 1 (scalar `A
+[E,Hb]`), 2 (per channel `A [E,Hb,K]`); DELTA (w and u given, d stored).
+
+Backward, with dS_{c+1} the gradient of the state leaving chunk c:
+
+    dd   = scale M^T dO + Kd dS_{c+1}                                         (dd_local + state pass)
+    dS_c = exp(A_C) dS_{c+1} + scale Qd^T dO - w^T dd                         (state pass backward)
+
+and `grad_kernel` turns dQd = scale dO S_0^T, dKd = d dS_{c+1}^T, dM = scale dO d^T and
+d exp(A_C) = sum(S_0 * dS_{c+1}) into gradients of q, k and A (and dw = -dd S_0^T for the delta
+family's WY backward).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import autotune_or_first, chunk_rows, exp_nonpos, helper, mm, mma
+
+# The first configuration of each list is the one the interpreter uses (small shapes).
+_STATE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                  for bv in (32, 64) for nw in (2, 4) for ns in (2, 3)]
+_CHUNK_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
+                  for bv in (32, 64) for nw in (4, 8) for ns in (2, 3)]
+_GRAD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (32, 64) for nw in (4, 8)]
+
+
+@helper
+def load_decay(A, rows, m_t, last_row, Hb, i_h, o_k, m_k, K: tl.constexpr, DECAY: tl.constexpr):
+    """Cumulative log-decays of a chunk's rows and of its last real row: scalar ([BT], scalar) or
+    per channel ([BT, BK], [BK]). Rows past the end read 0."""
+    if DECAY == 1:
+        b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
+        a_last = tl.load(A + last_row * Hb + i_h)
+    else:
+        b_a = tl.load(A + (rows[:, None] * Hb + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.0)
+        a_last = tl.load(A + (last_row * Hb + i_h) * K + o_k, mask=m_k, other=0.0)
+    return b_a, a_last
+
+
+@helper
+def scalar_attention(b_q, b_k, b_a, m_A, DECAY: tl.constexpr):
+    """M [BT, BT]: (q_t.k_s) exp(A_t - A_s) on the causal mask `m_A`, else 0 (DECAY 0 or 1)."""
+    b_M = mm(b_q, tl.trans(b_k))
+    if DECAY == 1:
+        b_M = b_M * exp_nonpos(b_a[:, None] - b_a[None, :])
+    return tl.where(m_A, b_M, 0.0)
+
+
+# ------------------------------------------------------------------------------ chunk-local cumsum
+
+@autotune_or_first([triton.Config({}, num_warps=nw) for nw in (1, 2, 4)], key=["D", "BT", "REVERSE"])
+@triton.jit
+def cumsum_kernel(x, y, chunk_indices, offsets, Hb, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                  REVERSE: tl.constexpr, FLOOR: tl.constexpr):
+    """y = cumulative sum of x over the rows of each chunk, per head and channel (D channels; 1 for a
+    scalar decay). Forward: from the chunk start, x raised to FLOOR first (`common.DECAY_FLOOR`);
+    REVERSE: from the chunk end (the backward of the forward sum)."""
+    i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    o_t = tl.arange(0, BT)
+    o_d = tl.arange(0, BD)
+    m = (o_t < n)[:, None] & (o_d < D)[None, :]
+    p = ((start + o_t)[:, None] * Hb + i_h) * D + o_d[None, :]
+    b_x = tl.load(x + p, mask=m, other=0.0).to(tl.float32)
+    if not REVERSE:
+        b_x = tl.maximum(b_x, FLOOR)
+    tl.store(y + p, tl.cumsum(b_x, axis=0, reverse=REVERSE), mask=m)
+
+
+# ---------------------------------------------------------------------------------- state pass
+
+@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
+@triton.jit
+def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb,
+                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    """One program per (packed sequence, head, V block): runs the state through the sequence's chunks,
+    storing the state entering each chunk (`hs`), the effective values d (delta: `d_out`) and the
+    final state (`ht`)."""
+    i_sh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i_s, i_h = i_sh // Hb, i_sh % Hb
+    bos = tl.load(offsets + i_s).to(tl.int64)
+    L = tl.load(offsets + i_s + 1).to(tl.int64) - bos
+    first = tl.load(chunk_offsets + i_s).to(tl.int64)
+    DT = k.dtype.element_ty
+
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + i_sh * K * V + p_state, mask=m_kv, other=0.0)
+
+    o_t = tl.arange(0, BT)
+    for i_j in range(tl.cdiv(L, BT)):
+        tl.store(hs + ((first + i_j) * Hb + i_h) * K * V + p_state, b_h.to(hs.dtype.element_ty), mask=m_kv)
+        start = bos + i_j * BT
+        n = tl.minimum(L - i_j * BT, BT)
+        rows = start + o_t
+        m_t = o_t < n
+        p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_d = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+        # keys as [BK, BT]
+        b_kt = tl.load(k + (rows[None, :] * Hb + i_h) * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        if DELTA:
+            b_w = tl.load(w + (rows[:, None] * Hb + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.0)
+            b_d = b_d - mm(b_w, b_h.to(DT))
+            tl.store(d_out + p_v, b_d.to(d_out.dtype.element_ty), mask=m_tv)
+        if DECAY == 1:
+            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+            b_h = b_h * tl.exp(a_last)
+            b_d = b_d * tl.where(m_t, exp_nonpos(a_last - b_a), 0.0)[:, None]
+        elif DECAY == 2:
+            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+            b_h = b_h * tl.exp(a_last)[:, None]
+            b_kt = (b_kt.to(tl.float32) * exp_nonpos(a_last[:, None] - tl.trans(b_a))).to(DT)
+        b_h = mma(b_kt, b_d.to(DT), b_h)
+    if STORE_HT:
+        tl.store(ht + i_sh * K * V + p_state, b_h, mask=m_kv)
+
+
+@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
+@triton.jit
+def state_bwd_kernel(q, k, w, A, do, dd_local, dht, dhs, dd, dh0, offsets, chunk_offsets, scale, Hb,
+                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+    """The state pass backward, chunks in reverse: stores the gradient of the state leaving each chunk
+    (`dhs`), the gradient of the effective values (`dd` = dd_local + Kd dS) and of the initial state."""
+    i_sh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i_s, i_h = i_sh // Hb, i_sh % Hb
+    bos = tl.load(offsets + i_s).to(tl.int64)
+    L = tl.load(offsets + i_s + 1).to(tl.int64) - bos
+    first = tl.load(chunk_offsets + i_s).to(tl.int64)
+    NT = tl.cdiv(L, BT)
+    DT = k.dtype.element_ty
+
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    p_state = o_k[:, None] * V + o_v[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        b_dh += tl.load(dht + i_sh * K * V + p_state, mask=m_kv, other=0.0)
+
+    o_t = tl.arange(0, BT)
+    for i_r in range(NT):
+        i_j = NT - 1 - i_r
+        tl.store(dhs + ((first + i_j) * Hb + i_h) * K * V + p_state, b_dh.to(dhs.dtype.element_ty), mask=m_kv)
+        start = bos + i_j * BT
+        n = tl.minimum(L - i_j * BT, BT)
+        rows = start + o_t
+        m_t = o_t < n
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        b_dd = tl.load(dd_local + p_v, mask=m_tv, other=0.0)
+        if DECAY == 0:
+            b_dd += mm(b_k, b_dh.to(DT))
+        elif DECAY == 1:
+            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+            b_dd += mm(b_k, b_dh.to(DT)) * tl.where(m_t, exp_nonpos(a_last - b_a), 0.0)[:, None]
+            b_dh = b_dh * tl.exp(a_last)
+            b_q = b_q * tl.exp(b_a)[:, None]
+        else:
+            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+            b_kd = b_k.to(tl.float32) * exp_nonpos(a_last[None, :] - b_a)
+            b_dd += mm(b_kd.to(DT), b_dh.to(DT))
+            b_dh = b_dh * tl.exp(a_last)[:, None]
+            b_q = b_q * tl.exp(b_a)
+        tl.store(dd + p_v, b_dd, mask=m_tv)
+        b_dh = mma(tl.trans(b_q.to(DT)), (b_do.to(tl.float32) * scale).to(DT), b_dh)
+        if DELTA:
+            b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
+            b_dh -= mm(tl.trans(b_w), b_dd.to(DT))
+    if STORE_DH0:
+        tl.store(dh0 + i_sh * K * V + p_state, b_dh, mask=m_kv)
+
+
+# --------------------------------------------------------------------------------- output pass
+
+@autotune_or_first(_CHUNK_CONFIGS, key=["K", "V", "BT", "DECAY"])
+@triton.jit
+def output_fwd_kernel(q, k, d, A, M, hs, o, chunk_indices, offsets, scale, Hb,
+                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      DECAY: tl.constexpr):
+    """o = scale (Qd S_0 + M d), one program per (chunk, head, V block)."""
+    i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    DT = k.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n
+    rows = start + o_t
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
+    p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+    b_h = tl.load(hs + (i_c * Hb + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(DT)
+    b_d = tl.load(d + p_v, mask=m_tv, other=0.0).to(DT)
+    if DECAY == 2:
+        b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+        b_o = mm((b_q.to(tl.float32) * tl.exp(b_a)).to(DT), b_h)
+        b_M = tl.load(M + (rows[:, None] * Hb + i_h) * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+    else:
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+        b_o = mm(b_q, b_h)
+        b_a = tl.zeros([BT], dtype=tl.float32)
+        if DECAY == 1:
+            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+            b_o = b_o * tl.exp(b_a)[:, None]
+        b_M = scalar_attention(b_q, b_k, b_a, m_A, DECAY)
+    b_o = mma(b_M.to(DT), b_d, b_o)
+    tl.store(o + p_v, b_o * scale, mask=m_tv)
+
+
+@autotune_or_first(_CHUNK_CONFIGS, key=["K", "V", "BT", "DECAY"])
+@triton.jit
+def dd_local_kernel(q, k, A, M, do, dd_local, chunk_indices, offsets, scale, Hb,
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    DECAY: tl.constexpr):
+    """The output pass backward to the effective values within a chunk: dd_local = scale M^T dO."""
+    i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    DT = k.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n
+    rows = start + o_t
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+    if DECAY == 2:
+        b_M = tl.load(M + (rows[:, None] * Hb + i_h) * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+    else:
+        p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+        b_a = tl.zeros([BT], dtype=tl.float32)
+        if DECAY == 1:
+            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+        b_M = scalar_attention(b_q, b_k, b_a, m_A, DECAY)
+    b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(DT)
+    tl.store(dd_local + p_v, mm(tl.trans(b_M).to(DT), b_do) * scale, mask=m_tv)
+
+
+@autotune_or_first(_GRAD_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
+@triton.jit
+def grad_kernel(q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, chunk_indices, offsets, scale, Hb,
+                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                DECAY: tl.constexpr, DELTA: tl.constexpr):
+    """Gradients of a chunk's q, k and cumulative decays from the state and output passes, one program
+    per (chunk, head), looping over V blocks. For scalar (or no) decay this includes the intra-chunk
+    M = (q k^T) * exp(A_t - A_s); for per-channel decay it stores dM for `vector.attention_bwd_kernel`.
+    The delta family also gets dw = -dd S_0^T (for `delta.wy_bwd_kernel`)."""
+    i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    DT = k.dtype.element_ty
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n
+    rows = start + o_t
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
+    p_state = (i_c * Hb + i_h) * K * V
+
+    b_dqd = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dkd = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dM = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dD = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        m_vk = m_v[:, None] & m_k[None, :]
+        p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+        # states as [BV, BK]
+        b_ht = tl.load(hs + p_state + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0).to(DT)
+        b_dht = tl.load(dhs + p_state + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0).to(DT)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(DT)
+        b_d = tl.load(d + p_v, mask=m_tv, other=0.0).to(DT)
+        b_dqd = mma(b_do, b_ht, b_dqd)
+        b_dkd = mma(b_d, b_dht, b_dkd)
+        b_dM = mma(b_do, tl.trans(b_d), b_dM)
+        b_dD += tl.sum(b_ht.to(tl.float32) * b_dht.to(tl.float32), 0)
+        if DELTA:
+            b_ddv = tl.load(dd + p_v, mask=m_tv, other=0.0).to(DT)
+            b_dw = mma(b_ddv, b_ht, b_dw)
+    b_dqd *= scale
+    b_dM *= scale
+    if DELTA:
+        tl.store(dw + p_k, -b_dw, mask=m_tk)
+
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+    m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    is_last = o_t == n - 1
+    if DECAY == 0:
+        b_dq = b_dqd
+        b_dk = b_dkd
+    elif DECAY == 1:
+        b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+        b_dq = b_dqd * tl.exp(b_a)[:, None]
+        b_dk = b_dkd * tl.where(m_t, exp_nonpos(a_last - b_a), 0.0)[:, None]
+        b_qf = b_q.to(tl.float32)
+        b_kf = b_k.to(tl.float32)
+        b_dkk = tl.sum(b_dk * b_kf, 1)
+        b_da = tl.sum(b_dq * b_qf, 1) - b_dkk
+        b_da += tl.where(is_last, tl.sum(b_dkk, 0) + tl.sum(b_dD, 0) * tl.exp(a_last), 0.0)
+    else:
+        b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+        b_dq = b_dqd * tl.exp(b_a)
+        b_dk = b_dkd * tl.where(m_tk, exp_nonpos(a_last[None, :] - b_a), 0.0)
+        b_dkk = b_dk * b_k.to(tl.float32)
+        b_da = b_dq * b_q.to(tl.float32) - b_dkk
+        b_da += tl.where(is_last[:, None], (tl.sum(b_dkk, 0) + b_dD * tl.exp(a_last))[None, :], 0.0)
+
+    if DECAY == 2:
+        tl.store(dM + (rows[:, None] * Hb + i_h) * BT + o_t[None, :], tl.where(m_A, b_dM, 0.0), mask=m_t[:, None])
+        tl.store(dA + p_k, b_da, mask=m_tk)
+    else:
+        b_Mg = tl.where(m_A, b_dM, 0.0)  # dM * gamma
+        if DECAY == 1:
+            b_Mg = b_Mg * exp_nonpos(b_a[:, None] - b_a[None, :])
+            b_P = b_Mg * mm(b_q, tl.trans(b_k))  # dM * M
+            b_da += tl.sum(b_P, 1) - tl.sum(b_P, 0)
+            tl.store(dA + rows * Hb + i_h, b_da, mask=m_t)
+        b_dq = mma(b_Mg.to(DT), b_k, b_dq)
+        b_dk = mma(tl.trans(b_Mg).to(DT), b_q, b_dk)
+    tl.store(dq + p_k, b_dq, mask=m_tk)
+    tl.store(dk + p_k, b_dk, mask=m_tk)

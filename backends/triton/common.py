@@ -1,0 +1,111 @@
+"""Pieces every kernel of the Triton backend uses.
+
+- `autotune_or_first(configs, key)`: `triton.autotune` on a GPU; under the interpreter
+  (`TRITON_INTERPRET=1`, no driver to time configurations on), or with MEMPLUG_TRITON_AUTOTUNE=0,
+  the first configuration, fixed.
+- `chunk_rows`: where a chunk of a packed sequence starts and how many of its rows are real.
+- `exp_nonpos`: `exp` of an argument that is <= 0 wherever the result is used. Decays are only ever
+  exponentiated as differences of chunk-local cumulative sums that are <= 0 (a later cumulative sum
+  minus an earlier one); on masked-out entries (above the causal diagonal, past a sequence's end)
+  the difference can be positive, and clamping it at 0 keeps those entries finite, so a mask applied
+  afterwards never meets an `inf * 0`.
+- `helper`: how those small device functions are declared.
+- `mm` / `mma`: `tl.dot` with fp32 accumulation; fp32 operands as "tf32x3" (about fp32 accuracy on
+  tensor cores; the interpreter computes every product exactly); fp16/bf16 operands as they are.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+# Per-token log-decays below this are raised to it (in the chunk-local cumulative sum only):
+# exp(-80) ~ 2e-35 is zero for every fp32 state, and a finite floor keeps exact wipes (fm's
+# 1 - w*beta = 0, a = -inf) from producing -inf - -inf = NaN in the decay differences.
+DECAY_FLOOR = -80.0
+
+
+def autotuning() -> bool:
+    """Whether compiled kernels pick their configuration by timing (`triton.autotune`); set
+    MEMPLUG_TRITON_AUTOTUNE=0 to launch the first configuration instead (read at every launch; the
+    tests do, to compile one variant per shape instead of one per configuration)."""
+    return os.environ.get("MEMPLUG_TRITON_AUTOTUNE", "1").strip() not in ("0", "false", "no", "off")
+
+
+class Tuned:
+    """A kernel launched as `kernel[grid](...)` with one of `configs`: `triton.autotune` picks it
+    when kernels are compiled and autotuning is on, else the first is used. `fn` is the kernel
+    (`triton.jit`), `configs` its configurations."""
+
+    def __init__(self, fn, configs, key, kwargs):
+        self.fn = fn
+        self.configs = configs
+        self.tuner = None if interpreting() else triton.autotune(configs=configs, key=key, **kwargs)(fn)
+
+    def __getitem__(self, grid):
+        if self.tuner is not None and autotuning():
+            return self.tuner[grid]
+        first = self.configs[0]
+        fixed = dict(first.kwargs)
+        if self.tuner is not None:  # compiled: the launch options too (the interpreter has none)
+            fixed.update(num_warps=first.num_warps, num_stages=first.num_stages)
+        launch = self.fn[grid]
+        return lambda *args, **kwargs: launch(*args, **fixed, **kwargs)
+
+
+def autotune_or_first(configs, key, **kwargs):
+    """Decorator: `triton.autotune(configs, key, **kwargs)` when kernels are compiled for a GPU, the
+    first of `configs` when they run in the interpreter (which cannot time them) or autotuning is
+    off (`autotuning()`). Put the configuration that suits small shapes first."""
+    return lambda fn: Tuned(fn, configs, key, kwargs)
+
+
+def helper(fn):
+    """Decorator for the small device functions the kernels call: `triton.jit` when compiling. In the
+    interpreter, where a kernel is plain Python run with `triton.language` patched, the function is
+    left plain: the same code, without the interpreter's per-call re-patching of the language (a few
+    milliseconds per call, which dominated the interpreted kernels' time)."""
+    return fn if interpreting() else triton.jit(fn)
+
+
+def block(n: int) -> int:
+    """Block size covering `n`: a power of two, at least 16 (the smallest `tl.dot` operand side)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@helper
+def chunk_rows(chunk_indices, offsets, i_c, BT: tl.constexpr):
+    """Chunk `i_c` (a row of `chunk_indices`: packed sequence, chunk within it) -> (first row of the
+    chunk in the packed layout, number of its rows that belong to the sequence)."""
+    i_s = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    i_j = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+    bos = tl.load(offsets + i_s).to(tl.int64)
+    eos = tl.load(offsets + i_s + 1).to(tl.int64)
+    start = bos + i_j * BT
+    return start, tl.minimum(eos - start, BT)
+
+
+@helper
+def exp_nonpos(x):
+    return tl.exp(tl.minimum(x, 0.0))
+
+
+@helper
+def mm(a, b):
+    """a @ b with float32 accumulation: fp16/bf16 operands on tensor cores as they are; float32
+    operands as "tf32x3" (three TF32 products, about float32 accuracy, still on tensor cores; the
+    "ieee" path compiles to unrolled FMAs, slow to build and to run)."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3")
+    return tl.dot(a, b)
+
+
+@helper
+def mma(a, b, acc):
+    """acc + a @ b, as `mm`."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc)

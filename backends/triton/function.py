@@ -1,0 +1,179 @@
+"""The chunked variable-length scan of one rule family as a `torch.autograd.Function` whose forward
+and backward run the Triton kernels.
+
+Inputs are the packed, coupled rows `[E, Hb, ...]` (see `backends/triton/__init__.py`): q, k `[E,Hb,K]`
+and v `[E,Hb,V]` in the dot dtype (float32, float16 or bfloat16), the per-row log-decay a (`[E,Hb]`,
+`[E,Hb,K]` or None) and write strength b (`[E,Hb]`, delta family, or None) in float32, and the
+initial states `[S,Hb,K,V]` (float32, or None) of the S packed sequences `offsets`.
+
+Forward: chunk-local cumulative decays -> (per-channel decay: intra-chunk attention | delta: WY
+transform) -> state pass -> output pass. Backward recomputes the states entering each chunk (and,
+for the delta family, u and w from the stored T) instead of storing them, then runs the output pass
+backward (dd_local), the state pass backward, the shared gradient kernel, the family's intra-chunk
+backward (attention or WY) and the reverse chunk-local cumulative sum for the decays.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from . import chunk, delta, vector
+from .common import DECAY_FLOOR, block
+
+
+class ChunkLayout(NamedTuple):
+    """Chunks of BT rows over the packed sequences `offsets` (their cu_seqlens); no chunk spans two
+    sequences. Chunk c is (sequence, chunk within it) = chunk_indices[c]; the chunks of sequence s
+    are chunk_offsets[s] ... chunk_offsets[s + 1] - 1."""
+
+    offsets: torch.Tensor  # [S+1] int64
+    chunk_indices: torch.Tensor  # [NT, 2] int32
+    chunk_offsets: torch.Tensor  # [S+1] int64
+    num_chunks: int
+    BT: int
+
+    @property
+    def num_sequences(self) -> int:
+        return self.offsets.numel() - 1
+
+
+def chunk_layout(offsets: torch.Tensor, BT: int) -> ChunkLayout:
+    device = offsets.device
+    counts = (offsets.diff() + BT - 1) // BT
+    chunk_offsets = F.pad(counts.cumsum(0), (1, 0))
+    NT = int(chunk_offsets[-1])
+    sequence = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=NT)
+    within = torch.arange(NT, device=device) - chunk_offsets[sequence]
+    chunk_indices = torch.stack([sequence, within], 1).to(torch.int32).contiguous()
+    return ChunkLayout(offsets.contiguous(), chunk_indices, chunk_offsets.contiguous(), NT, BT)
+
+
+def _cumsum(x, layout: ChunkLayout, reverse: bool):
+    D = 1 if x.dim() == 2 else x.shape[-1]
+    y = torch.empty_like(x, dtype=torch.float32)
+    chunk.cumsum_kernel[(layout.num_chunks, x.shape[1])](
+        x, y, layout.chunk_indices, layout.offsets, x.shape[1], D=D, BD=triton.next_power_of_2(D),
+        BT=layout.BT, REVERSE=reverse, FLOOR=DECAY_FLOOR)
+    return y
+
+
+def _wy(k, v, b, A, T, layout: ChunkLayout, decay: int, compute_T: bool):
+    E, Hb, K = k.shape
+    u, w = torch.empty_like(v), torch.empty_like(k)
+    delta.wy_fwd_kernel[(layout.num_chunks, Hb)](
+        k, v, b, A, T, u, w, layout.chunk_indices, layout.offsets, Hb, K=K, V=v.shape[-1], BT=layout.BT,
+        BK=block(K), DECAY=decay, COMPUTE_T=compute_T)
+    return u, w
+
+
+def _states(k, v, w, A, h0, layout: ChunkLayout, decay: int, is_delta: bool, store_ht: bool):
+    """States entering every chunk [NT,Hb,K,V] (dot dtype), effective values d (delta) and final
+    states [S,Hb,K,V] (float32, if `store_ht`)."""
+    E, Hb, K = k.shape
+    V = v.shape[-1]
+    S = layout.num_sequences
+    hs = k.new_empty(layout.num_chunks, Hb, K, V)
+    d = torch.empty_like(v) if is_delta else None
+    ht = k.new_empty(S, Hb, K, V, dtype=torch.float32) if store_ht else None
+    grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
+    chunk.state_fwd_kernel[grid](
+        k, v, w, A, h0, hs, d, ht, layout.offsets, layout.chunk_offsets, Hb, K=K, V=V, BT=layout.BT,
+        BK=block(K), DECAY=decay, DELTA=is_delta, HAS_H0=h0 is not None, STORE_HT=store_ht)
+    return hs, d, ht
+
+
+class ChunkScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, a, b, h0, layout: ChunkLayout, scale: float, output_final_state: bool):
+        E, Hb, K = q.shape
+        V = v.shape[-1]
+        BT, NT = layout.BT, layout.num_chunks
+        decay = 0 if a is None else (1 if a.dim() == 2 else 2)
+        is_delta = b is not None
+        A = None if a is None else _cumsum(a, layout, reverse=False)
+        M = T = u = w = None
+        if decay == 2:
+            M = q.new_zeros(E, Hb, BT, dtype=torch.float32)
+            vector.attention_fwd_kernel[(NT, Hb, BT // vector.BC)](
+                q, k, A, M, layout.chunk_indices, layout.offsets, Hb, K=K, BT=BT, BK=block(K), BC=vector.BC)
+        if is_delta:
+            T = q.new_empty(E, Hb, BT, dtype=torch.float32)
+            u, w = _wy(k, v, b, A, T, layout, decay, compute_T=True)
+        hs, d, ht = _states(k, u if is_delta else v, w, A, h0, layout, decay, is_delta, output_final_state)
+        o = q.new_empty(E, Hb, V, dtype=torch.float32)
+        grid = lambda meta: (NT, Hb, triton.cdiv(V, meta["BV"]))
+        chunk.output_fwd_kernel[grid](
+            q, k, d if is_delta else v, A, M, hs, o, layout.chunk_indices, layout.offsets, scale, Hb,
+            K=K, V=V, BT=BT, BK=block(K), DECAY=decay)
+
+        ctx.save_for_backward(q, k, v, A, b, h0, T, M)
+        ctx.layout, ctx.scale, ctx.decay, ctx.is_delta = layout, scale, decay, is_delta
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, A, b, h0, T, M = ctx.saved_tensors
+        layout, scale, decay, is_delta = ctx.layout, ctx.scale, ctx.decay, ctx.is_delta
+        E, Hb, K = q.shape
+        V = v.shape[-1]
+        BT, NT, S = layout.BT, layout.num_chunks, layout.num_sequences
+        BK = block(K)
+        idx = (layout.chunk_indices, layout.offsets)
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+
+        u = w = None
+        if is_delta:
+            u, w = _wy(k, v, b, A, T, layout, decay, compute_T=False)
+        hs, d, _ = _states(k, u if is_delta else v, w, A, h0, layout, decay, is_delta, False)
+        d = d if is_delta else v
+
+        dd_local = q.new_empty(E, Hb, V, dtype=torch.float32)
+        grid = lambda meta: (NT, Hb, triton.cdiv(V, meta["BV"]))
+        chunk.dd_local_kernel[grid](q, k, A, M, do, dd_local, *idx, scale, Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay)
+
+        dhs = k.new_empty(NT, Hb, K, V)
+        dd = q.new_empty(E, Hb, V, dtype=torch.float32)
+        want_dh0 = h0 is not None and ctx.needs_input_grad[5]
+        dh0 = q.new_empty(S, Hb, K, V, dtype=torch.float32) if want_dh0 else None
+        grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
+        chunk.state_bwd_kernel[grid](
+            q, k, w, A, do, dd_local, dht, dhs, dd, dh0, layout.offsets, layout.chunk_offsets, scale, Hb,
+            K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta, HAS_DHT=dht is not None, STORE_DH0=want_dh0)
+
+        f32 = dict(dtype=torch.float32)
+        dq, dk = q.new_empty(E, Hb, K, **f32), q.new_empty(E, Hb, K, **f32)
+        dA = None if A is None else torch.empty_like(A)
+        dM = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
+        dw = q.new_empty(E, Hb, K, **f32) if is_delta else None
+        chunk.grad_kernel[(NT, Hb)](
+            q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, *idx, scale, Hb,
+            K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta)
+        if decay == 2:
+            dq2, dk2, dA2 = torch.empty_like(dq), torch.empty_like(dk), torch.empty_like(dA)
+            vector.attention_bwd_kernel[(NT, Hb, BT // vector.BC)](
+                q, k, A, dM, dq, dk, dA, dq2, dk2, dA2, *idx, Hb, K=K, BT=BT, BK=BK, BC=vector.BC)
+            dq, dk, dA = dq2, dk2, dA2
+        db = None
+        if is_delta:
+            dk2 = torch.empty_like(dk)
+            dA2 = None if dA is None else torch.empty_like(dA)
+            dv = q.new_empty(E, Hb, V, **f32)
+            db = q.new_empty(E, Hb, **f32)
+            delta.wy_bwd_kernel[(NT, Hb)](
+                k, v, b, A, T, dd, dw, dk, dA, dk2, dv, db, dA2, *idx, Hb,
+                K=K, V=V, BT=BT, BK=BK, DECAY=decay)
+            dk, dA = dk2, dA2
+        else:
+            dv = dd
+        da = None if dA is None else _cumsum(dA, layout, reverse=True)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da, db, dh0, None, None, None)
+
+
+def chunk_scan(q, k, v, a, b, h0, layout: ChunkLayout, scale: float, output_final_state: bool):
+    """(o [E,Hb,V] float32 (scaled), final states [S,Hb,K,V] float32 or None)."""
+    return ChunkScan.apply(q, k, v, a, b, h0, layout, scale, output_final_state)

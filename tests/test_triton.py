@@ -1,0 +1,338 @@
+"""The `triton` backend (backends/triton) against the laws of SPEC section 6 and the float64 reference.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+which is slow: the law checks draw few, small cases (`EXAMPLES`); on a GPU they draw more, and the
+tests marked `cuda` add half precision, compiled kernels and a benchmark smoke run.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import memplug.backends.triton as triton_backend
+from memplug import routed_scan, routed_step
+from memplug.registry import _BACKENDS, resolve_backend
+from memplug.rules import get_rule
+from memplug.testing import LAWS, CaseSpec, check_backend, make_inputs
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+RULES = ["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]
+GRAD_INPUTS = ("q", "k", "v", "g", "beta", "route_w", "read_w", "initial_state")
+
+pytestmark = pytest.mark.skipif(not _BACKENDS["triton"].available(),
+                                reason="the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 (which "
+                                       "tests/conftest.py sets on a machine without one)")
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+# Hypothesis cases per (law, rule) in float32. The interpreter runs a few cases per second at best.
+EXAMPLES = {law: (25 if CUDA else 3) for law in LAWS}
+if not CUDA:
+    EXAMPLES.update(reference_equality=4, chunk_size=2, backbone_reduction=2, zero_weight=2)
+# Compiled kernels build one variant per shape and configuration: on a GPU the tests launch the first
+# configuration (no autotuning) and draw K and V from two sizes (one needing masks), not five.
+KIT = dict(device=DEVICE)
+if CUDA:
+    os.environ.setdefault("MEMPLUG_TRITON_AUTOTUNE", "0")
+    KIT["dims"] = (12, 32)
+
+
+@contextmanager
+def chunk_size(size):
+    old, triton_backend.CHUNK_SIZE = triton_backend.CHUNK_SIZE, size
+    try:
+        yield
+    finally:
+        triton_backend.CHUNK_SIZE = old
+
+
+# ------------------------------------------------------------------------------------------ the laws
+
+@pytest.mark.parametrize("law", list(LAWS))
+@pytest.mark.parametrize("rule", RULES)
+def test_law_float32(rule, law):
+    """Every law of SPEC section 6 (through memplug.testing) in float32 against the float64 reference."""
+    report = check_backend("triton", rules=[rule], dtypes=["float32"], laws=[law], max_examples=EXAMPLES[law],
+                           **KIT)
+    assert all(r.status == "passed" for r in report.results), str(report)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_gradients_across_chunks(rule):
+    """Reference equality (outputs, final states, every gradient) with chunks of 16 rows, so that packed
+    sequences span several chunks and the state passes (forward and backward) carry states between them."""
+    with chunk_size(16):
+        report = check_backend("triton", rules=[rule], dtypes=["float32"], laws=["reference_equality"],
+                               max_examples=EXAMPLES["reference_equality"], **KIT)
+    assert report.results[0].status == "passed"
+
+
+def _grads(spec, backend, chunk=None):
+    """o, final states and the gradients of a random linear function of both w.r.t. every float input."""
+    inputs = make_inputs(spec, DEVICE)
+    leaves = [n for n in GRAD_INPUTS if inputs.get(n) is not None]
+    inputs.update({n: inputs[n].detach().requires_grad_() for n in leaves})
+    if chunk is None:
+        o, S = routed_scan(**inputs, output_final_state=True, backend=backend)
+    else:
+        with chunk_size(chunk):
+            o, S = routed_scan(**inputs, output_final_state=True, backend=backend)
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    dS = torch.randn(S.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    grads = torch.autograd.grad((o.double() * do).sum() + (S.double() * dS).sum(), [inputs[n] for n in leaves],
+                                allow_unused=True)
+    return o, S, dict(zip(leaves, grads))
+
+
+def _assert_close(name, got, want, rtol=1e-4):
+    want = torch.zeros_like(got, dtype=torch.float64) if want is None else want.double()
+    got = torch.zeros_like(want) if got is None else got.double()
+    assert torch.isfinite(got).all(), f"{name}: NaN or inf"
+    err = (got - want).abs().max().item()
+    assert err <= 1e-6 + rtol * want.abs().max().item(), f"{name}: max error {err:.3e}"
+
+
+LONG = dict(T=80, K=16, V=12, m=2, R=1, per_route=("k", "v", "g", "beta"), chunk=16)
+WIDE = dict(T=24, K=20, V=40, m=3, R=2, per_route=("v",), chunk=32)
+
+
+@pytest.mark.parametrize("shape", ["long", "wide"])
+@pytest.mark.parametrize("rule", RULES)
+def test_long_sequences_and_wide_values(rule, shape):
+    """long: one slot's tokens over many chunks (m = 2, T = 80, chunks of 16: five chunks per packed
+    sequence), per-route inputs. wide: V = 40 and K = 20, so that values span two blocks of the V
+    loops and grids (the last one ragged) and keys a padded block. Both with an initial state and a
+    routing shared by the heads: o, final states and every gradient."""
+    kw = dict(LONG if shape == "long" else WIDE)
+    chunk = kw.pop("chunk")
+    spec = CaseSpec(rule=rule, dtype="float32", B=1, H=2, Hr=1, initial_state=True, read_w=True, seed=11, **kw)
+    o, S, grads = _grads(spec, "triton", chunk=chunk)
+    o_ref, S_ref, grads_ref = _grads(spec.but(dtype="float64"), "reference")
+    _assert_close("o", o, o_ref)
+    _assert_close("final_state", S, S_ref)
+    for name in grads_ref:
+        _assert_close(f"grad {name}", grads[name], grads_ref[name], rtol=3e-4)
+
+
+@pytest.mark.parametrize("rule", ["mamba2", "gla", "gated_deltanet"])
+def test_strong_decays_stay_finite_and_exact(rule):
+    """Log-decays of -20 to -30 per token: a chunk's decay sums reach about -500, yet nothing overflows
+    and the result equals the reference (the kernels only exponentiate differences that are <= 0)."""
+    spec = CaseSpec(rule=rule, dtype="float32", B=1, T=40, H=1, K=16, V=8, m=2, R=1, coupling="none",
+                    initial_state=True, seed=5)
+    inputs = make_inputs(spec, DEVICE)
+    inputs["g"] = -20 - 10 * torch.rand_like(inputs["g"])
+    o, S = routed_scan(**inputs, output_final_state=True, backend="triton")
+    ref = {n: (x.double() if torch.is_tensor(x) and x.is_floating_point() else x) for n, x in inputs.items()}
+    o_ref, S_ref = routed_scan(**ref, output_final_state=True, backend="reference")
+    _assert_close("o", o, o_ref)
+    _assert_close("final_state", S, S_ref)
+
+
+def test_fm_gate_of_one_wipes_the_slot_without_nan():
+    """fm with route_w * beta = 1: the forget gate 1 - w*beta is 0 (log-decay -inf), the slot is wiped;
+    the kernels' decay floor keeps the decay sums finite."""
+    spec = CaseSpec(rule="fm", dtype="float32", B=1, T=20, H=1, K=8, V=8, m=2, R=1, initial_state=True, seed=3)
+    inputs = make_inputs(spec, DEVICE)
+    inputs["route_w"] = torch.ones_like(inputs["route_w"])
+    inputs["beta"] = inputs["beta"].clone()
+    inputs["beta"][0, 7] = 1.0
+    o, S = routed_scan(**inputs, output_final_state=True, backend="triton")
+    ref = {n: (x.double() if torch.is_tensor(x) and x.is_floating_point() else x) for n, x in inputs.items()}
+    o_ref, S_ref = routed_scan(**ref, output_final_state=True, backend="reference")
+    _assert_close("o", o, o_ref)
+    _assert_close("final_state", S, S_ref)
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+def _step_inputs(rule, m=6, R=2, B=2, H=3, K=8, V=12, seed=0):
+    """Keyword arguments of routed_step (one token) and the state."""
+    spec = CaseSpec(rule=rule, dtype="float32", B=B, T=1, H=H, Hr=H, K=K, V=V, m=m, R=R, initial_state=True,
+                    per_route=("v",), read_w=True, seed=seed)
+    inputs = make_inputs(spec, DEVICE)
+    state = inputs.pop("initial_state")
+    for name in ("num_slots", "cu_seqlens"):
+        inputs.pop(name)
+    return inputs, state
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_decode_kernel_updates_only_the_routed_slots_in_place(rule, monkeypatch):
+    """routed_step runs the decode kernel (not the reference step), writes into `state` itself, leaves
+    every slot it does not route to bit for bit, and equals the reference; a non-contiguous state (a
+    view whose slots are the outermost dimension in memory) is updated in place too."""
+    import memplug.backends.reference as reference
+
+    inputs, state = _step_inputs(rule)
+    expected_o, expected = routed_step(**inputs, state=state.clone(), backend="reference")
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("routed_step(backend='triton') fell back to the reference step")
+    monkeypatch.setattr(reference, "reference_step", no_reference)
+
+    routed = torch.zeros(state.shape[:3], dtype=torch.bool, device=state.device)
+    routed.scatter_(2, inputs["route_idx"][:, 0], True)
+    for layout in ("contiguous", "slot-major"):
+        if layout == "contiguous":
+            mine = state.clone()
+        else:
+            mine = state.permute(2, 0, 1, 3, 4).contiguous().permute(1, 2, 0, 3, 4)
+        before, ptr = mine.clone(), mine.data_ptr()
+        o, out = routed_step(**inputs, state=mine, backend="triton")
+        assert out is mine and out.data_ptr() == ptr
+        assert torch.equal(out[~routed], before[~routed])
+        _assert_close(f"o ({layout})", o, expected_o)
+        _assert_close(f"state ({layout})", out, expected)
+
+
+def test_decode_with_grad_falls_back_to_the_differentiable_reference_step():
+    inputs, state = _step_inputs("gated_deltanet")
+    state.requires_grad_()
+    o, out = routed_step(**inputs, state=state, backend="triton")
+    o.sum().backward()
+    assert state.grad is not None and torch.isfinite(state.grad).all()
+
+
+# ------------------------------------------------------------------------------------ registration
+
+def test_registration():
+    backend = _BACKENDS["triton"]
+    assert backend.step is triton_backend.triton_step
+    assert torch.float64 not in backend.dtypes and {torch.float32, torch.float16, torch.bfloat16} <= set(backend.dtypes)
+    assert backend.priority["cuda"] == 20
+    assert backend.scan.chunk_sizes == (16, 32, 64)
+    for rule in RULES:
+        # "auto" picks triton on CUDA, and never the interpreter on CPU
+        assert resolve_backend("auto", torch.device("cpu"), torch.float32, get_rule(rule)).name != "triton"
+        if CUDA:
+            assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16, get_rule(rule)).name == "triton"
+    if not CUDA:
+        assert backend.priority["cpu"] < _BACKENDS["chunked"].priority["cpu"]
+
+
+def test_bad_chunk_size_and_dtype():
+    inputs = make_inputs(CaseSpec(rule="mamba2", dtype="float32"), DEVICE)
+    kw = dict(inputs, rule=get_rule("mamba2"), read_w=inputs["route_w"], scale=1.0, output_final_state=False)
+    for size in (8, 24, 128):
+        with pytest.raises(ValueError, match="chunk_size"):
+            triton_backend.triton_scan(**kw, chunk_size=size)
+    with pytest.raises(ValueError, match="triton"):
+        routed_scan(**make_inputs(CaseSpec(rule="mamba2", dtype="float64"), DEVICE), backend="triton")
+
+
+def test_one_slot_skips_the_sort_with_the_same_packing():
+    """m = 1 with one routing for all heads packs in token order without sorting; that is what `pack`
+    computes (with and without packed sequences)."""
+    from memplug.backends.packing import pack
+    for B, T, cu in ((2, 5, None), (1, 10, torch.tensor([0, 2, 7, 10]))):
+        mine = triton_backend._token_order_packing(B, T, 3, cu, "cpu")
+        theirs = pack(torch.zeros(B, T, 1, 1, dtype=torch.long), 1, 3, cu)
+        for field in ("entries", "offsets", "segments"):
+            assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
+        assert (mine.B, mine.T, mine.H, mine.Hr, mine.R, mine.m, mine.N) == \
+               (theirs.B, theirs.T, theirs.H, theirs.Hr, theirs.R, theirs.m, theirs.N)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_float16_inputs(rule):
+    """float16 q, k, v (float32 states and accumulation) against the float64 reference, gradients
+    included. (bfloat16 products are wrong in Triton's interpreter: bfloat16 runs on a GPU only.)"""
+    report = check_backend("triton", rules=[rule], dtypes=["float16"], laws=["reference_equality"],
+                           max_examples=EXAMPLES["reference_equality"] // 2 or 1, **KIT)
+    assert report.results[0].status == "passed"
+
+
+def test_wide_keys_run_on_the_chunked_backend():
+    """K > 256 (one state block per program) is computed by the chunked backend, with the same result."""
+    spec = CaseSpec(rule="gated_deltanet", dtype="float32", T=3, K=272, V=4, m=2, R=1, initial_state=True)
+    inputs = make_inputs(spec, DEVICE)
+    o, S = routed_scan(**inputs, output_final_state=True, backend="triton")
+    o_ref, S_ref = routed_scan(**inputs, output_final_state=True, backend="chunked")
+    assert torch.equal(o, o_ref) and torch.equal(S, S_ref)
+
+
+# --------------------------------------------------------------------------------- compiled kernels
+
+@pytest.mark.skipif(os.environ.get("MEMPLUG_COMPILE_CHECK") != "1",
+                    reason="compiles every kernel for sm_90 with Triton's compiler and ptxas on the CPU (tens of "
+                           "minutes on two cores); set MEMPLUG_COMPILE_CHECK=1 to run it")
+def test_kernels_compile_for_h100():
+    """Every kernel, for each family it serves, in float32 and bfloat16, under its first and last
+    autotuning configuration, compiles for sm_90 and fits its shared memory, in a subprocess without
+    TRITON_INTERPRET (backends/triton/compile_check.py)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-m", "memplug.backends.triton.compile_check", "--quiet"],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("rule", RULES)
+def test_laws_half_precision(rule, dtype):
+    """Every law in float16 and bfloat16 inputs (float32 states and accumulation), compiled kernels."""
+    report = check_backend("triton", rules=[rule], dtypes=[dtype], max_examples=10, **KIT)
+    assert all(r.status == "passed" for r in report.results), str(report)
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+
+def test_bench_cuda_section_says_it_needs_a_gpu():
+    from memplug.experiments import bench
+    if CUDA:
+        pytest.skip("a GPU is present: test_bench_cuda_smoke runs the section")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        bench.main(["--device", "cuda", "--smoke"])
+
+
+def test_bench_mom_baseline_computes_the_same_layer(monkeypatch):
+    """The CUDA benchmark's baseline, fla's MoM routing path (fla.layers.mom transform / unpad / varlen
+    scan / pad / reconstruct), computes what routed_scan computes (coupling none, routing shared by the
+    heads): checked on the CPU with fla's Triton scan replaced by the reference recurrence.
+
+    fla's `transform` orders the route entries with a non-stable `argsort`, which on the CPU (beyond 16
+    entries) does not keep a memory's tokens in time order; the test makes that sort stable, so that
+    it checks the path's plumbing, not that ordering."""
+    pytest.importorskip("fla.layers.mom")
+    from memplug.experiments.bench import cuda_inputs, fla_mom_path
+
+    argsort = torch.Tensor.argsort
+    monkeypatch.setattr(torch.Tensor, "argsort", lambda self, *a, **kw: argsort(self, *a, **dict(kw, stable=True)))
+
+    x = cuda_inputs("gated_deltanet", B=2, T=12, H=2, K=8, V=4, m=4, R=2, dtype=torch.float32, device="cpu",
+                    requires_grad=False)
+
+    def chunk_fn(q, k, v, g, beta, cu_seqlens):
+        outs = []
+        for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+            L = e - s
+            o, _ = routed_scan(q[:, s:e], k[:, s:e], v[:, s:e], g=g[:, s:e], beta=beta[:, s:e], rule="gated_deltanet",
+                               route_idx=torch.zeros(1, L, 1, 1, dtype=torch.long), route_w=torch.ones(1, L, 1, 1),
+                               num_slots=1, coupling="none", backend="reference")
+            outs.append(o)
+        return torch.cat(outs, 1), None
+
+    o = fla_mom_path(x["q"], x["k"], x["v"], x["g"], x["beta"], x["route_idx"][:, :, 0], x["route_w"][:, :, 0], 4,
+                     chunk_fn=chunk_fn)
+    o_ref, _ = routed_scan(**x, backend="chunked")
+    _assert_close("o", o, o_ref)
+
+
+@cuda
+@needs_cuda
+def test_bench_cuda_smoke(capsys):
+    from memplug.experiments import bench
+    assert bench.main(["--device", "cuda", "--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS") + out.count("MISS") >= 4 + len(bench.FLA_PLAIN)
