@@ -54,28 +54,32 @@ class Case:
         return self.B * self.T
 
 
-def make_inputs(case: Case, requires_grad: bool, seed: int = 0) -> dict:
-    """Layer-like inputs: unit keys, mild decays, top-R routing with softmax weights (sum <= 1, so
-    rule fm's gate w * beta stays <= 1)."""
+def draw_inputs(rule: str, B: int, T: int, H: int, K: int, V: int, Hr: int, m: int, R: int, seed: int = 0) -> dict:
+    """Layer-like float32 `routed_scan` tensors on the CPU: unit keys, decays in [-0.1, 0], write
+    strengths in (0, 1), top-R of random logits with softmax weights (sum <= 1, so rule fm's gate
+    w * beta stays <= 1; with m = 1 the one route has weight 1), `Hr` routing head groups."""
     gen = torch.Generator().manual_seed(seed)
-    dtype = getattr(torch, case.dtype)
-    B, T, H, K, V, R = case.B, case.T, case.H, case.K, case.V, case.R
-    rule = memplug.get_rule(case.rule)
+    r = memplug.get_rule(rule)
     randn = lambda *shape: torch.randn(*shape, generator=gen)
-    inputs = dict(q=randn(B, T, H, K), k=torch.nn.functional.normalize(randn(B, T, H, K), dim=-1),
-                  v=randn(B, T, H, V))
-    if rule.g == "scalar":
-        inputs["g"] = -0.1 * torch.rand(B, T, H, generator=gen)
-    elif rule.g == "vector":
-        inputs["g"] = -0.1 * torch.rand(B, T, H, K, generator=gen)
-    if rule.beta:
-        inputs["beta"] = torch.rand(B, T, H, generator=gen)
-    Hr = 1 if case.shared_routing else H
-    top = randn(B, T, Hr, case.m).topk(R, dim=-1)
-    inputs["route_w"] = top.values.softmax(-1)
-    inputs = {n: x.to(case.device, dtype).requires_grad_(requires_grad) for n, x in inputs.items()}
-    inputs["route_idx"] = top.indices.to(case.device)
-    return inputs
+    x = dict(q=randn(B, T, H, K), k=torch.nn.functional.normalize(randn(B, T, H, K), dim=-1), v=randn(B, T, H, V))
+    if r.g == "scalar":
+        x["g"] = -0.1 * torch.rand(B, T, H, generator=gen)
+    elif r.g == "vector":
+        x["g"] = -0.1 * torch.rand(B, T, H, K, generator=gen)
+    if r.beta:
+        x["beta"] = torch.rand(B, T, H, generator=gen)
+    top = randn(B, T, Hr, m).topk(R, dim=-1)
+    x["route_w"], x["route_idx"] = top.values.softmax(-1), top.indices
+    return x
+
+
+def make_inputs(case: Case, requires_grad: bool, seed: int = 0) -> dict:
+    """`draw_inputs` of a benchmark case, every float input in the case's dtype."""
+    x = draw_inputs(case.rule, case.B, case.T, case.H, case.K, case.V, 1 if case.shared_routing else case.H,
+                    case.m, case.R, seed)
+    dtype = getattr(torch, case.dtype)
+    return {n: t.to(case.device) if n == "route_idx" else t.to(case.device, dtype).requires_grad_(requires_grad)
+            for n, t in x.items()}
 
 
 def run_once(case: Case, backend: str, inputs: dict, backward: bool) -> None:
@@ -260,24 +264,14 @@ def _fla_op(path: str):
 
 def cuda_inputs(rule: str, B: int, T: int, H: int, K: int, V: int, m: int, R: int, dtype, device,
                 requires_grad: bool = True, seed: int = 0) -> dict:
-    """`routed_scan` keywords for a MoM-like layer: unit keys, decays in [-0.1, 0], write strengths
-    in (0, 1), one routing shared by the heads (top-R of random logits, softmax weights), coupling
-    "none" (MoM's). With m = 1 every token routes to the one slot with weight 1: the plain rule."""
-    gen = torch.Generator().manual_seed(seed)
-    r = memplug.get_rule(rule)
-    randn = lambda *shape: torch.randn(*shape, generator=gen)
-    x = dict(q=randn(B, T, H, K), k=torch.nn.functional.normalize(randn(B, T, H, K), dim=-1), v=randn(B, T, H, V))
-    if r.g == "scalar":
-        x["g"] = -0.1 * torch.rand(B, T, H, generator=gen)
-    elif r.g == "vector":
-        x["g"] = -0.1 * torch.rand(B, T, H, K, generator=gen)
-    if r.beta:
-        x["beta"] = torch.rand(B, T, H, generator=gen)
-    top = randn(B, T, 1, m).topk(R, dim=-1)
-    x["route_w"] = top.values.softmax(-1) if m > 1 else torch.ones(B, T, 1, R)
-    out = {n: t.to(device, dtype if n in ("q", "k", "v") else torch.float32).requires_grad_(requires_grad)
+    """`routed_scan` keywords for a MoM-like layer: `draw_inputs` with one routing shared by the
+    heads and coupling "none" (MoM's); q, k, v in `dtype`, the gates and weights in float32, as MoM
+    computes them. With m = 1 every token routes to the one slot with weight 1: the plain rule."""
+    x = draw_inputs(rule, B, T, H, K, V, 1, m, R, seed)
+    out = {n: t.to(device) if n == "route_idx" else
+           t.to(device, dtype if n in ("q", "k", "v") else torch.float32).requires_grad_(requires_grad)
            for n, t in x.items()}
-    out.update(route_idx=top.indices.to(device), rule=rule, num_slots=m, coupling="none")
+    out.update(rule=rule, num_slots=m, coupling="none")
     return out
 
 
