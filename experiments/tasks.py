@@ -226,6 +226,3 @@ def _all_reduce(t, device):
         dist.all_reduce(moved)
         return moved.cpu()
     return t
-
-
-TASKS = {"mqar": MQAR, "lm": ByteLM}

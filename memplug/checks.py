@@ -7,7 +7,6 @@ truncated or cast here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

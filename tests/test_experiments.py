@@ -4,13 +4,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from memplug.experiments import ablate
+from memplug.experiments.config import load_config, presets
+from memplug.experiments.report import read_results
 from memplug.experiments.model import LM, MEMORIES, ModelConfig
 from memplug.experiments.tasks import IGNORE, MQAR, ByteLM, load_corpus, mqar, power_law
 
@@ -177,7 +178,7 @@ def _tiny(tmp_path, **changes):
 def test_bad_configs_name_the_field_before_training(tmp_path, capsys, changes, field):
     path = _tiny(tmp_path, **changes)
     with pytest.raises(ValueError) as info:
-        ablate.load_config(str(path))
+        load_config(str(path))
     assert str(info.value).startswith(field)
     out = tmp_path / "out"
     assert ablate.main(["--config", str(path), "--out", str(out)]) == 2
@@ -186,20 +187,20 @@ def test_bad_configs_name_the_field_before_training(tmp_path, capsys, changes, f
 
 
 def test_presets_parse():
-    assert {"quick", "paper"} <= set(ablate.presets())
-    paper = ablate.load_config(preset="paper")
+    assert {"quick", "paper"} <= set(presets())
+    paper = load_config(preset="paper")
     assert paper.rules == RULES and set(paper.memories) == set(MEMORIES)
     assert set(paper.tasks) == {"mqar", "lm"} and len(paper.seeds) == 3
     assert len(ablate.grid(paper)) == 5 * 4 * 2 * 3
-    quick = ablate.load_config(preset="quick")
+    quick = load_config(preset="quick")
     assert "mqar" in quick.tasks and "backbone" in quick.memories
     with pytest.raises(ValueError, match="--preset"):
-        ablate.load_config(preset="nope")
+        load_config(preset="nope")
 
 
 # ------------------------------------------------------------------------------- the grid itself
 def test_grid_writes_table_jsonl_plots_and_resumes(tmp_path):
-    config = ablate.load_config(str(_tiny(tmp_path)))
+    config = load_config(str(_tiny(tmp_path)))
     out = tmp_path / "run"
     first = ablate.run_grid(config, out, quiet=True)
     assert len(first["trained"]) == 4 and not first["skipped"]
@@ -228,7 +229,7 @@ def test_grid_writes_table_jsonl_plots_and_resumes(tmp_path):
         f.write('{"run": "mqar/fm/ba')
     second = ablate.run_grid(config, out, quiet=True)
     assert second["trained"] == [] and len(second["skipped"]) == 4
-    assert len(ablate.read_results(out / "results.jsonl")) == 4
+    assert len(read_results(out / "results.jsonl")) == 4
 
     # changing a setting reruns only what it changes; here two runs at once, in two processes
     config.tasks["mqar"].train = {"steps": 2}
@@ -254,7 +255,8 @@ def test_torchrun_two_gloo_processes(tmp_path):
            "-m", "memplug.cli", "ablate", "--config", str(path), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = ablate.read_results(out / "results.jsonl")
+    records = read_results(out / "results.jsonl")
     assert len(records) == 4  # rank 0 alone writes
     assert all(r["world_size"] == 2 for r in records)
+    assert all(r["ddp_param_drift"] == 0 for r in records)  # the two replicas stayed identical
     assert (out / "results.md").exists()

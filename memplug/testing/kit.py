@@ -131,7 +131,7 @@ def run_law(ctx: Context, law_name: str, rule: str, dtypes: Sequence, max_exampl
 
     try:
         _law()
-    except AssertionError as e:
+    except AssertionError:
         if "args" not in failing:
             raise
         raise AssertionError(_explain(ctx, law, rule, failing["args"], failing["error"])) from None

@@ -1,0 +1,264 @@
+"""The ablation config: a YAML file parsed into the dataclasses below and checked before anything
+trains. An unknown field, rule, memory configuration or task, `topk > num_slots`, a missing text file
+or a wrong type raises `ValueError` naming the field by its path (e.g. `tasks.mqar.train.steps`).
+`configs/*.yaml` are the presets (`--preset NAME`)."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .model import MEMORIES, ModelConfig, memory_kwargs
+from .tasks import check_mqar
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+RULES = ("mamba2", "gla", "deltanet", "gated_deltanet", "fm")
+
+@dataclass
+class TrainConfig:
+    """Optimisation of one run. `batch_size` is the global batch, split over the DDP processes."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    warmup: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    threads: int = 0  # torch threads per process; 0: OMP_NUM_THREADS if set, else cores / processes
+    device: str = "auto"  # "auto" (cuda if available), "cpu" or "cuda"
+
+
+@dataclass
+class MQARConfig:
+    """Multi-query associative recall (`tasks.MQAR`)."""
+
+    vocab_size: int = 256
+    seq_len: int = 128
+    num_pairs: int = 16
+    power_a: float = 0.01
+    random_fill: bool = True
+    test_examples: int = 1000
+    test_seed: int = 1234
+    train_num_pairs: Optional[list[int]] = None  # train on a mix of sizes (Zoology); None: num_pairs
+    test_num_pairs: Optional[list[int]] = None  # also test at these sizes (accuracy_by_pairs)
+    model: dict = field(default_factory=dict)  # overrides of `model` for this task
+    train: dict = field(default_factory=dict)  # overrides of `train` for this task
+
+
+@dataclass
+class LMConfig:
+    """Byte-level language modelling with length extrapolation (`tasks.ByteLM`)."""
+
+    path: Optional[str] = None  # a text file; None: the standard library's .py sources
+    seq_len: int = 128
+    extrapolate: int = 8
+    holdout_every: int = 10
+    max_bytes: Optional[int] = None
+    eval_windows: int = 64
+    model: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+
+TASK_CONFIGS = {"mqar": MQARConfig, "lm": LMConfig}
+
+
+@dataclass
+class AblateConfig:
+    name: str = "ablation"
+    rules: list[str] = field(default_factory=lambda: list(RULES))
+    memories: list[str] = field(default_factory=lambda: list(MEMORIES))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    tasks: dict = field(default_factory=dict)  # task name -> MQARConfig / LMConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    jobs: int = 1  # runs trained at once in separate processes (CPU only); 0: one per core, at most 8
+
+
+def _type_ok(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def from_dict(cls, data, where: str):
+    """`cls(**data)` for a dataclass, checking every field's name and type; errors name the field
+    by its path in the config (e.g. `tasks.mqar.train.steps`)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise ValueError(f"{path}: unknown field; {where or 'the config'} takes {known}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value, path)
+        else:
+            if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            if not _type_ok(value, hint):
+                raise ValueError(f"{path}: expected {_describe(hint)}, got {value!r}")
+            if hint is float:
+                value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _positive(value, path, zero_ok=False):
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{path}: expected a value {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def parse_config(data: dict) -> AblateConfig:
+    """An `AblateConfig` from the YAML's mapping, checked (see the module docstring)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    tasks = data.get("tasks")
+    rest = {k: v for k, v in data.items() if k != "tasks"}
+    config = from_dict(AblateConfig, rest, "")
+    if not isinstance(tasks, dict) or not tasks:
+        raise ValueError(f"tasks: expected a mapping of task name -> settings with at least one of "
+                         f"{sorted(TASK_CONFIGS)}, got {tasks!r}")
+    for name, settings in tasks.items():
+        if name not in TASK_CONFIGS:
+            raise ValueError(f"tasks.{name}: unknown task; known: {sorted(TASK_CONFIGS)}")
+        config.tasks[name] = from_dict(TASK_CONFIGS[name], settings, f"tasks.{name}")
+    check_config(config)
+    return config
+
+
+def check_config(config: AblateConfig):
+    import memplug
+
+    for field_name in ("rules", "memories", "seeds"):
+        if not getattr(config, field_name):
+            raise ValueError(f"{field_name}: expected a non-empty list")
+        values = getattr(config, field_name)
+        if len(set(values)) != len(values):
+            raise ValueError(f"{field_name}: repeated entries in {values}")
+    for i, rule in enumerate(config.rules):
+        if rule not in memplug.available_rules():
+            raise ValueError(f"rules[{i}]: unknown rule {rule!r}; known: {memplug.available_rules()}")
+    for i, memory in enumerate(config.memories):
+        if memory not in MEMORIES:
+            raise ValueError(f"memories[{i}]: unknown memory configuration {memory!r}; known: {sorted(MEMORIES)}")
+    t = config.train
+    for name in ("steps", "batch_size", "lr"):
+        _positive(getattr(t, name), f"train.{name}")
+    _positive(config.jobs, "jobs", zero_ok=True)
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device: expected 'auto', 'cpu' or 'cuda', got {t.device!r}")
+    for task_name, task in config.tasks.items():
+        model, train = resolved(config, task_name)
+        for name in ("steps", "batch_size", "lr"):
+            _positive(getattr(train, name), f"tasks.{task_name}.train.{name}" if name in task.train else f"train.{name}")
+        _positive(train.warmup, f"tasks.{task_name}.train.warmup" if "warmup" in task.train else "train.warmup", True)
+        for name in ("d_model", "n_layers", "num_heads", "head_k_dim", "head_v_dim", "num_slots", "topk"):
+            prefix = f"tasks.{task_name}.model" if name in task.model else "model"
+            _positive(getattr(model, name), f"{prefix}.{name}")
+        prefix = f"tasks.{task_name}.model" if ("topk" in task.model or "num_slots" in task.model) else "model"
+        if model.topk > model.num_slots:
+            raise ValueError(f"{prefix}.topk: R = {model.topk} routes per token, more than the "
+                             f"num_slots = {model.num_slots} slots (m)")
+        if "fm_sparse" in config.memories and model.topk == model.num_slots:
+            raise ValueError(f"{prefix}.topk: fm_sparse needs R < m, got R = m = {model.topk} "
+                             "(that is fm_dense's routing)")
+        for k in task.model:
+            if k not in ModelConfig.__dataclass_fields__:
+                raise ValueError(f"tasks.{task_name}.model.{k}: unknown field; model takes "
+                                 f"{list(ModelConfig.__dataclass_fields__)}")
+        if isinstance(task, LMConfig):
+            if task.path not in (None, "stdlib") and not Path(task.path).is_file():
+                raise ValueError(f"tasks.{task_name}.path: no such file: {task.path!r}")
+            _positive(task.extrapolate, f"tasks.{task_name}.extrapolate")
+            _positive(task.seq_len, f"tasks.{task_name}.seq_len")
+        if isinstance(task, MQARConfig):
+            check_mqar(task.vocab_size, task.seq_len, task.num_pairs, f"tasks.{task_name}")
+            for name in ("train_num_pairs", "test_num_pairs"):
+                for i, p in enumerate(getattr(task, name) or ()):
+                    try:
+                        check_mqar(task.vocab_size, task.seq_len, p)
+                    except ValueError as e:
+                        raise ValueError(f"tasks.{task_name}.{name}[{i}]: {p} pairs do not fit ({e})") from None
+        if model.router_init not in ("default", "zero"):
+            prefix = f"tasks.{task_name}.model" if "router_init" in task.model else "model"
+            raise ValueError(f"{prefix}.router_init: expected 'default' or 'zero', got {model.router_init!r}")
+        for key in ("rule", "num_slots", "topk"):
+            if key in model.layer:
+                raise ValueError(f"model.layer.{key}: set by the grid (rules, model.num_slots, model.topk), "
+                                 "not by the layer's extra arguments")
+        # every memory layer of the grid builds
+        for rule in config.rules:
+            for memory in config.memories:
+                try:
+                    cls, kwargs = memory_kwargs(memory, rule, model.num_slots, model.topk, **model.layer)
+                    cls(model.d_model, model.num_heads, model.head_k_dim, model.head_v_dim, **kwargs)
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"model.layer (task {task_name}, rule {rule}, memory {memory}): {e}") from None
+
+
+def resolved(config: AblateConfig, task_name: str):
+    """The model and train settings of a task: the config's, with the task's overrides."""
+    task = config.tasks[task_name]
+    model = from_dict(ModelConfig, {**dataclasses.asdict(config.model), **task.model}, f"tasks.{task_name}.model")
+    train = from_dict(TrainConfig, {**dataclasses.asdict(config.train), **task.train}, f"tasks.{task_name}.train")
+    return model, train
+
+
+def load_config(path: Optional[str] = None, preset: Optional[str] = None, overrides=()) -> AblateConfig:
+    if (path is None) == (preset is None):
+        raise ValueError("config: give exactly one of --config FILE and --preset NAME")
+    if preset is not None:
+        file = CONFIG_DIR / f"{preset}.yaml"
+        if not file.is_file():
+            raise ValueError(f"--preset: unknown preset {preset!r}; known: {presets()}")
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise ValueError(f"--config: no such file: {path!r}")
+    data = yaml.safe_load(file.read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set: expected KEY=VALUE (e.g. train.steps=10), got {item!r}")
+        node = data
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {key}: {p} is not a mapping")
+        node[last] = yaml.safe_load(value)
+    return parse_config(data)
+
+
+def presets():
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
