@@ -35,8 +35,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from memplug.checks import COUPLINGS
-from memplug.layers import select_routes
+from memplug.layers import check_memory_options, select_routes
 from memplug.routing import Router, RouterConfig, Routing, load_balancing_loss
 from memplug.rules import get_rule
 from memplug.scan import routed_scan, routed_step
@@ -63,26 +62,8 @@ class MemoryConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        for name in ("num_slots", "topk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        if self.topk > self.num_slots:
-            raise ValueError(f"topk: expected at most num_slots = {self.num_slots} routes per token, got {self.topk}")
-        if self.coupling not in COUPLINGS:
-            raise ValueError(f"coupling: expected one of {COUPLINGS}, got {self.coupling!r}")
-        self.router = RouterConfig.make(self.router)
-        if self.router.kind == "dense" and self.topk != self.num_slots:
-            raise ValueError(f"topk: dense routing uses every slot, so topk must equal num_slots = "
-                             f"{self.num_slots}, got {self.topk}")
-        if self.router.kind == "threshold" and self.coupling == "none":
-            raise ValueError("router.kind: threshold routing needs coupling='dt'; under 'none' a dropped "
-                             "route (weight 0) would still write to its slot")
-        for name in ("per_slot_kv", "shared_slot"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.backend, str):
-            raise TypeError(f"backend: expected a backend name, got {self.backend!r}")
+        self.router = check_memory_options(self.num_slots, self.topk, self.coupling, self.router, self.per_slot_kv,
+                                           self.shared_slot, self.backend)
 
     @classmethod
     def make(cls, config=None, **kwargs) -> "MemoryConfig":
@@ -258,9 +239,6 @@ class AdapterContext:
         if module is None:
             raise AttributeError(f"{type(self.adapter).__name__}: no module {name!r}")
         return module, ("shared." + name if name in slots else name)
-
-    def module(self, name) -> nn.Module:
-        return self._resolve(name)[0]
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         module, key = self._resolve(name)

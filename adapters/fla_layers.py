@@ -20,12 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from memplug.modules import at_least_float32
+
 from . import torch_ops as ops
 from .base import AdapterContext, RoutedAdapter, RuleInputs, register_adapter
-
-
-def _float(x):
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _reject(layer, option, value, why):
@@ -75,7 +73,7 @@ class RoutedGatedLinearAttention(RoutedAdapter):
         k, gk, v = ctx.heads(k, K), ctx.heads(gk, K), ctx.heads(v, V)
         if self.num_kv_groups > 1:
             k, gk, v = (t.repeat_interleave(self.num_kv_groups, dim=2) for t in (k, gk, v))
-        g = F.logsigmoid(_float(gk)) / self.gate_logit_normalizer
+        g = F.logsigmoid(at_least_float32(gk)) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             g = torch.clamp_min(g, self.clamp_min)
         if self.feature_map_fn is not None:
@@ -120,7 +118,7 @@ class RoutedSimpleGatedLinearAttention(RoutedAdapter):
         if self.num_kv_groups > 1:
             k, v = (t.repeat_interleave(self.num_kv_groups, dim=2) for t in (k, v))
         gk = ctx.heads(ctx.linear("gk_proj", x), 1)[..., 0]  # [B,T,H,c]
-        g = F.logsigmoid(_float(gk)) / self.gate_logit_normalizer
+        g = F.logsigmoid(at_least_float32(gk)) / self.gate_logit_normalizer
         return RuleInputs(q, k, v, g=g)
 
     def output(self, o, x, inputs, ctx):
@@ -175,7 +173,7 @@ class RoutedDeltaNet(RoutedAdapter):
         else:
             q, k = ops.l2norm(q), ops.l2norm(k)
         if self.use_beta:
-            beta = torch.sigmoid(_float(ctx.heads(ctx.linear("b_proj", x), 1)[..., 0]))
+            beta = torch.sigmoid(at_least_float32(ctx.heads(ctx.linear("b_proj", x), 1)[..., 0]))
         else:
             beta = torch.ones(*q.shape[:3], 1, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         return RuleInputs(q, k, v, beta=beta)
@@ -213,9 +211,9 @@ class RoutedGatedDeltaNet(RoutedAdapter):
         groups = self.num_v_heads // self.num_heads
         if groups > 1:
             q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
-        a = _float(ctx.heads(ctx.linear("a_proj", x), 1)[..., 0])  # [B,T,HV,c]
-        g = -_float(self.A_log).exp()[:, None] * F.softplus(a + _float(self.dt_bias)[:, None])
-        beta = torch.sigmoid(_float(ctx.heads(ctx.linear("b_proj", x), 1)[..., 0]))
+        a = at_least_float32(ctx.heads(ctx.linear("a_proj", x), 1)[..., 0])  # [B,T,HV,c]
+        g = -at_least_float32(self.A_log).exp()[:, None] * F.softplus(a + at_least_float32(self.dt_bias)[:, None])
+        beta = torch.sigmoid(at_least_float32(ctx.heads(ctx.linear("b_proj", x), 1)[..., 0]))
         return RuleInputs(q, k, v, g=g, beta=beta)
 
     def output(self, o, x, inputs, ctx):
@@ -250,23 +248,23 @@ class RoutedMamba2(RoutedAdapter):
         z, xBC, dt = ctx.linear("in_proj", x).squeeze(-2).split([self.intermediate_size, self.conv_dim, H], dim=-1)
         xBC = ctx.conv("conv1d", xBC.unsqueeze(-2), activation=self.activation).squeeze(-2)
         xs, Bm, Cm = xBC.split([self.intermediate_size, G * N, G * N], dim=-1)
-        xs = _float(xs).unflatten(-1, (H, P))
-        Bm = _float(Bm).unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)
-        Cm = _float(Cm).unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)
-        dt = F.softplus(_float(dt) + _float(self.dt_bias))
+        xs = at_least_float32(xs).unflatten(-1, (H, P))
+        Bm = at_least_float32(Bm).unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)
+        Cm = at_least_float32(Cm).unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)
+        dt = F.softplus(at_least_float32(dt) + at_least_float32(self.dt_bias))
         if tuple(self.dt_limit) != (0.0, float("inf")):
             dt = dt.clamp(self.dt_limit[0], self.dt_limit[1])
-        A = -_float(self.A_log).exp()
+        A = -at_least_float32(self.A_log).exp()
         k = (dt[..., None] * Bm).unsqueeze(3)
         return RuleInputs(Cm, k, xs.unsqueeze(3), g=(dt * A).unsqueeze(3), extra=(xs, z))
 
     def output(self, o, x, inputs, ctx):
         xs, z = inputs.extra
-        D = _float(self.D).reshape(self.num_heads, -1)  # [H, 1] or [H, P]
+        D = at_least_float32(self.D).reshape(self.num_heads, -1)  # [H, 1] or [H, P]
         y = (o + xs * D).flatten(-2)
         if self.rmsnorm:
             y = ops.gated_group_rms_norm(y, z, self.norm.weight, self.norm.eps, self.norm.group_size,
                                          self.norm.norm_before_gate)
         else:
-            y = y * ops.activation(self.activation, "hidden_act")(_float(z))
+            y = y * ops.activation(self.activation, "hidden_act")(at_least_float32(z))
         return self.out_proj(y.to(x.dtype))

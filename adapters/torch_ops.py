@@ -11,9 +11,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from memplug.modules import at_least_float32, sequence_positions
 
 
 def _sqrelu(x):
@@ -72,7 +70,7 @@ def activation_name(fn, where: str) -> Optional[str]:
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """`x / sqrt(sum(x^2) + eps)` over the last dimension, in float32 (fla's in-kernel qk l2 norm)."""
-    y = _upcast(x)
+    y = at_least_float32(x)
     return (y * torch.rsqrt(y.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
@@ -84,7 +82,7 @@ def sum_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def rms_norm(x, weight=None, bias=None, eps=1e-5, group_size: Optional[int] = None):
     """RMS norm over the last dimension (or over groups of `group_size` channels), times `weight`,
     plus `bias`; computed in float32, returned in float32 (callers cast)."""
-    y = _upcast(x)
+    y = at_least_float32(x)
     if group_size is not None and group_size != y.shape[-1]:
         shape = y.shape
         y = y.unflatten(-1, (-1, group_size))
@@ -92,9 +90,9 @@ def rms_norm(x, weight=None, bias=None, eps=1e-5, group_size: Optional[int] = No
     else:
         y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * _upcast(weight)
+        y = y * at_least_float32(weight)
     if bias is not None:
-        y = y + _upcast(bias)
+        y = y + at_least_float32(bias)
     return y
 
 
@@ -103,14 +101,14 @@ def norm(x, module, gate=None, gate_activation: str = "swish"):
     weight, bias and eps; output in the dtype of `x`."""
     y = rms_norm(x, getattr(module, "weight", None), getattr(module, "bias", None), module.eps)
     if gate is not None:
-        y = y * activation(gate_activation, "output gate")(_upcast(gate))
+        y = y * activation(gate_activation, "output gate")(at_least_float32(gate))
     return y.to(x.dtype)
 
 
 def gated_group_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
     """fla's `RMSNormGated` (Mamba-2's output norm): `norm(x * silu(z))`, or `norm(x) * silu(z)`
     with `norm_before_gate`; per group of `group_size` channels; output in the dtype of `x`."""
-    xf, zf = _upcast(x), _upcast(z)
+    xf, zf = at_least_float32(x), at_least_float32(z)
     if not norm_before_gate:
         xf = xf * F.silu(zf)
     y = rms_norm(xf, weight, None, eps, group_size)
@@ -124,8 +122,7 @@ def _pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor):
     T = x.shape[1]
     lengths = cu_seqlens.diff()
     N, L = lengths.numel(), int(lengths.max())
-    seq = torch.searchsorted(cu_seqlens[1:], torch.arange(T, device=x.device), right=True)
-    pos = torch.arange(T, device=x.device) - cu_seqlens[seq]
+    seq, pos = sequence_positions(cu_seqlens, T)
     padded = x.new_zeros(N, L, x.shape[-1]).index_put((seq, pos), x[0])
     return padded, lengths, (seq, pos)
 

@@ -1,8 +1,6 @@
 """Input layouts shared by the backends: shared or per-route inputs, per-head or shared routing."""
 from __future__ import annotations
 
-import torch
-
 
 def per_route(x, R: int, event_dims: int):
     """`[B,T,H,*E]` (shared by the routes of a token) or `[B,T,H,R,*E]` -> `[B,T,H,R,*E]`, a view."""
@@ -20,8 +18,3 @@ def rule_inputs_per_route(rule, k, v, g, beta, R: int):
     """k, v, g, beta of `rule` as `[B,T,H,R,...]` views."""
     return (per_route(k, R, 1), per_route(v, R, 1),
             per_route(g, R, 1 if rule.g == "vector" else 0), per_route(beta, R, 0))
-
-
-def compute_dtype(q) -> torch.dtype:
-    """States and accumulations: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32

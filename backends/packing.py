@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from memplug.modules import sequence_positions
+
 
 @dataclass(frozen=True)
 class Packing:
@@ -73,7 +75,7 @@ def pack(route_idx: torch.Tensor, num_slots: int, num_heads: int,
         sequence = torch.arange(B, device=device).repeat_interleave(T)  # [B*T]
     else:  # B = 1: token t belongs to the sequence whose range holds it
         N = cu_seqlens.numel() - 1
-        sequence = torch.searchsorted(cu_seqlens, torch.arange(T, device=device), right=True) - 1
+        sequence, _ = sequence_positions(cu_seqlens, T)
     group = sequence[:, None] * Hr + torch.arange(Hr, device=device)  # [B*T, Hr]
     segment = (group[..., None] * num_slots + route_idx.reshape(B * T, Hr, R)).flatten()  # [E]
     # A stable sort keeps entry order, which is time order, within each segment.

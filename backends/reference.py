@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from .layout import compute_dtype, routes_per_head, rule_inputs_per_route
+from memplug.checks import compute_dtype
+
+from .layout import routes_per_head, rule_inputs_per_route
 
 
 def _token(S, t, rule, q, k, v, g, beta, idx, w, read_w, scale):
@@ -71,13 +73,15 @@ def reference_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, rea
 
 
 def reference_step(q, k, v, *, rule, route_idx, route_w, state, g, beta, read_w, coupling, scale):
-    """One token; reads and writes only the routed slots of `state`, in place unless autograd
-    needs the old values of a leaf state."""
+    """One token; reads and writes only the routed slots of `state`: in place, unless autograd
+    records the step (then a new state is returned and `state` is left as it was)."""
     out_dtype = q.dtype
     q, k, v, g, beta, idx, w, read_w = _prepare(q, k, v, g, beta, route_idx, route_w, read_w, rule,
                                                 coupling, state.dtype)
     slots, routed, o_t = _token(state, 0, rule, q, k, v, g, beta, idx, w, read_w, scale)
-    if state.is_leaf and state.requires_grad:
+    # When autograd records this step, the gather above saved `state` for backward: writing into
+    # it would break that backward.
+    if torch.is_grad_enabled() and (state.requires_grad or routed.requires_grad):
         state = state.scatter(2, slots, routed)
     else:
         state.scatter_(2, slots, routed)

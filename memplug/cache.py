@@ -11,6 +11,9 @@ import torch
 class MemoryCache:
     """What one layer carries from one call to the next.
 
+    `RoutedMemory.forward(x, cache=c)` advances `c` in place (its state tensors may be written into)
+    and returns it; to branch, e.g. to try two continuations, advance a `clone()` instead.
+
     state: slot states `[N, H, m, K, V]` (float32, or float64 for a float64 layer).
     conv: short-convolution histories by stream name ("q", "k", "v", "shared_k", "shared_v"),
         `[N, kernel_size - 1, channels]` each; empty without short convolutions.
@@ -24,6 +27,11 @@ class MemoryCache:
     @property
     def batch_size(self) -> int:
         return self.state.shape[0]
+
+    def clone(self) -> "MemoryCache":
+        """A copy that shares no tensor with this cache."""
+        return MemoryCache(self.state.clone(), {name: s.clone() for name, s in self.conv.items()},
+                           None if self.shared_state is None else self.shared_state.clone())
 
     def reorder(self, index: torch.Tensor) -> "MemoryCache":
         """The cache of the sequences `index` (beam search reorders the batch)."""

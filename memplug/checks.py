@@ -1,12 +1,12 @@
 """Argument checks of SPEC section 7, shared by every public entry point.
 
-`check_scan` validates the inputs of `routed_scan` / `routed_step` before any work and returns their
-dimensions. Every error names the argument, what it got and what it expected. Nothing is broadcast,
-truncated or cast here.
+`check_scan` validates the inputs of `routed_scan` / `routed_step` before any work; the small checks
+below it serve the constructors too. Every error names the argument, what it got and what it
+expected. Nothing is broadcast, truncated or cast here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 
@@ -16,20 +16,42 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COUPLINGS = ("dt", "none")
 
 
-@dataclass(frozen=True)
-class Dims:
-    """Dimensions of validated `routed_scan` inputs."""
+def compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """States and accumulations: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    B: int  # batch
-    T: int  # tokens per batch row
-    H: int  # heads
-    K: int  # key width
-    V: int  # value width
-    R: int  # routes per token
-    Hr: int  # routing groups: 1 (shared by all heads) or H
-    m: int  # slots per head
-    N: int  # sequences: B, or len(cu_seqlens) - 1
-    compute_dtype: torch.dtype  # float64 for float64 inputs, float32 otherwise
+
+def check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+
+
+def check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
+def check_finite_number(name, value):
+    """An int or float (not a bool), finite; range checks are the caller's."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+
+
+def check_cu_seqlens(cu_seqlens, B, T, device) -> int:
+    """Packed sequences in one row of `T` tokens: int64 offsets `[N+1]` from 0 to `T`, strictly
+    increasing. Returns `N`."""
+    _tensor("cu_seqlens", cu_seqlens, device=device, floating=False)
+    if cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens: expected a 1-d int64 tensor [N+1] with N >= 1, got "
+                         f"{cu_seqlens.dtype} of shape {_shape(cu_seqlens)}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens: packed sequences need B = 1, got B = {B}")
+    if cu_seqlens[0] != 0 or cu_seqlens[-1] != T or (cu_seqlens.diff() <= 0).any():
+        raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0 to T = {T}, "
+                         f"got {cu_seqlens.tolist()}")
+    return cu_seqlens.numel() - 1
 
 
 def _shape(x) -> str:
@@ -42,7 +64,7 @@ def _tensor(name, x, *, device=None, floating=True):
     if floating and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype in {FLOAT_DTYPES}, got {x.dtype}")
     if device is not None and x.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (the device of q), got one on {x.device}")
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of the inputs), got one on {x.device}")
 
 
 def _expect_shape(name, x, *shapes):
@@ -65,25 +87,26 @@ def _finite(name, x):
 
 
 def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, read_w, coupling, scale,
-               initial_state, cu_seqlens, state_name="initial_state") -> Dims:
-    """Validate `routed_scan` inputs (SPEC sections 2 and 7) and return their dimensions."""
+               initial_state, cu_seqlens, state_name="initial_state", one_token=False) -> None:
+    """Validate `routed_scan` inputs (SPEC sections 2 and 7); `routed_step` passes its `state` as
+    the initial state, under `state_name`, and `one_token=True`."""
     _tensor("q", q)
     if q.dim() != 4:
         raise ValueError(f"q: expected shape [B, T, H, K], got {_shape(q)}")
     B, T, H, K = q.shape
     device = q.device
-    if T < 1:
-        raise ValueError(f"q: expected at least one token (T >= 1), got T = {T} in {_shape(q)}")
-    compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    for dim, size, meaning in (("B", B, "one batch row"), ("T", T, "one token"), ("H", H, "one head")):
+        if size < 1:
+            raise ValueError(f"q: expected at least {meaning} ({dim} >= 1), got {dim} = {size} in {_shape(q)}")
+    if one_token and T != 1:
+        raise ValueError(f"q: routed_step takes one token, expected shape [B, 1, H, K], got {_shape(q)}")
 
-    if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 1:
-        raise ValueError(f"num_slots: expected an int >= 1, got {num_slots!r}")
+    check_positive_int("num_slots", num_slots)
     m = num_slots
     if coupling not in COUPLINGS:
         raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not torch.isfinite(torch.tensor(float(scale)))):
-        raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+    if scale is not None:
+        check_finite_number("scale", scale)
 
     # Routing.
     _tensor("route_idx", route_idx, device=device, floating=False)
@@ -91,7 +114,7 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
         raise TypeError(f"route_idx: expected dtype torch.int64, got {route_idx.dtype}")
     if route_idx.dim() != 4 or route_idx.shape[:2] != (B, T) or route_idx.shape[2] not in (1, H):
         raise ValueError(f"route_idx: expected shape [B, T, Hr, R] = [{B}, {T}, 1 or {H}, R], got {_shape(route_idx)}")
-    Hr, R = route_idx.shape[2], route_idx.shape[3]
+    R = route_idx.shape[3]
     if not 1 <= R <= m:
         raise ValueError(f"route_idx: expected 1 <= R <= num_slots = {m} routes per token, got R = {R}")
     if route_idx.numel() and (route_idx.min() < 0 or route_idx.max() >= m):
@@ -157,18 +180,7 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
                              f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
 
     # Sequences and states.
-    N = B
-    if cu_seqlens is not None:
-        _tensor("cu_seqlens", cu_seqlens, device=device, floating=False)
-        if cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens: expected a 1-d int64 tensor [N+1] with N >= 1, got "
-                             f"{cu_seqlens.dtype} of shape {_shape(cu_seqlens)}")
-        if B != 1:
-            raise ValueError(f"cu_seqlens: packed sequences need B = 1, got q of shape {_shape(q)}")
-        if cu_seqlens[0] != 0 or cu_seqlens[-1] != T or (cu_seqlens.diff() <= 0).any():
-            raise ValueError(f"cu_seqlens: expected strictly increasing offsets from 0 to T = {T}, "
-                             f"got {cu_seqlens.tolist()}")
-        N = cu_seqlens.numel() - 1
+    N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, device)
     if initial_state is not None:
         _tensor(state_name, initial_state, device=device)
         _expect_shape(state_name, initial_state, ((N, H, m, K, V), ("N", "H", "m", "K", "V")))
@@ -180,4 +192,3 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
         if beta is not None:
             b = beta if beta.dim() == 4 else beta[..., None]
         rule.check(w, b)
-    return Dims(B=B, T=T, H=H, K=K, V=V, R=R, Hr=Hr, m=m, N=N, compute_dtype=compute_dtype)

@@ -2,9 +2,9 @@
 
 A token's way through `RoutedMemory.forward`:
 
-1. projections: the query `q`, and the *writes* (`k`, `v`, and the rule's `g` / `beta`), each
-   through a short causal convolution; with `per_slot_kv` every slot has its own writes and the
-   token's routed slots are gathered;
+1. projections: the query `q`, and the *writes* (`k`, `v`, and the rule's `g` / `beta`); `q`, `k`
+   and `v` go through a short causal convolution; with `per_slot_kv` every slot has its own writes
+   and the token's routed slots are gathered;
 2. routing: `Router` -> slot indices and weights (`memplug.routing`);
 3. memory: `memplug.routed_scan` (or `routed_step` when decoding one token with a cache), which
    runs the rule's single-token update (`memplug.rules`) on the routed slots;
@@ -22,17 +22,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backends.layout import routes_per_head
 from .cache import MemoryCache
-from .checks import COUPLINGS
+from .checks import (COUPLINGS, check_bool, check_cu_seqlens, check_finite_number, check_positive_int,
+                     compute_dtype)
 from .modules import RMSNorm, ShortConv, at_least_float32
+from .registry import check_backend_name
 from .routing import Router, RouterConfig, Routing, load_balancing_loss
 from .rules import get_rule
 from .scan import routed_scan, routed_step
 
 
-def _positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+def check_memory_options(num_slots, topk, coupling, router, per_slot_kv, shared_slot, backend) -> RouterConfig:
+    """Checks the options that make a layer a routed memory (shared by `RoutedMemory` and the
+    adapters' `MemoryConfig`); returns the router's `RouterConfig`."""
+    for name, value in (("num_slots", num_slots), ("topk", topk)):
+        check_positive_int(name, value)
+    for name, value in (("per_slot_kv", per_slot_kv), ("shared_slot", shared_slot)):
+        check_bool(name, value)
+    check_backend_name(backend)
+    if topk > num_slots:
+        raise ValueError(f"topk: expected at most num_slots = {num_slots} routes per token, got {topk}")
+    if coupling not in COUPLINGS:
+        raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
+    router = RouterConfig.make(router)
+    if router.kind == "dense" and topk != num_slots:
+        raise ValueError(f"topk: dense routing uses every slot, so topk must equal num_slots = {num_slots}, got {topk}")
+    if router.kind == "threshold" and coupling == "none":
+        raise ValueError("router.kind: threshold routing needs coupling='dt'; under 'none' a dropped "
+                         "route (weight 0) would still write to its slot")
+    return router
 
 
 class _Stream(nn.Module):
@@ -117,8 +136,10 @@ class RoutedMemory(nn.Module):
         backend: the `routed_scan` backend ("auto" picks the fastest for the device).
 
     `forward(x [B,T,D], cache=None, cu_seqlens=None, use_cache=False) -> (y, cache, aux)`:
-    returns a `MemoryCache` if `cache` was given or `use_cache`, else None; `aux["aux_loss"]` is
-    the weighted load-balancing loss to add to the training loss (0 without one) and
+    returns a `MemoryCache` if `cache` was given or `use_cache`, else None. A `cache` passed in is
+    advanced in place to the state after `x` and returned (the same object); to branch from a
+    cache, pass a copy (`MemoryCache.clone`). `aux["aux_loss"]` is the weighted load-balancing loss
+    to add to the training loss (0 without one), in float32 (float64 for a float64 layer), and
     `aux["routing"]` the `Routing` (None with one slot), for `memplug.routing.routing_stats`.
     """
 
@@ -129,20 +150,15 @@ class RoutedMemory(nn.Module):
                  backend: str = "auto", norm_eps: float = 1e-5):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("head_k_dim", head_k_dim),
-                            ("head_v_dim", head_v_dim), ("num_slots", num_slots), ("topk", topk),
-                            ("conv_size", conv_size)):
-            _positive_int(name, value)
+                            ("head_v_dim", head_v_dim), ("conv_size", conv_size)):
+            check_positive_int(name, value)
+        for name, value in (("short_conv", short_conv), ("output_gate", output_gate)):
+            check_bool(name, value)
+        check_finite_number("norm_eps", norm_eps)
+        if not norm_eps > 0:
+            raise ValueError(f"norm_eps: expected a value > 0, got {norm_eps!r}")
+        router = check_memory_options(num_slots, topk, coupling, router, per_slot_kv, shared_slot, backend)
         self.rule = get_rule(rule)
-        if topk > num_slots:
-            raise ValueError(f"topk: expected at most num_slots = {num_slots} routes per token, got {topk}")
-        if coupling not in COUPLINGS:
-            raise ValueError(f"coupling: expected one of {COUPLINGS}, got {coupling!r}")
-        router = RouterConfig.make(router)
-        if router.kind == "dense" and topk != num_slots:
-            raise ValueError(f"topk: dense routing uses every slot, so topk must equal num_slots = {num_slots}, got {topk}")
-        if router.kind == "threshold" and coupling == "none":
-            raise ValueError("router.kind: threshold routing needs coupling='dt'; under 'none' a dropped "
-                             "route (weight 0) would still write to its slot")
         if qk_norm == "auto":
             qk_norm = "l2" if self.rule.family is not None and self.rule.family.delta else None
         if qk_norm not in (None, "l2"):
@@ -185,19 +201,23 @@ class RoutedMemory(nn.Module):
         return routed_scan(q, k, v, num_slots=num_slots, initial_state=state, output_final_state=want_state,
                            cu_seqlens=cu_seqlens, **kw)
 
-    def _check_forward(self, x, cache, cu_seqlens):
+    def _check_forward(self, x, cache, cu_seqlens, use_cache):
         D = self.o_proj.out_features
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != D:
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected a tensor of shape [B, T, hidden_size={D}], got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        check_bool("use_cache", use_cache)
         if cache is not None and not isinstance(cache, MemoryCache):
             raise TypeError(f"cache: expected a MemoryCache or None, got {type(cache).__name__}")
-        rows = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        B, T = x.shape[:2]
+        rows = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, x.device)
         if cache is not None and cache.batch_size != rows:
             raise ValueError(f"cache: holds {cache.batch_size} sequences, but the input has {rows}")
 
     def forward(self, x, cache: Optional[MemoryCache] = None, cu_seqlens=None, use_cache: bool = False):
-        self._check_forward(x, cache, cu_seqlens)
+        self._check_forward(x, cache, cu_seqlens, use_cache)
         want_cache = use_cache or cache is not None
         conv = cache.conv if cache is not None else {}
         H, K = self.num_heads, self.head_k_dim
@@ -208,8 +228,7 @@ class RoutedMemory(nn.Module):
         idx, weight = routing.idx, routing.weight
         k, v, g, beta, write_conv = self.writes(x, conv, cu_seqlens, want_cache)
         if self.per_slot_kv:
-            routes = idx.expand(*idx.shape[:2], H, idx.shape[-1])
-            k, v, g, beta = (select_routes(t, routes) for t in (k, v, g, beta))
+            k, v, g, beta = (select_routes(t, routes_per_head(idx, H)) for t in (k, v, g, beta))
         else:
             k, v, g, beta = (None if t is None else t.squeeze(3) for t in (k, v, g, beta))
         if self.qk_norm == "l2":
@@ -235,22 +254,35 @@ class RoutedMemory(nn.Module):
         gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (H, self.head_v_dim))
         y = self.o_proj(self.o_norm(o, gate).flatten(-2))
 
-        new_cache = None
-        if want_cache:
-            new_cache = MemoryCache(state, {n: s for n, s in new_conv.items() if s is not None}, shared_state)
+        new_conv = {n: s for n, s in new_conv.items() if s is not None}
+        if cache is not None:  # advanced in place, so that no caller holds a half-updated cache
+            cache.state, cache.conv, cache.shared_state = state, new_conv, shared_state
+        elif want_cache:
+            cache = MemoryCache(state, new_conv, shared_state)
         coef = self.router.config.load_balance_coef if self.router is not None else 0.0
-        aux_loss = coef * load_balancing_loss(routing) if coef > 0 else x.new_zeros(())
-        return y, new_cache, {"aux_loss": aux_loss, "routing": routing if self.router is not None else None}
+        # The router's probabilities, hence the loss, are at least float32; its zero is too.
+        aux_loss = coef * load_balancing_loss(routing) if coef > 0 else x.new_zeros((), dtype=compute_dtype(x))
+        return y, cache, {"aux_loss": aux_loss, "routing": routing if self.router is not None else None}
+
+
+def _not_with_router(name, value, kwargs):
+    """A preset's router option sets a field of the preset's router, which `router=` replaces."""
+    if value is not None and "router" in kwargs:
+        raise ValueError(f"{name}, router: got both {name}={value!r} and router={kwargs['router']!r}, which "
+                         f"replaces the preset's router; set {name} inside router instead")
 
 
 class FactorizationMemory(RoutedMemory):
     """Factorization Memory (arXiv 2511.00315): the `fm` rule with coupling "dt", one write
-    projection shared by all slots, an RMS-normalised softmax top-k router with temperature, and a
-    merge gate on the read. Every `RoutedMemory` argument can be overridden (e.g. `rule=` for an
-    ablation across rules)."""
+    projection shared by all slots, an RMS-normalised softmax top-k router with `temperature`
+    (default 1.0), and a merge gate on the read. Every `RoutedMemory` argument can be overridden
+    (e.g. `rule=` for an ablation across rules); `router=` replaces the preset's router, so it
+    cannot be combined with `temperature`."""
 
     def __init__(self, hidden_size: int, num_heads: int, head_k_dim: int, head_v_dim: int, num_slots: int = 8,
-                 topk: int = 2, temperature: float = 1.0, **kwargs):
+                 topk: int = 2, temperature: Optional[float] = None, **kwargs):
+        _not_with_router("temperature", temperature, kwargs)
+        temperature = 1.0 if temperature is None else temperature
         defaults = dict(rule="fm", coupling="dt", per_slot_kv=False, shared_slot=False, output_gate=True,
                         router=RouterConfig(kind="topk", temperature=temperature, rms_norm_input=True))
         super().__init__(hidden_size, num_heads, head_k_dim, head_v_dim, num_slots=num_slots, topk=topk,
@@ -260,11 +292,15 @@ class FactorizationMemory(RoutedMemory):
 class MixtureOfMemories(RoutedMemory):
     """Mixture-of-Memories (arXiv 2502.13685): Gated DeltaNet with coupling "none", per-slot
     write projections, a shared always-on slot, top-k routing shared by all heads and a Switch
-    load-balancing loss. The short convolutions run on the token stream before routing (MoM runs
-    them on each memory's packed tokens). Every `RoutedMemory` argument can be overridden."""
+    load-balancing loss of weight `load_balance_coef` (default 0.01). The short convolutions run on
+    the token stream before routing (MoM runs them on each memory's packed tokens). Every
+    `RoutedMemory` argument can be overridden; `router=` replaces the preset's router, so it cannot
+    be combined with `load_balance_coef`."""
 
     def __init__(self, hidden_size: int, num_heads: int, head_k_dim: int, head_v_dim: int, num_slots: int = 4,
-                 topk: int = 2, load_balance_coef: float = 0.01, **kwargs):
+                 topk: int = 2, load_balance_coef: Optional[float] = None, **kwargs):
+        _not_with_router("load_balance_coef", load_balance_coef, kwargs)
+        load_balance_coef = 0.01 if load_balance_coef is None else load_balance_coef
         defaults = dict(rule="gated_deltanet", coupling="none", per_slot_kv=True, shared_slot=True,
                         output_gate=True,
                         router=RouterConfig(kind="topk", renormalize=True, load_balance_coef=load_balance_coef))

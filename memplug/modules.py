@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_positive_int
+
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """`x` in float32, or float64 if it is float64: gates and norms never lose precision."""
@@ -46,8 +48,7 @@ class ShortConv(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int = 4):
         super().__init__()
-        if kernel_size < 1:
-            raise ValueError(f"kernel_size: expected an int >= 1, got {kernel_size!r}")
+        check_positive_int("kernel_size", kernel_size)
         self.channels, self.kernel_size = channels, kernel_size
         self.weight = nn.Parameter(torch.empty(channels, kernel_size))
         self.bias = nn.Parameter(torch.zeros(channels))

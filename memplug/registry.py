@@ -56,7 +56,8 @@ def register_backend(name: str, scan: Callable, step: Optional[Callable] = None,
     step: the same for `routed_step` (keyword `state` instead of `initial_state`, no `cu_seqlens`,
         `output_final_state`); None uses the reference step, which touches only the routed slots.
     priority: device type -> priority under `backend="auto"` (higher wins). Its keys are the device
-        types the backend runs on. Default: cpu and cuda at -1, below every built-in backend.
+        types the backend runs on. Default: cpu and cuda at -1, below the built-in `reference` (0),
+        `chunked` and, on CUDA, `triton`; on CPU it ranks above `triton` (-10, its interpreter).
     dtypes: input dtypes the backend takes. supports_rule: which rules it runs (default: every rule
         of a family, see `memplug.rules`). available: whether it can run on this machine.
     """
@@ -68,8 +69,21 @@ def register_backend(name: str, scan: Callable, step: Optional[Callable] = None,
         raise TypeError(f"register_backend: scan must be callable, got {type(scan).__name__}")
     if step is not None and not callable(step):
         raise TypeError(f"register_backend: step must be callable or None, got {type(step).__name__}")
-    backend = Backend(name, scan, step, dict(priority or {"cpu": -1, "cuda": -1}), tuple(dtypes),
-                      supports_rule, available)
+    for arg, fn in (("supports_rule", supports_rule), ("available", available)):
+        if not callable(fn):
+            raise TypeError(f"register_backend: {arg} must be callable, got {fn!r}")
+    priority = {"cpu": -1, "cuda": -1} if priority is None else priority
+    if (not isinstance(priority, Mapping) or not priority
+            or not all(isinstance(d, str) and isinstance(p, int) and not isinstance(p, bool)
+                       for d, p in priority.items())):
+        raise TypeError(f"register_backend: priority must be a non-empty mapping of device type (str) -> "
+                        f"int, got {priority!r}")
+    if isinstance(dtypes, torch.dtype) or not hasattr(dtypes, "__iter__"):
+        raise TypeError(f"register_backend: dtypes must be an iterable of torch.dtype, got {dtypes!r}")
+    dtypes = tuple(dtypes)
+    if not dtypes or not all(isinstance(d, torch.dtype) for d in dtypes):
+        raise TypeError(f"register_backend: dtypes must be a non-empty iterable of torch.dtype, got {dtypes!r}")
+    backend = Backend(name, scan, step, dict(priority), dtypes, supports_rule, available)
     _BACKENDS[name] = backend
     return backend
 
@@ -85,16 +99,21 @@ def available_backends() -> list[str]:
     return sorted(n for n, b in _BACKENDS.items() if b.available())
 
 
+def check_backend_name(backend) -> None:
+    """Raises ValueError naming `backend` unless it is "auto" or a registered backend's name."""
+    if backend != "auto" and (not isinstance(backend, str) or backend not in _BACKENDS):
+        raise ValueError(f"backend: unknown backend {backend!r}; registered: {sorted(_BACKENDS)} or 'auto'")
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rule: Rule) -> Backend:
     """The backend to run; raises ValueError naming `backend` if it cannot take these inputs."""
+    check_backend_name(backend)
     if backend == "auto":
         fits = [b for b in _BACKENDS.values() if b.why_not(device, dtype, rule) is None]
         if not fits:
             raise ValueError(f"backend: no available backend runs rule {rule.name!r} on {device.type} "
                              f"with dtype {dtype}; available: {available_backends()}")
         return max(fits, key=lambda b: b.priority[device.type])
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(f"backend: unknown backend {backend!r}; registered: {sorted(_BACKENDS)} or 'auto'")
     reason = _BACKENDS[backend].why_not(device, dtype, rule)
     if reason is not None:
         raise ValueError(f"backend: {reason}")

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from .checks import check_bool, check_finite_number
 from .modules import RMSNorm, at_least_float32
 
 ROUTER_KINDS = ("topk", "dense", "threshold")
@@ -49,11 +50,15 @@ class RouterConfig:
     def __post_init__(self):
         if self.kind not in ROUTER_KINDS:
             raise ValueError(f"router.kind: expected one of {ROUTER_KINDS}, got {self.kind!r}")
+        for name in ("temperature", "threshold", "load_balance_coef"):
+            check_finite_number("router." + name, getattr(self, name))
+        for name in ("renormalize", "per_head", "rms_norm_input"):
+            check_bool("router." + name, getattr(self, name))
         if not self.temperature > 0:
             raise ValueError(f"router.temperature: expected a value > 0, got {self.temperature!r}")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"router.threshold: expected a probability in [0, 1], got {self.threshold!r}")
-        if self.load_balance_coef < 0:
+        if not self.load_balance_coef >= 0:
             raise ValueError(f"router.load_balance_coef: expected a value >= 0, got {self.load_balance_coef!r}")
 
     @classmethod

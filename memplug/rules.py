@@ -91,6 +91,15 @@ class Rule:
     check: Optional[Callable[[torch.Tensor, Optional[torch.Tensor]], None]] = None
 
     def __post_init__(self):
+        if not isinstance(self.beta, bool):
+            raise TypeError(f"rule {self.name!r}: beta must be a bool, got {self.beta!r}")
+        if self.family is not None and not isinstance(self.family, Family):
+            raise TypeError(f"rule {self.name!r}: family must be a Family, the name of one "
+                            f"({sorted(FAMILIES)}) or None, got {self.family!r}")
+        for name in ("couple", "update", "check"):
+            fn = getattr(self, name)
+            if fn is not None and not callable(fn):
+                raise TypeError(f"rule {self.name!r}: {name} must be callable or None, got {fn!r}")
         if self.g not in (None, "scalar", "vector"):
             raise ValueError(f"rule {self.name!r}: g must be None, 'scalar' or 'vector', got {self.g!r}")
         by_family = self.family is not None and self.couple is not None
@@ -144,6 +153,8 @@ def get_rule(rule) -> Rule:
     """The registered `Rule` named `rule` (a `Rule` is returned as is)."""
     if isinstance(rule, Rule):
         return rule
+    if not isinstance(rule, str):
+        raise TypeError(f"rule: expected a rule name (str) or a Rule, got {type(rule).__name__} {rule!r}")
     if rule not in _RULES:
         raise ValueError(f"rule: unknown rule {rule!r}; registered rules: {sorted(_RULES)}")
     return _RULES[rule]

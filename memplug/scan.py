@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_scan
+from .checks import check_scan, compute_dtype
 from .registry import resolve_backend
 from .rules import get_rule
 
@@ -43,12 +43,10 @@ def routed_step(q, k, v, *, rule, route_idx, route_w, state, g=None, beta=None, 
     backend can; returns `(o [B,1,H,V], state)`."""
     rule = get_rule(rule)
     _check_tensor_state(state)
-    if q.dim() == 4 and q.shape[1] != 1:
-        raise ValueError(f"q: routed_step takes one token, expected shape [B, 1, H, K], got {list(q.shape)}")
     check_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=state.shape[2], g=g,
                beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=state,
-               cu_seqlens=None, state_name="state")
-    wanted = torch.float64 if q.dtype == torch.float64 else torch.float32
+               cu_seqlens=None, state_name="state", one_token=True)
+    wanted = compute_dtype(q)
     if state.dtype != wanted:
         raise TypeError(f"state: expected dtype {wanted} for q of dtype {q.dtype}, got {state.dtype}")
     impl = resolve_backend(backend, q.device, q.dtype, rule)

@@ -177,6 +177,10 @@ def test_rejected_options():
         wrap(build("gla"), num_slots=2, topk=1, coupling="bogus")
     with pytest.raises(TypeError, match="unknown options"):
         MemoryConfig.make(num_slots=2, topk=1, slots=3)
+    with pytest.raises(ValueError, match="backend: unknown backend 'no_such_backend'"):
+        wrap(build("gla"), num_slots=2, topk=1, backend="no_such_backend")
+    with pytest.raises(TypeError, match="shared_slot: expected a bool"):
+        wrap(build("gla"), num_slots=2, topk=1, shared_slot="yes")
     with pytest.raises(ValueError, match="attention_mask"):
         wrap(build("gla"), num_slots=2, topk=1)(torch.randn(2, 3, D), attention_mask=torch.ones(2, 3, 3))
 

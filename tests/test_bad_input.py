@@ -100,6 +100,22 @@ def test_step_takes_one_token():
 
 
 @ENTRIES
+def test_q_not_a_tensor(entry):
+    expect(TypeError, ["q", "list"], entry, q=[[1.0]])
+
+
+@ENTRIES
+@pytest.mark.parametrize("dim", ["B", "H"])
+def test_empty_batch_or_heads(entry, dim):
+    kw = valid(entry)
+    per_token = ("q", "k", "v", "g", "beta") + (("route_idx", "route_w", "read_w") if dim == "B" else ())
+    changes = {n: kw[n][:0] if dim == "B" else kw[n][:, :, :0] for n in per_token}
+    name = state_name(entry)
+    changes[name] = kw[name][:0] if dim == "B" else kw[name][:, :0]
+    expect(ValueError, ["q", f"{dim} >= 1", f"{dim} = 0"], entry, **changes)
+
+
+@ENTRIES
 def test_unknown_rule(entry):
     expect(ValueError, ["rule", "no_such_rule"], entry, rule="no_such_rule")
 
@@ -215,4 +231,22 @@ def test_scan_arguments_of_the_wrong_kind():
     expect(ValueError, ["num_slots"], "scan", num_slots=0)
     expect(ValueError, ["coupling", "'sum'"], "scan", coupling="sum")
     expect(TypeError, ["output_final_state"], "scan", output_final_state="yes")
-    expect(TypeError, ["q", "list"], "scan", q=[[1.0]])
+    expect(TypeError, ["rule", "list"], "scan", rule=["gla"])
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(dtypes=torch.float32), "dtypes"),
+    (dict(dtypes=["float32"]), "dtypes"),
+    (dict(dtypes=()), "dtypes"),
+    (dict(priority=["cpu"]), "priority"),
+    (dict(priority={"cpu": "high"}), "priority"),
+    (dict(priority={"cpu": 1.5}), "priority"),
+    (dict(priority={}), "priority"),
+    (dict(available=True), "available"),
+    (dict(supports_rule=None), "supports_rule"),
+])
+def test_register_backend_rejects_bad_arguments(kwargs, argument):
+    with pytest.raises(TypeError) as info:
+        memplug.register_backend("bad_backend", _never, **kwargs)
+    assert f"register_backend: {argument} must be" in str(info.value)
+    assert "bad_backend" not in memplug.available_backends()

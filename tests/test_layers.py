@@ -1,4 +1,5 @@
-"""Layers: shapes, cached decoding equals the full forward, packed sequences, presets train."""
+"""Layers: shapes, cached decoding equals the full forward (with gradients too), caches advance in
+place, packed sequences, presets train."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -48,6 +49,77 @@ def test_cached_decoding_equals_full_forward(rule, config):
         assert [cache_longer.state.numel()] + [s.numel() for s in cache_longer.conv.values()] == sizes
 
 
+@pytest.mark.parametrize("rule", ["mamba2", "gated_deltanet"])
+@pytest.mark.parametrize("state_requires_grad", [False, True])
+def test_chained_steps_have_the_gradients_of_the_scan(rule, state_requires_grad):
+    # Each step's state is the next step's input: a step must not write into a state autograd saved.
+    gen = torch.Generator().manual_seed(0)
+    B, T, M, R = 2, 4, 3, 2
+    rand = lambda *shape: torch.rand(*shape, dtype=torch.float64, generator=gen)
+    k = torch.nn.functional.normalize(rand(B, T, H, K), dim=-1).requires_grad_()
+    v, g = rand(B, T, H, V).requires_grad_(), (-rand(B, T, H)).requires_grad_()
+    q, beta = rand(B, T, H, K), rand(B, T, H)
+    route_w, route_idx = rand(B, T, 1, M).topk(R, dim=-1)
+    state0 = rand(B, H, M, K, V).requires_grad_(state_requires_grad)
+    kw = dict(rule=rule, g=g, beta=beta if rule == "gated_deltanet" else None)
+    o_scan, _ = memplug.routed_scan(q, k, v, route_idx=route_idx, route_w=route_w, num_slots=M,
+                                    initial_state=state0, **kw)
+    wrt = [k, v, g] + ([state0] if state_requires_grad else [])
+    expected = torch.autograd.grad(o_scan.sin().sum(), wrt)
+
+    state0_before = state0.detach().clone()
+    state, outputs = state0, []
+    for t in range(T):
+        step = lambda x: None if x is None else x[:, t:t + 1]
+        o_t, state = memplug.routed_step(step(q), step(k), step(v), rule=rule, route_idx=step(route_idx),
+                                         route_w=step(route_w), g=step(g), beta=step(kw["beta"]), state=state)
+        outputs.append(o_t)
+    o_steps = torch.cat(outputs, 1)
+    got = torch.autograd.grad(o_steps.sin().sum(), wrt)
+    torch.testing.assert_close(o_steps, o_scan, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.equal(state0, state0_before)  # recorded steps leave their input state as it was
+
+
+@pytest.mark.parametrize("preset", [memplug.FactorizationMemory, memplug.MixtureOfMemories])
+def test_cached_decoding_with_gradients_equals_full_forward(preset):
+    torch.manual_seed(0)
+    layer, x = preset(D, H, K, V, num_slots=4, topk=2).double(), _x(T=7)
+    y_full, _, _ = layer(x)
+    expected = torch.autograd.grad(y_full.sin().sum(), list(layer.parameters()))
+    y, cache, _ = layer(x[:, :4], use_cache=True)
+    pieces = [y]
+    for t in range(4, x.shape[1]):
+        y_t, cache, _ = layer(x[:, t:t + 1], cache=cache)
+        pieces.append(y_t)
+    y_steps = torch.cat(pieces, 1)
+    got = torch.autograd.grad(y_steps.sin().sum(), list(layer.parameters()))
+    torch.testing.assert_close(y_steps, y_full, rtol=1e-9, atol=1e-9)
+    for (name, _), a, b in zip(layer.named_parameters(), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4]], ids=str)
+def test_a_cache_passed_in_is_advanced_in_place(config):
+    layer, x = _layer("gated_deltanet", **config), _x(T=10)
+    with torch.no_grad():
+        y_full, _, _ = layer(x)
+        _, cache, _ = layer(x[:, :4], use_cache=True)
+        branch = cache.clone()
+        # One token (routed_step) and several tokens (routed_scan) advance the cache alike: the
+        # returned object is the one passed in, and it holds the state after the new tokens.
+        _, returned, _ = layer(x[:, 4:5], cache=cache)
+        assert returned is cache
+        _, returned, _ = layer(x[:, 5:8], cache=cache)
+        assert returned is cache
+        y_next, _, _ = layer(x[:, 8:10], cache=cache)
+        torch.testing.assert_close(y_next, y_full[:, 8:10], rtol=1e-9, atol=1e-9)
+        # The clone took no part in that: it continues from token 4 like a fresh run.
+        y_branch = torch.cat([layer(x[:, 4:5], cache=branch)[0], layer(x[:, 5:10], cache=branch)[0]], 1)
+        torch.testing.assert_close(y_branch, y_full[:, 4:], rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("config", CONFIGS[:1] + CONFIGS[4:5], ids=str)
 def test_packed_sequences_equal_separate_rows(config):
     layer, x = _layer("gated_deltanet", **config), _x(B=2, T=7)
@@ -86,6 +158,24 @@ def test_presets_train_one_step(preset):
     assert unchanged == [], f"parameters with no gradient: {unchanged}"
 
 
+def test_preset_router_options_cannot_be_combined_with_a_router():
+    assert memplug.FactorizationMemory(D, H, K, V, temperature=0.1).router.config.temperature == 0.1
+    assert memplug.MixtureOfMemories(D, H, K, V, load_balance_coef=0.5).router.config.load_balance_coef == 0.5
+    with pytest.raises(ValueError, match=r"^temperature, router: got both temperature=0.1"):
+        memplug.FactorizationMemory(D, H, K, V, temperature=0.1, router={"kind": "topk"})
+    with pytest.raises(ValueError, match=r"^load_balance_coef, router: got both load_balance_coef=0.5"):
+        memplug.MixtureOfMemories(D, H, K, V, load_balance_coef=0.5, router=memplug.RouterConfig())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("preset", [memplug.FactorizationMemory, memplug.MixtureOfMemories])
+def test_aux_loss_is_at_least_float32(preset, dtype):
+    # FactorizationMemory has no load-balancing loss (a zero), MixtureOfMemories has one.
+    layer = preset(D, H, K, V, num_slots=4, topk=2).to(dtype)
+    _, _, aux = layer(torch.randn(1, 3, D, dtype=dtype))
+    assert aux["aux_loss"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def test_presets_match_their_papers():
     fm = memplug.FactorizationMemory(D, H, K, V, num_slots=8, topk=2)
     assert (fm.rule.name, fm.coupling, fm.per_slot_kv, fm.shared_writes) == ("fm", "dt", False, None)
@@ -118,6 +208,14 @@ def test_state_lives_in_routed_slots_only():
     (dict(router={"temperature": 0}), "router.temperature"),
     (dict(router={"colour": "red"}), "router"),
     (dict(qk_norm="l1"), "qk_norm"),
+    (dict(backend="no_such_backend"), "backend"),
+    (dict(per_slot_kv="no"), "per_slot_kv"),
+    (dict(shared_slot=1), "shared_slot"),
+    (dict(short_conv=None), "short_conv"),
+    (dict(output_gate="yes"), "output_gate"),
+    (dict(norm_eps=0.0), "norm_eps"),
+    (dict(norm_eps=float("nan")), "norm_eps"),
+    (dict(norm_eps="1e-5"), "norm_eps"),
 ])
 def test_bad_layer_arguments_are_named(kwargs, argument):
     with pytest.raises((ValueError, TypeError)) as err:
@@ -134,6 +232,29 @@ def test_bad_forward_inputs_are_named():
         layer(_x(B=3, T=1), cache=cache)
     with pytest.raises(TypeError, match="^cache:"):
         layer(_x(B=2, T=1), cache={"state": cache.state})
+    with pytest.raises(TypeError, match="^use_cache: expected a bool, got 'no'"):
+        layer(_x(B=2, T=3), use_cache="no")
+
+
+@pytest.mark.parametrize("B, cu_seqlens, error, message", [
+    (1, [0, 2, 4], TypeError, "expected a torch.Tensor, got list"),
+    (1, torch.tensor([0, 2, 4], dtype=torch.int32), ValueError, "int32"),
+    (2, torch.tensor([0, 2, 4]), ValueError, "B = 1, got B = 2"),
+    (1, torch.tensor([0, 2, 3]), ValueError, r"from 0 to T = 4, got \[0, 2, 3\]"),
+    (1, torch.tensor([0, 3, 2, 4]), ValueError, "strictly increasing"),
+])
+def test_bad_cu_seqlens_are_named_before_any_work(B, cu_seqlens, error, message):
+    layer = _layer()
+    # The short convolution would be the first to touch cu_seqlens: it must never see these.
+    layer.q.conv.forward = lambda *args: pytest.fail("the layer ran before checking cu_seqlens")
+    with pytest.raises(error, match="^cu_seqlens: .*" + message):
+        layer(_x(B=B, T=4), cu_seqlens=cu_seqlens)
+
+
+def test_integer_input_is_named():
+    layer = _layer()
+    with pytest.raises(TypeError, match="^x: expected a floating-point tensor, got torch.int64"):
+        layer(torch.ones(1, 4, layer.o_proj.out_features, dtype=torch.long))
 
 
 @settings(max_examples=25, deadline=None)

@@ -82,6 +82,26 @@ def test_router_shapes(per_head, groups):
     assert r.idx.dtype == torch.int64
 
 
+@pytest.mark.parametrize("field, value, error", [
+    ("temperature", "1", TypeError),
+    ("temperature", True, TypeError),
+    ("temperature", float("nan"), ValueError),
+    ("temperature", float("inf"), ValueError),
+    ("threshold", float("nan"), ValueError),
+    ("threshold", 1.5, ValueError),
+    ("load_balance_coef", float("nan"), ValueError),
+    ("load_balance_coef", -0.1, ValueError),
+    ("load_balance_coef", None, TypeError),
+    ("renormalize", 1, TypeError),
+    ("per_head", "no", TypeError),
+    ("rms_norm_input", None, TypeError),
+])
+def test_router_config_rejects_bad_fields(field, value, error):
+    with pytest.raises(error) as info:
+        RouterConfig(**{field: value})
+    assert str(info.value).startswith(f"router.{field}:") and repr(value) in str(info.value)
+
+
 def test_router_keeps_float64():
     router = Router(8, 1, 4, 2, RouterConfig()).double()
     r = router(torch.randn(2, 3, 8, dtype=torch.float64))

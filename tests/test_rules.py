@@ -73,6 +73,25 @@ def test_register_rule_rejects_incomplete_definitions(kwargs, message):
     assert "test_broken" not in memplug.available_rules()
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(family=3, couple=lambda *a: None), "family must be a Family, the name of one .* got 3"),
+    (dict(family="additive_scalar", couple="mamba2"), "couple must be callable or None, got 'mamba2'"),
+    (dict(update=5), "update must be callable or None, got 5"),
+    (dict(update=lambda *a: None, check=True), "check must be callable or None, got True"),
+    (dict(beta="yes", update=lambda *a: None), "beta must be a bool, got 'yes'"),
+])
+def test_register_rule_rejects_arguments_of_the_wrong_type(kwargs, message):
+    with pytest.raises(TypeError, match=r"^rule 'test_broken': " + message):
+        memplug.register_rule("test_broken", **kwargs)
+    assert "test_broken" not in memplug.available_rules()
+
+
+def test_get_rule_takes_a_name_or_a_rule():
+    assert get_rule(get_rule("gla")) is get_rule("gla")
+    with pytest.raises(TypeError, match=r"^rule: expected a rule name \(str\) or a Rule, got list \['gla'\]"):
+        get_rule(["gla"])
+
+
 def test_unknown_rule_lists_the_registered_ones():
     with pytest.raises(ValueError, match=r"^rule: unknown rule 'nope'; registered rules: \[.*'gla'"):
         get_rule("nope")

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import compute_dtype
+from memplug.checks import compute_dtype
+
 from ..packing import (gather_parts, gather_routing_parts, mix, pack, place, read_states, scatter_parts, take,
                        write_states)
 from .chunking import chunk_layout

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from memplug.checks import check_positive_int
+
 from ..packing import Packing
 
 
@@ -47,8 +49,7 @@ class Chunks:
 
 def chunk_layout(p: Packing, size: int, block_rows: int) -> Chunks:
     for name, value in (("chunk_size", size), ("block_rows", block_rows)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        check_positive_int(name, value)
     device = p.entries.device
     lengths = p.lengths
     num_chunks, lane_order = torch.sort((lengths + size - 1) // size, descending=True, stable=True)
