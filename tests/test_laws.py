@@ -95,3 +95,10 @@ def test_check_rule_catches_a_rule_with_hidden_state(user_rules):
     with pytest.raises(AssertionError) as info:
         check_rule(rule, laws=["state_passing"], dtypes=["float64"], max_examples=5)
     assert "[state_passing]" in str(info.value)
+
+
+def test_check_rule_rejects_laws_it_does_not_run():
+    with pytest.raises(ValueError, match=r"laws: unknown law\(s\) \['nope'\]"):
+        check_rule("gla", laws=["nope"])
+    with pytest.raises(ValueError, match=r"check_rule .* does not run \['reference_equality', 'chunk_size'\]"):
+        check_rule("gla", laws=["decode", "reference_equality", "chunk_size"])

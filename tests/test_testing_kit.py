@@ -1,5 +1,6 @@
 """The test kit catches planted bugs, each with an AssertionError naming the law it breaks, and passes
 a correct backend."""
+import dataclasses
 import re
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import pytest
 import torch
 
 import memplug
+from memplug.backends.chunked import chunked_scan
 from memplug.backends.reference import reference_scan, reference_step
 from memplug.testing import CaseSpec, LAWS, check_backend, check_case, make_inputs
-from memplug.testing.laws import routed_mask
+from memplug.testing.laws import DEFAULT_CHUNK_SIZES, routed_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(rules=["mamba2"], dtypes=["float32"], max_examples=8)
@@ -62,27 +64,97 @@ def test_ignoring_initial_state_is_caught(backend_name):
     _caught(backend_name, "state_passing", laws=["state_passing"])
 
 
-def _decay_unrouted(S, route_idx, cu_seqlens, m):
-    """Multiply the final states of slots no token routed to by exp(-0.01): the bug of a dense scan
-    that decays every slot."""
-    mask = routed_mask(route_idx, S.shape[1], m)
+def _routed_slots(route_idx, cu_seqlens, H, m):
+    """`[N,H,m]` bool: some token of sequence n routes head h to slot i."""
+    mask = routed_mask(route_idx, H, m)
     if cu_seqlens is None:
-        ever = mask.any(1)
-    else:
-        b = cu_seqlens.tolist()
-        ever = torch.stack([mask[0, s:e].any(0) for s, e in zip(b[:-1], b[1:])])
-    factor = torch.where(ever, 1.0, torch.exp(torch.tensor(-0.01))).to(S.dtype)
+        return mask.any(1)
+    b = cu_seqlens.tolist()
+    return torch.stack([mask[0, s:e].any(0) for s, e in zip(b[:-1], b[1:])])
+
+
+def _decay_where(S, decayed):
+    """Multiply the final states of the slots `decayed` [N,H,m] by exp(-0.01)."""
+    factor = torch.where(decayed, torch.exp(torch.tensor(-0.01)), 1.0).to(S.dtype)
     return S * factor[..., None, None]
 
 
 def test_decaying_unrouted_slots_is_caught(backend_name):
-    def leaky(q, k, v, **kw):
+    def leaky(q, k, v, **kw):  # the bug of a dense scan that decays every slot
         o, S = reference_scan(q, k, v, **dict(kw, output_final_state=True))
-        S = _decay_unrouted(S, kw["route_idx"], kw["cu_seqlens"], kw["num_slots"])
+        S = _decay_where(S, ~_routed_slots(kw["route_idx"], kw["cu_seqlens"], S.shape[1], kw["num_slots"]))
         return o, (S if kw["output_final_state"] else None)
     _register(backend_name, leaky)
     msg = _caught(backend_name, "frozen_slots", laws=["frozen_slots"])
     assert "not bit for bit equal" in msg
+
+
+def test_decaying_a_slot_in_heads_that_do_not_route_to_it_is_caught(backend_name):
+    def heads_share_slots(q, k, v, **kw):
+        # The bug: a slot that some head routes to decays in every head, as if heads shared slots.
+        o, S = reference_scan(q, k, v, **dict(kw, output_final_state=True))
+        routed = _routed_slots(kw["route_idx"], kw["cu_seqlens"], S.shape[1], kw["num_slots"])
+        S = _decay_where(S, routed.any(1, keepdim=True) & ~routed)
+        return o, (S if kw["output_final_state"] else None)
+    _register(backend_name, heads_share_slots)
+    msg = _caught(backend_name, "frozen_slots", laws=["frozen_slots"])
+    assert "not bit for bit equal" in msg
+
+
+def _cases_drawn(monkeypatch, law, backend="reference", **kw):
+    """The cases `check_backend(backend, laws=[law], **kw)` runs `law` on (the law only records them)."""
+    cases = []
+    monkeypatch.setitem(LAWS, law, dataclasses.replace(LAWS[law], check=lambda ctx, spec, *extra: cases.append(spec)))
+    check_backend(backend, laws=[law], **kw)
+    return cases
+
+
+def test_frozen_slots_cases_freeze_slots_in_some_head_groups_only(monkeypatch):
+    def frozen_in_one_head_routed_in_another(spec):
+        routed = _routed_slots(make_inputs(spec)["route_idx"], None, spec.H, spec.m)  # [B,H,m]
+        return bool((routed.any(1) & ~routed.all(1)).any())
+    cases = [s for s in _cases_drawn(monkeypatch, "frozen_slots", rules=["gla"], dtypes=["float32"], max_examples=20)
+             if s.seqlens is None]
+    by_head = [s for s in cases if s.unused_by_head]
+    assert by_head and all(map(frozen_in_one_head_routed_in_another, by_head)), by_head
+
+
+def test_relabeling_cases_have_two_slots_or_more(monkeypatch):
+    cases = _cases_drawn(monkeypatch, "relabeling", rules=["mamba2"], dtypes=["float32"], max_examples=20)
+    assert len(cases) == 20 and min(s.m for s in cases) == 2
+
+
+def _default_scale(q, k, v, **kw):
+    return dict(kw, scale=q.shape[-1] ** -0.5)
+
+
+def test_ignoring_scale_is_caught(backend_name):
+    def always_default_scale(q, k, v, **kw):
+        return reference_scan(q, k, v, **_default_scale(q, k, v, **kw))
+    _register(backend_name, always_default_scale)
+    _caught(backend_name, "reference_equality", match=r"scale=")
+
+
+def test_step_ignoring_scale_is_caught(backend_name):
+    def step(q, k, v, **kw):
+        return reference_step(q, k, v, **_default_scale(q, k, v, **kw))
+    _register(backend_name, reference_scan, step)
+    _caught(backend_name, "decode", laws=["decode"], match=r"scale=")
+
+
+def test_other_output_without_final_state_is_caught(backend_name):
+    def skips_last_token(q, k, v, **kw):  # the bug: without a final state, the last token is not read
+        o, S = reference_scan(q, k, v, **kw)
+        return (o if kw["output_final_state"] else torch.cat([o[:, :-1], 0 * o[:, -1:]], 1)), S
+    _register(backend_name, skips_last_token)
+    _caught(backend_name, "reference_equality", match=r"o with output_final_state=False")
+
+
+def test_final_state_without_output_final_state_is_caught(backend_name):
+    def always_final_state(q, k, v, **kw):
+        return reference_scan(q, k, v, **dict(kw, output_final_state=True))
+    _register(backend_name, always_final_state)
+    _caught(backend_name, "reference_equality", match=r"output_final_state=False: got Tensor, expected None")
 
 
 def test_ignoring_read_w_is_caught(backend_name):
@@ -151,12 +223,40 @@ def test_label_dependent_backend_is_caught(backend_name):
 
 
 def test_chunk_size_dependence_is_caught(backend_name):
-    def chunky(q, k, v, chunk_size=None, **kw):
-        o, S = reference_scan(q, k, v, **kw)
+    def chunky(q, k, v, chunk_size=None, **kw):  # delegates to the chunked backend: long cases are fast
+        o, S = chunked_scan(q, k, v, **kw)
         return (o if chunk_size in (None, 32) else o * 1.01), S
     chunky.chunk_sizes = (16, 32)
     _register(backend_name, chunky)
     _caught(backend_name, "chunk_size", laws=["chunk_size"], match="chunk_size=16")
+
+
+def test_wrong_gradient_past_two_chunks_is_caught(backend_name):
+    largest = max(DEFAULT_CHUNK_SIZES)
+
+    def chunky(q, k, v, chunk_size=None, **kw):
+        # The bug: with chunks of the largest size, the backward of the tokens past the second chunk
+        # is halved; the forward is right at every chunk size.
+        if chunk_size == largest:
+            q = torch.cat([q[:, :2 * largest], _HalfGradient.apply(q[:, 2 * largest:])], 1)
+        return chunked_scan(q, k, v, **kw)
+    _register(backend_name, chunky)
+    _caught(backend_name, "chunk_size", laws=["chunk_size"], match=rf"grad q, chunk_size={largest} vs default")
+
+
+def test_every_law_respects_max_T(backend_name):
+    def short_only(q, k, v, chunk_size=None, **kw):
+        if q.shape[1] > 12:
+            raise RuntimeError("T > 12")
+        return reference_scan(q, k, v, **kw)
+    _register(backend_name, short_only)
+    report = check_backend(backend_name, rules=["mamba2"], dtypes=["float32"], max_examples=3, max_T=12)
+    assert {r.status for r in report.results} == {"passed"} and len(report.results) == len(LAWS)
+
+
+def test_chunk_size_cases_are_longer_than_two_chunks(monkeypatch):
+    cases = _cases_drawn(monkeypatch, "chunk_size", backend="chunked", rules=["mamba2"], dtypes=["float32"])
+    assert len(cases) == 10 and min(s.T for s in cases) > 2 * max(chunked_scan.chunk_sizes)
 
 
 def test_wrong_output_dtype_is_caught(backend_name):
@@ -182,6 +282,7 @@ def test_crash_on_valid_input_is_caught(backend_name):
 def test_correct_delegating_backend_passes(backend_name):
     def delegate(q, k, v, chunk_size=None, **kw):  # exposes a chunk size that changes nothing
         return reference_scan(q, k, v, **kw)
+    delegate.chunk_sizes = (4, 8)  # small sizes keep the chunk-size law's cases short (17 to 32 tokens)
     _register(backend_name, delegate, dtypes=(torch.float32, torch.float64))
     report = check_backend(backend_name, rules=["mamba2", "gated_deltanet"], max_examples=4)
     statuses = {(r.rule, r.law, r.dtype): r.status for r in report.results}

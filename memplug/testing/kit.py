@@ -19,7 +19,6 @@ from .strategies import DTYPES, CaseSpec, dtype_name, make_inputs
 from .tolerances import merge_tolerances
 
 DEFAULT_MAX_EXAMPLES = 10  # per law, rule and dtype
-DEFAULT_MAX_T = 40
 
 
 @dataclass
@@ -87,7 +86,7 @@ def _valid(spec: CaseSpec, device) -> bool:
         return True
     inputs = make_inputs(spec, device)
     try:
-        check_scan(**dict(inputs, rule=get_rule(spec.rule)), scale=None)
+        check_scan(**dict(inputs, rule=get_rule(spec.rule)))
     except ValueError:
         return False
     return True
@@ -105,7 +104,8 @@ def _explain(ctx: Context, law, rule: str, args, error) -> str:
 def run_law(ctx: Context, law_name: str, rule: str, dtypes: Sequence, max_examples: int, **limits) -> int:
     """Run one law on `max_examples` drawn cases; returns the number of cases run, raises
     AssertionError naming the law, the rule and the minimal failing case. `limits`: keywords of
-    `case_specs` that bound the cases (max_T, max_B, max_H, max_m, dims)."""
+    `case_specs` that bound the cases (max_T, max_B, max_H, max_m, dims); without max_T, each law's
+    default (see `check_backend`)."""
     law = LAWS[law_name]
     failing = {}
     count = [0]
@@ -113,7 +113,7 @@ def run_law(ctx: Context, law_name: str, rule: str, dtypes: Sequence, max_exampl
     # A fixed seed per (law, rule, dtypes): deterministic, and each rule and dtype sees other cases.
     @seed(zlib.crc32(f"{law_name}/{rule}/{','.join(map(dtype_name, dtypes))}".encode()))
     @kit_settings(max_examples, derandomize=False)
-    @given(law.strategy(rule, [dtype_name(d) for d in dtypes], **limits))
+    @given(law.strategy(ctx, rule, [dtype_name(d) for d in dtypes], **limits))
     def _law(args):
         if not _valid(args[0], ctx.device):
             reject()
@@ -177,15 +177,31 @@ def _run_laws(ctx, report, rule, laws, dtypes, max_examples, limits, verbose):
 
 
 def _limits(max_T, dims) -> dict:
-    limits = {"max_T": max_T}
+    limits = {}
+    if max_T is not None:
+        limits["max_T"] = max_T
     if dims is not None:
         limits["dims"] = tuple(dims)
     return limits
 
 
+def _law_names(laws, allowed: Sequence[str], caller: str) -> list:
+    """`laws` (default: all of `allowed`, in order), each checked to be one of `allowed`."""
+    if laws is None:
+        return list(allowed)
+    laws = list(laws)
+    unknown = [law for law in laws if law not in LAWS]
+    if unknown:
+        raise ValueError(f"laws: unknown law(s) {unknown}; known: {list(LAWS)}")
+    outside = [law for law in laws if law not in allowed]
+    if outside:
+        raise ValueError(f"laws: {caller} does not run {outside}; it runs {list(allowed)}")
+    return laws
+
+
 def check_backend(name: str, rules: Optional[Iterable[str]] = None, dtypes: Optional[Iterable] = None,
                   max_examples: Optional[int] = None, *, laws: Optional[Iterable[str]] = None, device=None,
-                  tolerances: Optional[dict] = None, max_T: int = DEFAULT_MAX_T, dims: Optional[Sequence[int]] = None,
+                  tolerances: Optional[dict] = None, max_T: Optional[int] = None, dims: Optional[Sequence[int]] = None,
                   verbose: bool = False) -> Report:
     """Check that backend `name` obeys every law of SPEC section 6 (see docs/testing.md).
 
@@ -194,8 +210,9 @@ def check_backend(name: str, rules: Optional[Iterable[str]] = None, dtypes: Opti
     rule and dtype (default 10). laws: a subset of `memplug.testing.LAWS` (default: all, in order).
     device: default cuda if the backend runs there and it is present, else cpu. tolerances:
     overrides of `memplug.testing.TOLERANCES`, `{dtype: {"output"|"state"|"grad": Tol}}`.
-    max_T: the longest sequence drawn. dims: the values K and V are drawn from (default 8, 4, 16, 6,
-    12; a kernel that compiles per shape may want fewer).
+    max_T: the longest sequence drawn by every law (default: 40, and for the chunk-size law 2 c + 16
+    with c the largest chunk size offered; see docs/testing.md). dims: the values K and V are drawn
+    from (default 8, 4, 16, 6, 12; a kernel that compiles per shape may want fewer).
 
     Returns a `Report`; raises AssertionError naming the law, the rule and a minimal failing case.
     """
@@ -208,10 +225,7 @@ def check_backend(name: str, rules: Optional[Iterable[str]] = None, dtypes: Opti
         for r in rules:
             if not backend.supports_rule(get_rule(r)):
                 raise ValueError(f"rules: backend {name!r} does not run rule {r!r}")
-    laws = list(LAWS) if laws is None else list(laws)
-    for law in laws:
-        if law not in LAWS:
-            raise ValueError(f"laws: unknown law {law!r}; known: {list(LAWS)}")
+    laws = _law_names(laws, list(LAWS), "check_backend")
     dtypes = _dtypes(backend, dtypes)
     n = DEFAULT_MAX_EXAMPLES if max_examples is None else max_examples
     report = Report(name)
@@ -222,7 +236,7 @@ def check_backend(name: str, rules: Optional[Iterable[str]] = None, dtypes: Opti
 
 def check_rule(name: str, *, backends: Sequence[str] = ("reference",), dtypes: Iterable = ("float64", "float32"),
                max_examples: Optional[int] = None, laws: Optional[Iterable[str]] = None,
-               max_T: int = DEFAULT_MAX_T, verbose: bool = False) -> list:
+               max_T: Optional[int] = None, verbose: bool = False) -> list:
     """Check a registered rule against the laws that hold for any rule given its single-token update:
     state passing, decode, varlen, frozen slots, relabeling, and "a route of weight 0 is no route"
     (`memplug.testing.RULE_LAWS`), on the reference backend in `dtypes`.
@@ -230,15 +244,17 @@ def check_rule(name: str, *, backends: Sequence[str] = ("reference",), dtypes: I
     Every other backend named in `backends` that runs the rule (a fast backend runs family rules) then
     gets the full `check_backend(backend, rules=[name])`, which adds reference equality, chunk size
     and backbone reduction (for a user rule: against its own update run densely, see
-    `backbone_reference`). Returns one `Report` per backend.
+    `backbone_reference`). `laws`: a subset of `RULE_LAWS`, for every backend checked (default: all
+    of them on the reference backend, all of `LAWS` on the others). Returns one `Report` per backend.
     """
     rule = get_rule(name).name
+    rule_laws = _law_names(laws, RULE_LAWS, "check_rule (the laws of any rule, RULE_LAWS)")
     reports = []
     if "reference" in backends:
         ref = _backend("reference")
         ctx = Context("reference", _device(ref, None), merge_tolerances(None), None)
         report = Report("reference")
-        _run_laws(ctx, report, rule, list(RULE_LAWS if laws is None else laws), [dtype_name(d) for d in dtypes],
+        _run_laws(ctx, report, rule, rule_laws, [dtype_name(d) for d in dtypes],
                   DEFAULT_MAX_EXAMPLES if max_examples is None else max_examples, _limits(max_T, None), verbose)
         reports.append(report)
     for b in backends:

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from hypothesis import strategies as st
 
-from memplug.checks import check_scan
+from memplug.checks import check_scan, compute_dtype
 from memplug.registry import _BACKENDS, Backend
 from memplug.rules import get_rule
 from memplug.scan import routed_scan, routed_step
@@ -82,11 +82,11 @@ def assert_equal(what: str, actual: torch.Tensor, expected: torch.Tensor) -> Non
                            f"index {list(at)}: got {a[at].item()!r}, expected {e[at].item()!r}")
 
 
-def scan(ctx: Context, inputs: dict, **changes):
-    """`routed_scan` on the backend under test, with final states."""
+def scan(ctx: Context, inputs: dict, output_final_state: bool = True, **changes):
+    """`routed_scan` on the backend under test, with final states unless told otherwise."""
     kw = dict(inputs, **changes)
     try:
-        return routed_scan(**kw, output_final_state=True, backend=ctx.backend)
+        return routed_scan(**kw, output_final_state=output_final_state, backend=ctx.backend)
     except LawViolation:
         raise
     except Exception as e:  # a valid input must not raise
@@ -111,11 +111,11 @@ def routed_mask(route_idx: torch.Tensor, H: int, m: int) -> torch.Tensor:
     return mask.expand(B, T, H, m)
 
 
-def _check_result(ctx, inputs, o, S):
+def _check_result(inputs, o, S):
     q = inputs["q"]
     if o.dtype != q.dtype:
         raise LawViolation(f"o: got dtype {o.dtype}, expected the dtype of q ({q.dtype})")
-    wanted = torch.float64 if q.dtype == torch.float64 else torch.float32
+    wanted = compute_dtype(q)
     if S is None:
         raise LawViolation("final_state: got None with output_final_state=True")
     if S.dtype != wanted:
@@ -124,41 +124,60 @@ def _check_result(ctx, inputs, o, S):
 
 # ------------------------------------------------------------------------------------------------ laws
 
+def cotangents(spec: CaseSpec, o: torch.Tensor, S: torch.Tensor):
+    """The random cotangents `(do, dS)` of a case: float64 values representable in the dtypes of o and
+    S, so that a backend and the float64 reference see the same linear function of (o, S)."""
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype).to(torch.float64)
+    dS = torch.randn(S.shape, generator=gen, dtype=torch.float64).to(S.dtype).to(torch.float64)
+    return do.to(o.device), dS.to(S.device)
+
+
+def input_grads(o, S, do, dS, leaves: dict, what: str = "") -> dict:
+    """The gradients of `sum(o * do) + sum(S * dS)` w.r.t. `leaves` (name -> tensor), zero where
+    unused. `what` says which run they are of, in errors."""
+    if not (o.requires_grad or S.requires_grad):
+        raise LawViolation(f"gradients{what}: the backend's o and final state do not require grad (no autograd "
+                           f"support)")
+    loss = (o.to(torch.float64) * do).sum() + (S.to(torch.float64) * dS).sum()
+    try:
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    except Exception as e:
+        raise LawViolation(f"gradients{what}: backward raised {type(e).__name__}: {e}") from e
+    return {n: torch.zeros_like(x) if gr is None else gr for (n, x), gr in zip(leaves.items(), grads)}
+
+
+def _grad_leaves(inputs: dict, dtype=None) -> dict:
+    """Fresh leaves requiring grad for every float input of `inputs` (in `dtype` if given)."""
+    return {n: inputs[n].detach().to(dtype or inputs[n].dtype).clone().requires_grad_()
+            for n in GRAD_INPUTS if inputs.get(n) is not None}
+
+
 def reference_equality(ctx: Context, spec: CaseSpec) -> None:
     """SPEC 6.1: o, final states and the gradients w.r.t. every float input equal the float64
-    reference (run on the same values, upcast)."""
+    reference (run on the same values, upcast); without final states, o is the same and the
+    final state None."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
-    leaves = [n for n in GRAD_INPUTS if inputs.get(n) is not None]
-    mine = dict(inputs, **{n: inputs[n].detach().clone().requires_grad_() for n in leaves})
-    ref = dict(inputs, **{n: inputs[n].detach().to(torch.float64).requires_grad_() for n in leaves})
-    o, S = scan(ctx, mine)
-    _check_result(ctx, inputs, o, S)
-    o_ref, S_ref = routed_scan(**ref, output_final_state=True, backend="reference")
+    mine, ref = _grad_leaves(inputs), _grad_leaves(inputs, torch.float64)
+    o, S = scan(ctx, dict(inputs, **mine))
+    _check_result(inputs, o, S)
+    o_ref, S_ref = routed_scan(**dict(inputs, **ref), output_final_state=True, backend="reference")
     assert_close("o", o, o_ref, ctx.tol(dt, "output"))
     assert_close("final_state", S, S_ref, ctx.tol(dt, "state"))
 
-    # Gradients of a random linear function of (o, final state); the cotangents are representable in
-    # the dtypes of o and S, so both sides see the same values.
-    gen = torch.Generator().manual_seed(spec.seed + 1)
-    do = torch.randn(o_ref.shape, generator=gen, dtype=torch.float64).to(o.dtype).to(torch.float64)
-    dS = torch.randn(S_ref.shape, generator=gen, dtype=torch.float64).to(S.dtype).to(torch.float64)
-    do, dS = do.to(ctx.device), dS.to(ctx.device)
-    if not (o.requires_grad or S.requires_grad):
-        raise LawViolation("gradients: the backend's o and final state do not require grad (no autograd support)")
-    loss = (o.to(torch.float64) * do).sum() + (S.to(torch.float64) * dS).sum()
-    try:
-        grads = torch.autograd.grad(loss, [mine[n] for n in leaves], allow_unused=True)
-    except Exception as e:
-        raise LawViolation(f"gradients: backward raised {type(e).__name__}: {e}") from e
-    loss_ref = (o_ref * do).sum() + (S_ref * dS).sum()
-    grads_ref = torch.autograd.grad(loss_ref, [ref[n] for n in leaves], allow_unused=True)
-    for name, gr, gr_ref in zip(leaves, grads, grads_ref):
-        gr_ref = torch.zeros_like(ref[name]) if gr_ref is None else gr_ref
-        gr = torch.zeros_like(mine[name]) if gr is None else gr
+    o_only, none = scan(ctx, inputs, output_final_state=False)
+    if none is not None:
+        raise LawViolation(f"final_state with output_final_state=False: got {type(none).__name__}, expected None")
+    assert_close("o with output_final_state=False", o_only, o_ref, ctx.tol(dt, "output"))
+
+    do, dS = cotangents(spec, o, S)
+    grads = input_grads(o, S, do, dS, mine)
+    grads_ref = input_grads(o_ref, S_ref, do, dS, ref)
+    for name, gr in grads.items():
         if gr.dtype != mine[name].dtype:
             raise LawViolation(f"grad {name}: got dtype {gr.dtype}, expected the input's dtype {mine[name].dtype}")
-        assert_close(f"grad {name}", gr, gr_ref, ctx.tol(dt, "grad"))
+        assert_close(f"grad {name}", gr, grads_ref[name], ctx.tol(dt, "grad"))
 
 
 def state_passing(ctx: Context, spec: CaseSpec, split: int) -> None:
@@ -188,10 +207,10 @@ def _scan_with_chunk_size(ctx: Context, inputs: dict, chunk_size):
     """The backend's own scan function, called as `routed_scan` calls it, plus `chunk_size`."""
     rule = get_rule(inputs["rule"])
     kw = dict(inputs, rule=rule)
-    check_scan(**kw, scale=None)
+    check_scan(**kw)
     backend = _BACKENDS[ctx.backend]
     kw["read_w"] = kw["route_w"] if kw["read_w"] is None else kw["read_w"]
-    kw["scale"] = inputs["q"].shape[-1] ** -0.5
+    kw["scale"] = inputs["q"].shape[-1] ** -0.5 if inputs["scale"] is None else float(inputs["scale"])
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     try:
         return backend.scan(**kw, output_final_state=True, **extra)
@@ -200,14 +219,22 @@ def _scan_with_chunk_size(ctx: Context, inputs: dict, chunk_size):
 
 
 def chunk_size(ctx: Context, spec: CaseSpec) -> None:
-    """SPEC 6.2: every chunk size the backend offers gives the result of its default chunk size."""
+    """SPEC 6.2: every chunk size the backend offers gives the result of its default chunk size: o,
+    final states and the gradients w.r.t. every float input."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
-    o, S = _scan_with_chunk_size(ctx, inputs, None)
+    leaves = _grad_leaves(inputs)
+    o, S = _scan_with_chunk_size(ctx, dict(inputs, **leaves), None)
+    do, dS = cotangents(spec, o, S)
+    grads = input_grads(o, S, do, dS, leaves, " (default chunk size)")
     for c in ctx.chunk_sizes:
-        o_c, S_c = _scan_with_chunk_size(ctx, inputs, c)
+        leaves_c = _grad_leaves(inputs)
+        o_c, S_c = _scan_with_chunk_size(ctx, dict(inputs, **leaves_c), c)
         assert_close(f"o, chunk_size={c} vs default", o_c, o, ctx.tol(dt, "output"))
         assert_close(f"final_state, chunk_size={c} vs default", S_c, S, ctx.tol(dt, "state"))
+        grads_c = input_grads(o_c, S_c, do, dS, leaves_c, f" (chunk_size={c})")
+        for name, gr in grads.items():
+            assert_close(f"grad {name}, chunk_size={c} vs default", grads_c[name], gr, ctx.tol(dt, "grad"))
 
 
 def decode(ctx: Context, spec: CaseSpec) -> None:
@@ -230,7 +257,8 @@ def decode(ctx: Context, spec: CaseSpec) -> None:
         try:
             o_t, state = routed_step(step["q"], step["k"], step["v"], rule=spec.rule, route_idx=step["route_idx"],
                                      route_w=step["route_w"], state=state, g=step["g"], beta=step["beta"],
-                                     read_w=step["read_w"], coupling=spec.coupling, backend=ctx.backend)
+                                     read_w=step["read_w"], coupling=spec.coupling, scale=spec.scale,
+                                     backend=ctx.backend)
         except Exception as e:
             raise LawViolation(f"routed_step(backend={ctx.backend!r}) raised {type(e).__name__} at t={t}: {e}") from e
         if o_t.dtype != inputs["q"].dtype or tuple(o_t.shape) != (B, 1, H, o.shape[-1]):
@@ -261,7 +289,7 @@ def frozen_slots(ctx: Context, spec: CaseSpec) -> None:
     """SPEC 6.5: a slot that no token of a sequence routes to keeps its initial state bit for bit."""
     inputs = make_inputs(spec, ctx.device)
     o, S = scan(ctx, inputs)
-    _check_result(ctx, inputs, o, S)
+    _check_result(inputs, o, S)
     H, m = inputs["q"].shape[2], spec.m
     mask = routed_mask(inputs["route_idx"], H, m)  # [B,T,H,m]
     if spec.seqlens is None:
@@ -412,9 +440,7 @@ def plain_reference(rule_name, q, k, v, g, beta, initial_state):
     fn = _load_fla_naive(*_FLA_NAIVE[rule_name])
     f = lambda x: None if x is None else x.float()
     q, k, v, g, beta, h0 = map(f, (q, k, v, g, beta, initial_state))
-    if rule_name == "mamba2":
-        return fn(q, k, v, g, initial_state=h0, output_final_state=True)
-    if rule_name == "gla":
+    if rule_name in ("mamba2", "gla"):
         return fn(q, k, v, g, initial_state=h0, output_final_state=True)
     if rule_name == "deltanet":  # head-major [B,H,T,...]
         t = lambda x: x.transpose(1, 2).contiguous()
@@ -447,26 +473,33 @@ class Law:
     name: str
     title: str  # how errors name it
     check: Callable
-    strategy: Callable  # (rule, dtypes, **limits) -> strategy of argument tuples for `check` after ctx
+    strategy: Callable  # (ctx, rule, dtypes, **limits) -> strategy of argument tuples for `check` after ctx
     applies: Callable = field(default=lambda ctx, rule: None)  # None, or why the law does not apply
 
 
 def _one(**kw):
-    return lambda rule, dtypes, **limits: case_specs(rule, dtypes=dtypes, **limits, **kw).map(lambda s: (s,))
+    return lambda ctx, rule, dtypes, **limits: case_specs(rule, dtypes=dtypes, **limits, **kw).map(lambda s: (s,))
 
 
 @st.composite
-def _split_cases(draw, rule, dtypes, **limits):
+def _split_cases(draw, ctx, rule, dtypes, **limits):
     spec = draw(case_specs(rule, dtypes=dtypes, min_T=2, varlen=False, **limits))
     split = draw(st.integers(1, spec.T - 1))
     return spec, split
 
 
-def _chunk_cases(rule, dtypes, max_T=40, **limits):
-    # Few slots and long sequences, so that a slot's tokens span several chunks.
+CHUNK_T_RANGE = 16  # the chunk-size law draws T from 2 c + 1 to 2 c + 16 (c: the largest chunk size)
+
+
+def _chunk_cases(ctx, rule, dtypes, max_T=None, **limits):
+    # Longer than two chunks of the largest size offered, so that forward and backward cross chunk
+    # boundaries at every size (with max_T, as long as it allows), and one or two slots, so that a
+    # slot's tokens span several chunks.
     limits.pop("max_m", None)
-    return case_specs(rule, dtypes=dtypes, min_T=min(17, max_T), max_T=max(max_T, 40), max_m=2,
-                      varlen=False, **limits).map(lambda s: (s,))
+    longer = 2 * max(ctx.chunk_sizes) + 1
+    min_T, max_T = (longer, longer + CHUNK_T_RANGE - 1) if max_T is None else (min(longer, max_T), max_T)
+    return case_specs(rule, dtypes=dtypes, min_T=min_T, max_T=max_T, max_m=2, varlen=False,
+                      **limits).map(lambda s: (s,))
 
 
 def _needs_chunk_size(ctx, rule):
@@ -482,7 +515,7 @@ LAWS: dict[str, Law] = {law.name: law for law in (
     Law("varlen", "varlen (SPEC 6.4)", varlen, _one(varlen=True)),
     Law("frozen_slots", "frozen slots (SPEC 6.5)", frozen_slots, _one(min_unused_slots=1, initial_state=True)),
     Law("backbone_reduction", "backbone reduction (SPEC 6.6)", backbone_reduction, _one(backbone=True)),
-    Law("relabeling", "relabeling (SPEC 6.7)", relabeling, _one()),
+    Law("relabeling", "relabeling (SPEC 6.7)", relabeling, _one(min_m=2)),
     Law("zero_weight", "zero weight is no route (SPEC 3, coupling dt)", zero_weight,
         _one(coupling="dt", initial_state=True)),
 )}

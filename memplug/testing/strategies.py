@@ -16,6 +16,7 @@ L2-normalised for delta-family and free-form rules (as layers do, so states stay
 (so `w * beta < 1` for `fm`), with about a third set to exactly 0 when `zero_weights`; initial states
 normal with std 0.5. Side inputs (`g, beta, route_w, read_w`) have the dtype of `q`, or float32
 for half-precision `q` when `side_float32`; initial states are float32 (float64 for float64 `q`).
+`scale` is None (the default `K**-0.5`), 1.0 or a value drawn in [0.1, 2].
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 from hypothesis import strategies as st
 
+from memplug.checks import compute_dtype
 from memplug.rules import get_rule
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -53,8 +55,12 @@ class CaseSpec:
     `zero_weights`: about a third of the routing (and read) weights are exactly 0.
     `unit_weights`: every routing weight is exactly 1 (backbone reduction).
     `unused_slots`: this many slot labels (chosen by the seed) are never routed to.
+    `unused_by_head`: with per-head routing (Hr = H > 1), each head group leaves its own
+    `unused_slots` labels unused (the labels rotated by `unused_slots` per group), so that a slot
+    frozen in one head is routed to in another.
     `seqlens`: lengths of packed sequences (`cu_seqlens`, B = 1), or None.
     `side_float32`: for half-precision q, the side inputs g, beta, route_w, read_w are float32.
+    `scale`: the `scale` argument of `routed_scan` (None: `K**-0.5`).
     """
 
     rule: str
@@ -73,9 +79,11 @@ class CaseSpec:
     zero_weights: bool = False
     unit_weights: bool = False
     unused_slots: int = 0
+    unused_by_head: bool = False
     initial_state: bool = False
     seqlens: Optional[tuple] = None
     side_float32: bool = False
+    scale: Optional[float] = None
     seed: int = 0
 
     def __post_init__(self):
@@ -84,6 +92,9 @@ class CaseSpec:
         if not 1 <= self.R <= self.m - self.unused_slots:
             raise ValueError(f"CaseSpec: need 1 <= R <= m - unused_slots, got R = {self.R}, m = {self.m}, "
                              f"unused_slots = {self.unused_slots}")
+        if self.unused_by_head and (self.Hr < 2 or self.unused_slots < 1):
+            raise ValueError(f"CaseSpec: unused_by_head needs per-head routing (Hr >= 2) and unused_slots >= 1, "
+                             f"got Hr = {self.Hr}, unused_slots = {self.unused_slots}")
         if self.seqlens is not None and (self.B != 1 or sum(self.seqlens) != self.T or min(self.seqlens) < 1):
             raise ValueError(f"CaseSpec: seqlens {self.seqlens} need B = 1 and positive lengths summing to T = {self.T}")
         if set(self.per_route) - set(PER_ROUTE_INPUTS):
@@ -114,15 +125,14 @@ def _keys_normalised(rule) -> bool:
 
 
 def make_inputs(spec: CaseSpec, device="cpu") -> dict:
-    """The `routed_scan` keyword arguments of `spec` (everything but `output_final_state`, `backend`,
-    `scale`): deterministic in `spec`, generated on the CPU and moved to `device`."""
+    """The `routed_scan` keyword arguments of `spec` (everything but `output_final_state` and
+    `backend`): deterministic in `spec`, generated on the CPU and moved to `device`."""
     rule = get_rule(spec.rule)
     gen = torch.Generator().manual_seed(spec.seed)
     f64 = torch.float64
     dt = spec.torch_dtype
     half = dt in (torch.float16, torch.bfloat16)
     side = torch.float32 if (half and spec.side_float32) else dt
-    state_dtype = f64 if dt == f64 else torch.float32
     B, T, H, K, V, R, Hr, m = spec.B, spec.T, spec.H, spec.K, spec.V, spec.R, spec.Hr, spec.m
 
     def normal(*shape):
@@ -147,11 +157,14 @@ def make_inputs(spec: CaseSpec, device="cpu") -> dict:
     if rule.beta:
         beta = uniform(0.05, 0.95, B, T, H, *routes("beta"))
 
-    # Routing: R distinct slots per token and head group, among the slot labels in use.
+    # Routing: R distinct slots per token and head group, among the slot labels in use (those of the
+    # head group's rotation of the labels, with unused_by_head).
     labels = torch.randperm(m, generator=gen)
-    used = labels[spec.unused_slots:]
-    pick = torch.rand(B, T, Hr, used.numel(), generator=gen).argsort(-1)[..., :R]
-    route_idx = used[pick]
+    u = spec.unused_slots
+    shifts = [h * u if spec.unused_by_head else 0 for h in range(Hr)]
+    used = torch.stack([labels.roll(-s)[u:] for s in shifts])  # [Hr, m - u]
+    pick = torch.rand(B, T, Hr, m - u, generator=gen).argsort(-1)[..., :R]
+    route_idx = used.expand(B, T, Hr, m - u).gather(3, pick)
     if spec.unit_weights:
         route_w = torch.ones(B, T, Hr, R, dtype=f64)
     else:
@@ -164,6 +177,7 @@ def make_inputs(spec: CaseSpec, device="cpu") -> dict:
         if spec.zero_weights:
             read_w = torch.where(torch.rand(B, T, Hr, R, generator=gen) < 1 / 3, 0.0, read_w)
     initial_state = None
+    state_dtype = compute_dtype(q.to(dt))
     if spec.initial_state:
         initial_state = (0.5 * normal(spec.N, H, m, K, V)).to(state_dtype)
     cu_seqlens = None
@@ -174,7 +188,7 @@ def make_inputs(spec: CaseSpec, device="cpu") -> dict:
     return dict(
         q=to(q, dt), k=to(k, dt), v=to(v, dt), rule=spec.rule, route_idx=route_idx.to(device),
         route_w=to(route_w, side), num_slots=m, g=to(g, side), beta=to(beta, side), read_w=to(read_w, side),
-        coupling=spec.coupling, initial_state=to(initial_state, state_dtype),
+        coupling=spec.coupling, scale=spec.scale, initial_state=to(initial_state, state_dtype),
         cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device),
     )
 
@@ -184,18 +198,18 @@ _T_SPECIALS = (1, 2, 15, 16, 17, 31, 32, 33, 40)
 
 @st.composite
 def case_specs(draw, rule: str, *, dtypes: Sequence = ("float64",), min_T: int = 1, max_T: int = 40,
-               max_B: int = 2, max_H: int = 2, max_m: int = 5, varlen: Optional[bool] = None,
+               max_B: int = 2, max_H: int = 2, min_m: int = 1, max_m: int = 5, varlen: Optional[bool] = None,
                min_unused_slots: int = 0, initial_state: Optional[bool] = None,
                coupling: Optional[str] = None, backbone: bool = False,
                dims: Sequence[int] = (8, 4, 16, 6, 12)) -> CaseSpec:
     """A strategy of `CaseSpec` for `rule`.
 
     dtypes: the dtypes to draw from (names or torch dtypes). min_T, max_T: tokens per batch row (with
-    varlen, of the packed row). varlen: True always packs sequences (`cu_seqlens`, 2 to 4 of them),
-    False never, None either. min_unused_slots: at least this many slots get no token.
-    initial_state, coupling: fixed if given, drawn if None. backbone: m = 1, R = 1, w = 1,
-    coupling "none" (the plain rule). dims: the values K and V are drawn from (each separately,
-    so K != V is common).
+    varlen, of the packed row). min_m, max_m: slots per head (raised to fit `min_unused_slots`).
+    varlen: True always packs sequences (`cu_seqlens`, 2 to 4 of them), False never, None either.
+    min_unused_slots: at least this many slots get no token. initial_state, coupling: fixed if given,
+    drawn if None. backbone: m = 1, R = 1, w = 1, coupling "none", default scale (the plain rule).
+    dims: the values K and V are drawn from (each separately, so K != V is common).
     """
     r = get_rule(rule)
     dtype = dtype_name(draw(st.sampled_from([dtype_name(d) for d in dtypes])))
@@ -204,7 +218,7 @@ def case_specs(draw, rule: str, *, dtypes: Sequence = ("float64",), min_T: int =
     if varlen:
         min_T = max(min_T, 2)
     T = draw(st.one_of(st.integers(min_T, max_T),
-                       st.sampled_from([t for t in _T_SPECIALS if min_T <= t <= max_T] or [max_T])))
+                       st.sampled_from([t for t in _T_SPECIALS if min_T <= t <= max_T] or [min_T, max_T])))
     seqlens = None
     if varlen:
         n_seq = draw(st.integers(2, min(4, T)))
@@ -215,14 +229,17 @@ def case_specs(draw, rule: str, *, dtypes: Sequence = ("float64",), min_T: int =
     H = draw(st.integers(1, max_H))
     K = draw(st.sampled_from(list(dims)))
     V = draw(st.sampled_from(list(dims)))
+    Hr = draw(st.sampled_from([1, H]))
     if backbone:
-        m, R, unused, cpl = 1, 1, 0, "none"
+        m, R, unused, cpl, scale = 1, 1, 0, "none", None
     else:
-        m = draw(st.integers(max(1, 1 + min_unused_slots), max(max_m, 1 + min_unused_slots)))
+        lowest_m = max(min_m, 1 + min_unused_slots)
+        m = draw(st.integers(lowest_m, max(max_m, lowest_m)))
         unused = draw(st.integers(min_unused_slots, m - 1))
         R = draw(st.integers(1, m - unused))
         cpl = coupling if coupling is not None else draw(st.sampled_from(["dt", "none"]))
-    Hr = draw(st.sampled_from([1, H]))
+        scale = draw(st.one_of(st.none(), st.just(1.0), st.floats(0.1, 2.0).map(lambda x: round(x, 4))))
+    unused_by_head = Hr > 1 and unused > 0 and draw(st.booleans())
     inputs = ["k", "v"] + (["g"] if r.g is not None else []) + (["beta"] if r.beta else [])
     per_route = tuple(name for name in inputs if draw(st.booleans()))
     read_w = False if backbone else draw(st.booleans())
@@ -233,8 +250,8 @@ def case_specs(draw, rule: str, *, dtypes: Sequence = ("float64",), min_T: int =
     seed = draw(st.integers(0, 2 ** 16))
     return CaseSpec(rule=r.name, dtype=dtype, B=B, T=T, H=H, K=K, V=V, m=m, R=R, Hr=Hr, coupling=cpl,
                     per_route=per_route, read_w=read_w, zero_weights=zero_weights, unit_weights=backbone,
-                    unused_slots=unused, initial_state=init, seqlens=seqlens, side_float32=side_float32,
-                    seed=seed)
+                    unused_slots=unused, unused_by_head=unused_by_head, initial_state=init, seqlens=seqlens,
+                    side_float32=side_float32, scale=scale, seed=seed)
 
 
 def scan_inputs(rule: str, device="cpu", **kwargs):
