@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from memplug.checks import check_cu_seqlens
 from memplug.layers import check_memory_options, select_routes
 from memplug.routing import Router, RouterConfig, Routing, load_balancing_loss
 from memplug.rules import get_rule
@@ -383,7 +384,10 @@ class RoutedAdapter(nn.Module):
         if cu_seqlens is not None:
             if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point():
                 raise TypeError(f"cu_seqlens: expected an integer tensor, got {cu_seqlens!r}")
-            return hidden_states, None, cu_seqlens.to(torch.int64)
+            cu_seqlens = cu_seqlens.to(torch.int64)  # fla passes int32 offsets: widening loses nothing
+            # checked here, before the short convolutions read it
+            check_cu_seqlens(cu_seqlens, *hidden_states.shape[:2], hidden_states.device)
+            return hidden_states, None, cu_seqlens
         if attention_mask is None:
             return hidden_states, None, None
         if (attention_mask.dim() != 2 or attention_mask.shape[0] != hidden_states.shape[0]

@@ -177,6 +177,8 @@ def test_rejected_options():
         wrap(build("gla"), num_slots=2, topk=1, coupling="bogus")
     with pytest.raises(TypeError, match="unknown options"):
         MemoryConfig.make(num_slots=2, topk=1, slots=3)
+    with pytest.raises(ValueError, match="^cu_seqlens: expected strictly increasing offsets from 0 to T = 5"):
+        wrap(build("gla"), num_slots=2, topk=1)(torch.randn(1, 5, D), cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="backend: unknown backend 'no_such_backend'"):
         wrap(build("gla"), num_slots=2, topk=1, backend="no_such_backend")
     with pytest.raises(TypeError, match="shared_slot: expected a bool"):
