@@ -28,7 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import autotune_or_first, chunk_rows, exp_nonpos, helper, mm, mma
+from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, row_block,
+                     sequence_span, tile)
 
 # The first configuration of each list is the one the interpreter uses (small shapes).
 _STATE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
@@ -72,10 +73,8 @@ def cumsum_kernel(x, y, chunk_indices, offsets, Hb, D: tl.constexpr, BD: tl.cons
     REVERSE: from the chunk end (the backward of the forward sum)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
-    o_t = tl.arange(0, BT)
-    o_d = tl.arange(0, BD)
-    m = (o_t < n)[:, None] & (o_d < D)[None, :]
-    p = ((start + o_t)[:, None] * Hb + i_h) * D + o_d[None, :]
+    o_t, rows, m_t = row_block(start, n, BT)
+    p, m = tile(rows * Hb + i_h, m_t, tl.arange(0, BD), D)
     b_x = tl.load(x + p, mask=m, other=0.0).to(tl.float32)
     if not REVERSE:
         b_x = tl.maximum(b_x, FLOOR)
@@ -94,36 +93,28 @@ def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb,
     final state (`ht`)."""
     i_sh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_s, i_h = i_sh // Hb, i_sh % Hb
-    bos = tl.load(offsets + i_s).to(tl.int64)
-    L = tl.load(offsets + i_s + 1).to(tl.int64) - bos
-    first = tl.load(chunk_offsets + i_s).to(tl.int64)
+    bos, L, first = sequence_span(offsets, chunk_offsets, i_s)
     DT = k.dtype.element_ty
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_state = o_k[:, None] * V + o_v[None, :]
+    p_state, m_kv = tile(o_k, m_k, o_v, V)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
         b_h += tl.load(h0 + i_sh * K * V + p_state, mask=m_kv, other=0.0)
 
-    o_t = tl.arange(0, BT)
     for i_j in range(tl.cdiv(L, BT)):
         tl.store(hs + ((first + i_j) * Hb + i_h) * K * V + p_state, b_h.to(hs.dtype.element_ty), mask=m_kv)
         start = bos + i_j * BT
         n = tl.minimum(L - i_j * BT, BT)
-        rows = start + o_t
-        m_t = o_t < n
-        p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
+        o_t, rows, m_t = row_block(start, n, BT)
+        p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
+        p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
         b_d = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        # keys as [BK, BT]
-        b_kt = tl.load(k + (rows[None, :] * Hb + i_h) * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.0)
+        b_kt = tl.load(k + tl.trans(p_k), mask=tl.trans(m_tk), other=0.0)  # keys as [BK, BT]
         if DELTA:
-            b_w = tl.load(w + (rows[:, None] * Hb + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.0)
+            b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
             b_d = b_d - mm(b_w, b_h.to(DT))
             tl.store(d_out + p_v, b_d.to(d_out.dtype.element_ty), mask=m_tv)
         if DECAY == 1:
@@ -148,34 +139,26 @@ def state_bwd_kernel(q, k, w, A, do, dd_local, dht, dhs, dd, dh0, offsets, chunk
     (`dhs`), the gradient of the effective values (`dd` = dd_local + Kd dS) and of the initial state."""
     i_sh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_s, i_h = i_sh // Hb, i_sh % Hb
-    bos = tl.load(offsets + i_s).to(tl.int64)
-    L = tl.load(offsets + i_s + 1).to(tl.int64) - bos
-    first = tl.load(chunk_offsets + i_s).to(tl.int64)
+    bos, L, first = sequence_span(offsets, chunk_offsets, i_s)
     NT = tl.cdiv(L, BT)
     DT = k.dtype.element_ty
 
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    p_state = o_k[:, None] * V + o_v[None, :]
+    p_state, m_kv = tile(o_k, m_k, o_v, V)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
         b_dh += tl.load(dht + i_sh * K * V + p_state, mask=m_kv, other=0.0)
 
-    o_t = tl.arange(0, BT)
     for i_r in range(NT):
         i_j = NT - 1 - i_r
         tl.store(dhs + ((first + i_j) * Hb + i_h) * K * V + p_state, b_dh.to(dhs.dtype.element_ty), mask=m_kv)
         start = bos + i_j * BT
         n = tl.minimum(L - i_j * BT, BT)
-        rows = start + o_t
-        m_t = o_t < n
-        m_tk = m_t[:, None] & m_k[None, :]
-        p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
+        o_t, rows, m_t = row_block(start, n, BT)
+        p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
+        p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
         b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
@@ -212,35 +195,30 @@ def output_fwd_kernel(q, k, d, A, M, hs, o, chunk_indices, offsets, scale, Hb,
     """o = scale (Qd S_0 + M d), one program per (chunk, head, V block)."""
     i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    o_t = tl.arange(0, BT)
-    m_t = o_t < n
-    rows = start + o_t
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_tk = m_t[:, None] & m_k[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
-    p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+    p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
+    p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
+    p_state, m_kv = tile(o_k, m_k, o_v, V)
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
-    b_h = tl.load(hs + (i_c * Hb + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                  mask=m_k[:, None] & m_v[None, :], other=0.0).to(DT)
+    b_h = tl.load(hs + (i_c * Hb + i_h) * K * V + p_state, mask=m_kv, other=0.0).to(DT)
     b_d = tl.load(d + p_v, mask=m_tv, other=0.0).to(DT)
     if DECAY == 2:
         b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
         b_o = mm((b_q.to(tl.float32) * tl.exp(b_a)).to(DT), b_h)
-        b_M = tl.load(M + (rows[:, None] * Hb + i_h) * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+        p_M, m_M = tile(rows * Hb + i_h, m_t, o_t, BT)
+        b_M = tl.load(M + p_M, mask=m_M, other=0.0)
     else:
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
         b_o = mm(b_q, b_h)
         b_a = tl.zeros([BT], dtype=tl.float32)
         if DECAY == 1:
             b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
             b_o = b_o * tl.exp(b_a)[:, None]
-        b_M = scalar_attention(b_q, b_k, b_a, m_A, DECAY)
+        b_M = scalar_attention(b_q, b_k, b_a, lower_mask(o_t, m_t, 0), DECAY)
     b_o = mma(b_M.to(DT), b_d, b_o)
     tl.store(o + p_v, b_o * scale, mask=m_tv)
 
@@ -253,28 +231,22 @@ def dd_local_kernel(q, k, A, M, do, dd_local, chunk_indices, offsets, scale, Hb,
     """The output pass backward to the effective values within a chunk: dd_local = scale M^T dO."""
     i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    o_t = tl.arange(0, BT)
-    m_t = o_t < n
-    rows = start + o_t
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    m_tk = m_t[:, None] & m_k[None, :]
-    m_tv = m_t[:, None] & m_v[None, :]
-    p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+    p_v, m_tv = tile(rows * Hb + i_h, m_t, i_v * BV + tl.arange(0, BV), V)
     if DECAY == 2:
-        b_M = tl.load(M + (rows[:, None] * Hb + i_h) * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+        p_M, m_M = tile(rows * Hb + i_h, m_t, o_t, BT)
+        b_M = tl.load(M + p_M, mask=m_M, other=0.0)
     else:
-        p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
+        p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
         b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
         b_a = tl.zeros([BT], dtype=tl.float32)
         if DECAY == 1:
             b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
-        b_M = scalar_attention(b_q, b_k, b_a, m_A, DECAY)
+        b_M = scalar_attention(b_q, b_k, b_a, lower_mask(o_t, m_t, 0), DECAY)
     b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(DT)
     tl.store(dd_local + p_v, mm(tl.trans(b_M).to(DT), b_do) * scale, mask=m_tv)
 
@@ -290,15 +262,12 @@ def grad_kernel(q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, chunk_indices, 
     The delta family also gets dw = -dd S_0^T (for `delta.wy_bwd_kernel`)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    o_t = tl.arange(0, BT)
-    m_t = o_t < n
-    rows = start + o_t
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
-    p_state = (i_c * Hb + i_h) * K * V
+    p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
+    p_hs = (i_c * Hb + i_h) * K * V  # where the chunk's states start in hs and dhs
 
     b_dqd = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkd = tl.zeros([BT, BK], dtype=tl.float32)
@@ -307,13 +276,11 @@ def grad_kernel(q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, chunk_indices, 
     b_dD = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
-        m_vk = m_v[:, None] & m_k[None, :]
-        p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+        p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
+        p_state, m_kv = tile(o_k, m_k, o_v, V)
         # states as [BV, BK]
-        b_ht = tl.load(hs + p_state + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0).to(DT)
-        b_dht = tl.load(dhs + p_state + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0.0).to(DT)
+        b_ht = tl.load(hs + p_hs + tl.trans(p_state), mask=tl.trans(m_kv), other=0.0).to(DT)
+        b_dht = tl.load(dhs + p_hs + tl.trans(p_state), mask=tl.trans(m_kv), other=0.0).to(DT)
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(DT)
         b_d = tl.load(d + p_v, mask=m_tv, other=0.0).to(DT)
         b_dqd = mma(b_do, b_ht, b_dqd)
@@ -330,7 +297,7 @@ def grad_kernel(q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, chunk_indices, 
 
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-    m_A = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    m_A = lower_mask(o_t, m_t, 0)
     is_last = o_t == n - 1
     if DECAY == 0:
         b_dq = b_dqd
@@ -353,7 +320,8 @@ def grad_kernel(q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, chunk_indices, 
         b_da += tl.where(is_last[:, None], (tl.sum(b_dkk, 0) + b_dD * tl.exp(a_last))[None, :], 0.0)
 
     if DECAY == 2:
-        tl.store(dM + (rows[:, None] * Hb + i_h) * BT + o_t[None, :], tl.where(m_A, b_dM, 0.0), mask=m_t[:, None])
+        p_M, m_M = tile(rows * Hb + i_h, m_t, o_t, BT)
+        tl.store(dM + p_M, tl.where(m_A, b_dM, 0.0), mask=m_M)
         tl.store(dA + p_k, b_da, mask=m_tk)
     else:
         b_Mg = tl.where(m_A, b_dM, 0.0)  # dM * gamma

@@ -3,7 +3,9 @@
 - `autotune_or_first(configs, key)`: `triton.autotune` on a GPU; under the interpreter
   (`TRITON_INTERPRET=1`, no driver to time configurations on), or with MEMPLUG_TRITON_AUTOTUNE=0,
   the first configuration, fixed.
-- `chunk_rows`: where a chunk of a packed sequence starts and how many of its rows are real.
+- `chunk_rows`, `sequence_span`, `row_block`, `tile`, `lower_mask`: the index arithmetic every
+  kernel starts with: where a chunk (or a packed sequence) starts and how many of its rows are real,
+  the chunk's rows, the offsets and mask of a block of a row-major matrix, the causal masks.
 - `exp_nonpos`: `exp` of an argument that is <= 0 wherever the result is used. Decays are only ever
   exponentiated as differences of chunk-local cumulative sums that are <= 0 (a later cumulative sum
   minus an earlier one); on masked-out entries (above the causal diagonal, past a sequence's end)
@@ -86,6 +88,36 @@ def chunk_rows(chunk_indices, offsets, i_c, BT: tl.constexpr):
     eos = tl.load(offsets + i_s + 1).to(tl.int64)
     start = bos + i_j * BT
     return start, tl.minimum(eos - start, BT)
+
+
+@helper
+def row_block(start, n, BT: tl.constexpr):
+    """The BT rows of a chunk whose `n` real rows start at packed row `start`: (index within the
+    chunk 0..BT-1, packed row, whether the row is real)."""
+    o_t = tl.arange(0, BT)
+    return o_t, start + o_t, o_t < n
+
+
+@helper
+def sequence_span(offsets, chunk_offsets, i_s):
+    """Packed sequence `i_s` -> (its first packed row, its length, the index of its first chunk)."""
+    bos = tl.load(offsets + i_s).to(tl.int64)
+    return bos, tl.load(offsets + i_s + 1).to(tl.int64) - bos, tl.load(chunk_offsets + i_s).to(tl.int64)
+
+
+@helper
+def tile(rows, m_rows, cols, D):
+    """Offsets and mask of the block `rows` x `cols` of a row-major matrix of D columns: a row is
+    masked by `m_rows`, a column by `cols < D`. Row t of head h in an `[E, Hb, D]` tensor is matrix
+    row t * Hb + h."""
+    return rows[:, None] * D + cols[None, :], m_rows[:, None] & (cols < D)[None, :]
+
+
+@helper
+def lower_mask(o_t, m_t, gap):
+    """[BT, BT] mask of the pairs (t, s) of real rows with t - s >= gap: 0 for the causal mask with
+    its diagonal, 1 for the strictly lower one."""
+    return (o_t[:, None] - o_t[None, :] >= gap) & m_t[:, None] & m_t[None, :]
 
 
 @helper

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import autotune_or_first, chunk_rows, exp_nonpos, mm, mma
+from .common import autotune_or_first, chunk_rows, exp_nonpos, lower_mask, mm, mma, row_block, tile
 
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (32, 64) for nw in (4, 8)]
 
@@ -31,26 +31,20 @@ def wy_fwd_kernel(k, v, b, A, T, u, w, chunk_indices, offsets, Hb,
     """u [E,Hb,V] and w [E,Hb,K] of a chunk; T [E,Hb,BT] is computed and stored, or read."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    o_t = tl.arange(0, BT)
-    m_t = o_t < n
-    rows = start + o_t
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
-    p_T = (rows[:, None] * Hb + i_h) * BT + o_t[None, :]
+    p_k, m_tk = tile(rows * Hb + i_h, m_t, tl.arange(0, BK), K)
+    p_T, m_T = tile(rows * Hb + i_h, m_t, o_t, BT)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
     b_b = tl.load(b + rows * Hb + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_a = tl.zeros([BT], dtype=tl.float32)
     if DECAY == 1:
         b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
     if COMPUTE_T:
-        m_L = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
         b_L = mm(b_k, tl.trans(b_k)) * b_b[:, None]
         if DECAY == 1:
             b_L = b_L * exp_nonpos(b_a[:, None] - b_a[None, :])
-        b_L = tl.where(m_L, b_L, 0.0)
+        b_L = tl.where(lower_mask(o_t, m_t, 1), b_L, 0.0)
         # L = D + N: D within the diagonal blocks of 16 rows, N below them. First (I + D)^-1 by forward
         # substitution, row r of every block at once (16 steps, each one product). Then, with
         # M = (I + D)^-1 N, strictly block-lower, so M^4 = 0 for up to 4 blocks (BT <= 64):
@@ -66,16 +60,14 @@ def wy_fwd_kernel(k, v, b, A, T, u, w, chunk_indices, offsets, Hb,
             b_M = mm(b_T, b_L - b_D)
             b_T = b_T + mm(mm(b_M, b_M), b_T)
             b_T = b_T - mm(b_M, b_T)
-        tl.store(T + p_T, b_T, mask=m_t[:, None])
+        tl.store(T + p_T, b_T, mask=m_T)
     else:
-        b_T = tl.load(T + p_T, mask=m_t[:, None], other=0.0)
+        b_T = tl.load(T + p_T, mask=m_T, other=0.0)
     b_Td = b_T.to(DT)
     b_xk = b_k.to(tl.float32) * (b_b * tl.exp(b_a))[:, None]
     tl.store(w + p_k, mm(b_Td, b_xk.to(DT)).to(w.dtype.element_ty), mask=m_tk)
     for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+        p_v, m_tv = tile(rows * Hb + i_h, m_t, i_v * BV + tl.arange(0, BV), V)
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
         tl.store(u + p_v, mm(b_Td, (b_v * b_b[:, None]).to(DT)).to(u.dtype.element_ty), mask=m_tv)
 
@@ -88,15 +80,11 @@ def wy_bwd_kernel(k, v, b, A, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, chunk_ind
     """dv, db and (added to the shared pass's) dk, dA of a chunk from du (= dd) and dw."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    o_t = tl.arange(0, BT)
-    m_t = o_t < n
-    rows = start + o_t
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_k = (rows[:, None] * Hb + i_h) * K + o_k[None, :]
-    b_T = tl.load(T + (rows[:, None] * Hb + i_h) * BT + o_t[None, :], mask=m_t[:, None], other=0.0)
+    p_k, m_tk = tile(rows * Hb + i_h, m_t, tl.arange(0, BK), K)
+    p_T, m_T = tile(rows * Hb + i_h, m_t, o_t, BT)
+    b_T = tl.load(T + p_T, mask=m_T, other=0.0)
     b_Tt = tl.trans(b_T).to(DT)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
     b_kf = b_k.to(tl.float32)
@@ -111,9 +99,7 @@ def wy_bwd_kernel(k, v, b, A, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, chunk_ind
     b_dT = mm(b_dw, tl.trans(b_xk.to(DT)))
     b_db = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
-        p_v = (rows[:, None] * Hb + i_h) * V + o_v[None, :]
+        p_v, m_tv = tile(rows * Hb + i_h, m_t, i_v * BV + tl.arange(0, BV), V)
         b_du = tl.load(dd + p_v, mask=m_tv, other=0.0).to(DT)
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
         b_dxv = mm(b_Tt, b_du)
@@ -124,9 +110,8 @@ def wy_bwd_kernel(k, v, b, A, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, chunk_ind
     b_db += tl.sum(b_dxk * b_kf * b_e[:, None], 1)
     b_da = tl.sum(b_dxk * b_xk, 1)
 
-    m_L = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
     b_dL = -mm(b_Tt, mm(b_dT.to(DT), b_Tt).to(DT))
-    b_dL = tl.where(m_L, b_dL, 0.0)
+    b_dL = tl.where(lower_mask(o_t, m_t, 1), b_dL, 0.0)
     b_G = b_dL * mm(b_k, tl.trans(b_k))  # dL * (k k^T)
     if DECAY == 1:
         b_G = b_G * exp_nonpos(b_a[:, None] - b_a[None, :])

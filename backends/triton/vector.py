@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import autotune_or_first, chunk_rows, exp_nonpos, mm, mma
+from .common import autotune_or_first, chunk_rows, exp_nonpos, mm, mma, tile
 
 BC = 16  # sub-chunk rows
 
@@ -34,13 +34,11 @@ def attention_fwd_kernel(q, k, A, M, chunk_indices, offsets, Hb,
     o_c = tl.arange(0, BC)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    t_i = i_i * BC + o_c
+    t_i = i_i * BC + o_c  # the sub-chunk's rows within the chunk
     m_i = t_i < n
-    p_i = ((start + t_i)[:, None] * Hb + i_h) * K + o_k[None, :]
-    m_ik = m_i[:, None] & m_k[None, :]
+    p_i, m_ik = tile((start + t_i) * Hb + i_h, m_i, o_k, K)
     b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_a = tl.load(A + p_i, mask=m_ik, other=0.0)
-    p_M = M + ((start + t_i)[:, None] * Hb + i_h) * BT
 
     if i_i > 0:
         # reference row r = i*BC - 1 (the last row before sub-chunk i)
@@ -48,12 +46,12 @@ def attention_fwd_kernel(q, k, A, M, chunk_indices, offsets, Hb,
         b_qr = (b_q * exp_nonpos(b_a - a_r[None, :])).to(DT)
         for i_j in range(0, i_i):
             t_j = i_j * BC + o_c
-            p_j = ((start + t_j)[:, None] * Hb + i_h) * K + o_k[None, :]
-            m_jk = (t_j < n)[:, None] & m_k[None, :]
+            p_j, m_jk = tile((start + t_j) * Hb + i_h, t_j < n, o_k, K)
             b_k = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
             b_aj = tl.load(A + p_j, mask=m_jk, other=0.0)
             b_kr = (b_k * exp_nonpos(a_r[None, :] - b_aj)).to(DT)
-            tl.store(p_M + t_j[None, :], mm(b_qr, tl.trans(b_kr)), mask=m_i[:, None])
+            p_M, m_M = tile((start + t_i) * Hb + i_h, m_i, t_j, BT)
+            tl.store(M + p_M, mm(b_qr, tl.trans(b_kr)), mask=m_M)
 
     b_Md = tl.zeros([BC, BC], dtype=tl.float32)
     for s in range(0, tl.minimum(n - i_i * BC, BC)):  # the sub-chunk's rows
@@ -62,7 +60,8 @@ def attention_fwd_kernel(q, k, A, M, chunk_indices, offsets, Hb,
         b_as = tl.load(A + ((start + t_s) * Hb + i_h) * K + o_k, mask=m_k, other=0.0)
         col = tl.sum(b_q * b_ks[None, :] * exp_nonpos(b_a - b_as[None, :]), 1)
         b_Md = tl.where((o_c[None, :] == s) & (o_c[:, None] >= s), col[:, None], b_Md)
-    tl.store(p_M + t_i[None, :], b_Md, mask=m_i[:, None])
+    p_M, m_M = tile((start + t_i) * Hb + i_h, m_i, t_i, BT)
+    tl.store(M + p_M, b_Md, mask=m_M)
 
 
 @autotune_or_first(_CONFIGS, key=["K", "BT"])
@@ -79,10 +78,9 @@ def attention_bwd_kernel(q, k, A, dM, dq_in, dk_in, dA_in, dq, dk, dA, chunk_ind
     o_c = tl.arange(0, BC)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    t_i = i_i * BC + o_c
+    t_i = i_i * BC + o_c  # the sub-chunk's rows within the chunk
     m_i = t_i < n
-    p_i = ((start + t_i)[:, None] * Hb + i_h) * K + o_k[None, :]
-    m_ik = m_i[:, None] & m_k[None, :]
+    p_i, m_ik = tile((start + t_i) * Hb + i_h, m_i, o_k, K)
     b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_k = tl.load(k + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_a = tl.load(A + p_i, mask=m_ik, other=0.0)
@@ -94,24 +92,23 @@ def attention_bwd_kernel(q, k, A, dM, dq_in, dk_in, dA_in, dq, dk, dA, chunk_ind
         a_r = tl.load(A + ((start + i_i * BC - 1) * Hb + i_h) * K + o_k, mask=m_k, other=0.0)
         for i_j in range(0, i_i):
             t_j = i_j * BC + o_c
-            p_j = ((start + t_j)[:, None] * Hb + i_h) * K + o_k[None, :]
-            m_jk = (t_j < n)[:, None] & m_k[None, :]
+            p_j, m_jk = tile((start + t_j) * Hb + i_h, t_j < n, o_k, K)
             b_kj = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
             b_aj = tl.load(A + p_j, mask=m_jk, other=0.0)
-            b_dMij = tl.load(dM + ((start + t_i)[:, None] * Hb + i_h) * BT + t_j[None, :], mask=m_i[:, None],
-                             other=0.0)
+            p_M, m_M = tile((start + t_i) * Hb + i_h, m_i, t_j, BT)
+            b_dMij = tl.load(dM + p_M, mask=m_M, other=0.0)
             b_dq = mma(b_dMij.to(DT), (b_kj * exp_nonpos(a_r[None, :] - b_aj)).to(DT), b_dq)
         b_dq *= exp_nonpos(b_a - a_r[None, :])
     # dk_s += sum_{t in later sub-chunks} dM_ts q_t exp(A_t - A_s)
     for i_j in range(i_i + 1, tl.cdiv(n, BC)):
         t_j = i_j * BC + o_c
         m_j = t_j < n
-        p_j = ((start + t_j)[:, None] * Hb + i_h) * K + o_k[None, :]
-        m_jk = m_j[:, None] & m_k[None, :]
+        p_j, m_jk = tile((start + t_j) * Hb + i_h, m_j, o_k, K)
         a_rj = tl.load(A + ((start + i_j * BC - 1) * Hb + i_h) * K + o_k, mask=m_k, other=0.0)
         b_qj = tl.load(q + p_j, mask=m_jk, other=0.0).to(tl.float32)
         b_aj = tl.load(A + p_j, mask=m_jk, other=0.0)
-        b_dMji = tl.load(dM + ((start + t_j)[:, None] * Hb + i_h) * BT + t_i[None, :], mask=m_j[:, None], other=0.0)
+        p_M, m_M = tile((start + t_j) * Hb + i_h, m_j, t_i, BT)
+        b_dMji = tl.load(dM + p_M, mask=m_M, other=0.0)
         b_dkj = mm(tl.trans(b_dMji).to(DT), (b_qj * exp_nonpos(b_aj - a_rj[None, :])).to(DT))
         b_dk += b_dkj * exp_nonpos(a_rj[None, :] - b_a)
     # the diagonal block, one column s at a time
