@@ -343,22 +343,22 @@ def _fwd_bwd(run, leaves, out_grad_seed=0):
     return step
 
 
-def measured_peaks(dtype, smoke: bool):
-    """(memory bandwidth in bytes/s, matmul rate in FLOP/s in `dtype`) measured on this GPU: a large
-    device-to-device copy, and a square matmul."""
+def measured_peaks(dtype, device, time_ms, smoke: bool):
+    """(memory bandwidth in bytes/s, matmul rate in FLOP/s in `dtype`) measured on `device` with the
+    timer `time_ms(fn) -> ms`: a large device-to-device copy, and a square matmul."""
     n = (1 << 24) if smoke else (1 << 28)  # bytes copied each way: 16 MiB (smoke) or 256 MiB
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    bandwidth = 2 * n / (_bench_ms(lambda: dst.copy_(src), smoke) * 1e-3)
+    bandwidth = 2 * n / (time_ms(lambda: dst.copy_(src)) * 1e-3)
     s = 1024 if smoke else 8192
-    a = torch.randn(s, s, device="cuda", dtype=dtype)
-    b = torch.randn(s, s, device="cuda", dtype=dtype)
-    matmul = 2 * s ** 3 / (_bench_ms(lambda: a @ b, smoke) * 1e-3)
+    a = torch.randn(s, s, device=device, dtype=dtype)
+    b = torch.randn(s, s, device=device, dtype=dtype)
+    matmul = 2 * s ** 3 / (time_ms(lambda: a @ b) * 1e-3)
     return bandwidth, matmul
 
 
-def bench_cuda(argv=None) -> int:
-    """`memplug bench --device cuda [options]`: see the CUDA section's comment."""
+def cuda_arguments(argv=None) -> argparse.Namespace:
+    """The options of `memplug bench --device cuda`; `--smoke` replaces the shapes by tiny ones."""
     parser = argparse.ArgumentParser(prog="memplug bench --device cuda",
                                      description="the triton backend against flash-linear-attention on a GPU")
     parser.add_argument("--device", default="cuda")
@@ -374,6 +374,14 @@ def bench_cuda(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repeats: checks that everything runs")
     parser.add_argument("--backend", default="triton", help=argparse.SUPPRESS)  # accepted for symmetry
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.B, args.T, args.H, args.K, args.V, args.sparse_T, args.decode_B = 1, 128, 2, 32, 32, 64, 4
+    return args
+
+
+def bench_cuda(argv=None) -> int:
+    """`memplug bench --device cuda [options]`: see the CUDA section's comment."""
+    args = cuda_arguments(argv)
     if not torch.cuda.is_available():
         raise SystemExit("memplug bench --device cuda: no CUDA GPU here (torch.cuda.is_available() is False). "
                          "The CUDA benchmark times the triton backend's compiled kernels against "
@@ -381,23 +389,30 @@ def bench_cuda(argv=None) -> int:
     if args.backend != "triton" or "triton" not in memplug.available_backends():
         raise SystemExit("memplug bench --device cuda: benchmarks the 'triton' backend, which is not available "
                          f"(available: {memplug.available_backends()})")
-    if args.smoke:
-        args.B, args.T, args.H, args.K, args.V, args.sparse_T, args.decode_B = 1, 128, 2, 32, 32, 64, 4
-    dtype = getattr(torch, args.dtype)
     dev = torch.device(args.device)
-    B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
-    bandwidth, matmul = measured_peaks(dtype, args.smoke)
+    time_ms = lambda fn: _bench_ms(fn, args.smoke)
     print(f"memplug bench: triton backend on {torch.cuda.get_device_name(dev)}, {args.dtype}; "
-          f"B={B} T={T} H={H} K={K} V={V}")
+          f"B={args.B} T={args.T} H={args.H} K={args.K} V={args.V}; times: median of triton.testing.do_bench")
+    triton_against_fla(args, dev, time_ms)
+    return 0
+
+
+def triton_against_fla(args, dev, time_ms) -> None:
+    """The four comparisons of the CUDA section on device `dev`, every time taken by `time_ms(fn) ->
+    ms`. (The tests run this on the CPU in Triton's interpreter, with fla's kernels patched to run
+    there: that checks that every comparison runs; its times say nothing about a GPU.)"""
+    dtype = getattr(torch, args.dtype)
+    B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
+    bandwidth, matmul = measured_peaks(dtype, dev, time_ms, args.smoke)
     print(f"measured peaks: memory bandwidth {bandwidth / 1e9:,.0f} GB/s (device copy), "
-          f"{args.dtype} matmul {matmul / 1e12:,.1f} TFLOP/s; times: median of triton.testing.do_bench")
+          f"{args.dtype} matmul {matmul / 1e12:,.1f} TFLOP/s")
     print("achieved fractions below use a FLOP/byte model of the chunked scan (experiments.bench.scan_cost)")
 
     def timed(label, run, leaves, E, family, tokens=B * T):
         """Forward and forward+backward times (ms) of `run`, with tokens/s and the achieved fractions
         of the measured bandwidth and matmul rate (model: `scan_cost` over E rows)."""
-        fwd = _bench_ms(lambda: run(), args.smoke)
-        both = _bench_ms(_fwd_bwd(run, leaves), args.smoke)
+        fwd = time_ms(lambda: run())
+        both = time_ms(_fwd_bwd(run, leaves))
         f_fwd, b_fwd = scan_cost(family, E, K, V, 64, dtype.itemsize, False)
         f_all, b_all = scan_cost(family, E, K, V, 64, dtype.itemsize, True)
         print(f"  {label:34s} fwd {fwd:8.3f} ms {tokens / fwd / 1e3:8.2f} Mtok/s"
@@ -416,6 +431,9 @@ def bench_cuda(argv=None) -> int:
         leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "route_w") if n in x]
         mine = timed(f"{rule} triton", lambda: routed_scan(**x, backend="triton")[0], leaves, B * T * H,
                      family_of(rule))
+        if rule == "deltanet" and dtype == torch.float32:  # fla's chunk_delta_rule asserts this
+            print("  deltanet: fla's chunk_delta_rule takes no float32 inputs: no comparison in float32")
+            continue
         op = _fla_op(FLA_PLAIN[rule])
         fla_kw = {n: x[n] for n in ("g", "beta") if n in x}
         if rule == "deltanet":
@@ -457,7 +475,7 @@ def bench_cuda(argv=None) -> int:
         state = torch.zeros(args.decode_B, H, m, K, V, device=dev)
         step_kw = {n: x[n] for n in ("q", "k", "v", "g", "beta", "route_idx", "route_w", "rule", "coupling")}
         with torch.no_grad():
-            ms = _bench_ms(lambda: memplug.routed_step(**step_kw, state=state, backend="triton"), args.smoke)
+            ms = time_ms(lambda: memplug.routed_step(**step_kw, state=state, backend="triton"))
         moved = args.decode_B * H * R * K * V * 4 * 2  # the routed slots' states, read and written
         frac = moved / (ms * 1e-3) / bandwidth
         print(f"  m={m:3d} R={R}: triton {ms * 1e3:8.1f} us, {moved / 2**20:8.1f} MiB of state moved, "
@@ -465,11 +483,10 @@ def bench_cuda(argv=None) -> int:
         if m == 1:
             s0 = torch.zeros(args.decode_B, H, K, V, device=dev)
             with torch.no_grad():
-                fla_ms = _bench_ms(lambda: fused(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=s0,
-                                                 output_final_state=True), args.smoke)
+                fla_ms = time_ms(lambda: fused(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=s0,
+                                               output_final_state=True))
             print(f"        fla fused_recurrent_gated_delta_rule {fla_ms * 1e3:8.1f} us "
                   f"(triton / fla = {ms / fla_ms:.2f})")
-    return 0
 
 
 if __name__ == "__main__":

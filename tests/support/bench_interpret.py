@@ -1,0 +1,36 @@
+"""Run the comparisons of `memplug bench --device cuda` (`experiments.bench.triton_against_fla`) on
+the CPU: memplug's Triton kernels and fla's in Triton's interpreter (fla's patched by
+`triton_interpret`), float16 (bfloat16 products are wrong in the interpreter, and fla's
+chunk_delta_rule refuses float32), the `--smoke` shapes,
+each time one call. This checks that every comparison of the GPU benchmark runs, fla's calls
+included; the times it prints say nothing about a GPU. Run as a script in its own process, since the
+interpreter must be on before fla is imported:
+
+    python tests/support/bench_interpret.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from support import triton_interpret  # noqa: E402
+
+triton_interpret.enable()
+
+from memplug.experiments import bench  # noqa: E402
+
+
+def once_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+if __name__ == "__main__":
+    args = bench.cuda_arguments(["--smoke", "--dtype", "float16", "--device", "cpu"])
+    print(f"triton_against_fla on the CPU in Triton's interpreter, float16; B={args.B} T={args.T} H={args.H} "
+          f"K={args.K} V={args.V}; times: one call each (interpreted: not a benchmark)")
+    bench.triton_against_fla(args, "cpu", once_ms)
