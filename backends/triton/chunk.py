@@ -73,7 +73,7 @@ def cumsum_kernel(x, y, chunk_indices, offsets, Hb, D: tl.constexpr, BD: tl.cons
     REVERSE: from the chunk end (the backward of the forward sum)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
-    o_t, rows, m_t = row_block(start, n, BT)
+    _, rows, m_t = row_block(start, n, BT)
     p, m = tile(rows * Hb + i_h, m_t, tl.arange(0, BD), D)
     b_x = tl.load(x + p, mask=m, other=0.0).to(tl.float32)
     if not REVERSE:
