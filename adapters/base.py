@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from memplug.checks import check_cu_seqlens
+from memplug.checks import check_cache_tensor, check_cu_seqlens, compute_dtype
 from memplug.layers import check_memory_options, select_routes
 from memplug.routing import Router, RouterConfig, Routing, load_balancing_loss
 from memplug.rules import get_rule
@@ -356,6 +356,53 @@ class RoutedAdapter(nn.Module):
         return (f"wraps={self.wrapped_type}, rule={self._rule.name}, num_slots={m.num_slots}, topk={m.topk}, "
                 f"coupling={m.coupling}, per_slot_kv={m.per_slot_kv}, shared_slot={m.shared_slot}, backend={m.backend}")
 
+    def _conv_entries(self) -> dict:
+        """The short convolutions whose histories the cache keeps, by their name there:
+        `{name: (channels, kernel_size)}`, per-slot copies with `num_slots * channels` channels."""
+        entries = {}
+        for name, module in self.named_children():
+            if isinstance(module, nn.Conv1d):  # an original with a per-slot copy serves the shared slot
+                entries[("shared." if name in self.slots else "") + name] = (module.weight.shape[0],
+                                                                             module.weight.shape[-1])
+        for name, module in self.slots.items():
+            if isinstance(module, SlotConv):
+                entries[name] = (module.weight.shape[0], module.weight.shape[-1])
+        return entries
+
+    def _check_cache(self, state, conv_cache, rows: int, hidden_states: torch.Tensor) -> None:
+        """The layer's cache entry is one this layer made for these sequences: slot states (and the
+        shared slot's), convolution histories of this layer's sizes, dtype and device. Shapes only:
+        no host sync. An entry without a recurrent state carries nothing and is not checked."""
+        if state is None:
+            return
+        m = self.memory_config
+        device = hidden_states.device
+        if m.shared_slot != isinstance(state, (tuple, list)):
+            has = "a pair (slots, shared slot)" if isinstance(state, (tuple, list)) else "slot states only"
+            raise ValueError(f"cache: the recurrent state is {has}, but this layer has shared_slot={m.shared_slot}; "
+                             f"the cache was made by another layer")
+        states = [("recurrent_state", state, m.num_slots)]
+        if m.shared_slot:
+            if len(state) != 2:
+                raise ValueError(f"cache: the recurrent state is a sequence of {len(state)}, expected a pair "
+                                 f"(slots, shared slot)")
+            states = [("recurrent_state[0] (slots)", state[0], m.num_slots),
+                      ("recurrent_state[1] (shared slot)", state[1], 1)]
+        dtype = compute_dtype(hidden_states)
+        for what, t, slots in states:
+            check_cache_tensor(what, t, dict(batch=rows, heads=self.state_heads, num_slots=slots,
+                                             head_k_dim=self.state_k_dim, head_v_dim=self.state_v_dim), dtype, device)
+        convs = self._conv_entries()
+        held = dict(conv_cache or {})
+        if set(held) != set(convs):
+            raise ValueError(f"cache: holds convolution histories {sorted(held)}, but this layer keeps "
+                             f"{sorted(convs)}; the cache was made by another layer")
+        conv_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                      else hidden_states.dtype)
+        for name, (channels, width) in convs.items():
+            check_cache_tensor(f"conv_state[{name!r}]", held[name], dict(batch=rows, channels=channels, taps=width),
+                               conv_dtype, device)
+
     def _route(self, x) -> Routing:
         if self.router is not None:
             return self.router(x)
@@ -423,7 +470,9 @@ class RoutedAdapter(nn.Module):
         conv_cache = state = shared_state = None
         if last_state is not None:
             conv_cache, state = last_state.get("conv_state"), last_state.get("recurrent_state")
-            if isinstance(state, (tuple, list)):
+            rows = batch_size if cu_seqlens is None else cu_seqlens.numel() - 1
+            self._check_cache(state, conv_cache, rows, hidden_states)
+            if self.memory_config.shared_slot and state is not None:
                 state, shared_state = state
         use_cache = bool(use_cache)
 
@@ -504,6 +553,20 @@ def unregister_adapter(layer_type) -> None:
     del _ADAPTERS[key]
 
 
+# Layer types known not to map onto memplug yet, with the reason (wrap says so instead of "unknown").
+NOT_YET_SUPPORTED = {
+    "fla.layers.kda.KimiDeltaAttention": "Kimi Delta Attention needs the kda rule (a delta rule with a decay per key "
+                                         "channel), which memplug does not have yet",
+}
+
+
+def check_not_unsupported(layer_type: type) -> None:
+    """Raise NotImplementedError for a layer type in `NOT_YET_SUPPORTED`."""
+    reason = NOT_YET_SUPPORTED.get(_type_name(layer_type))
+    if reason is not None:
+        raise NotImplementedError(f"{_type_name(layer_type)} is not supported yet: {reason}")
+
+
 def supported_layers() -> list[str]:
     """Qualified names of the layer types `wrap` knows."""
     return sorted(_ADAPTERS)
@@ -535,6 +598,7 @@ def wrap(layer: nn.Module, num_slots: int, topk: int, coupling: str = "dt", rout
         raise TypeError(f"wrap: expected an nn.Module layer, got {type(layer).__name__}")
     adapter_cls = adapter_for(layer)
     if adapter_cls is None:
+        check_not_unsupported(type(layer))
         raise TypeError(f"wrap: no adapter for layers of type {_type_name(type(layer))}; supported layer types: "
                         f"{supported_layers()}. Teach wrap a new type with memplug.adapters.register_adapter "
                         f"(see docs/adapters.md)")

@@ -54,6 +54,28 @@ def check_cu_seqlens(cu_seqlens, B, T, device) -> int:
     return cu_seqlens.numel() - 1
 
 
+def check_cache_tensor(what: str, t, dims: dict, dtype: torch.dtype, device: torch.device) -> None:
+    """A tensor of a layer's cache is the one this layer keeps: `dims` names each expected size
+    (`{"batch": 2, "heads": 4, ...}`). A cache made by another layer, or for another batch, raises
+    a ValueError naming `cache`, the entry and the sizes that differ."""
+    expected = tuple(dims.values())
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"cache: {what} is a {type(t).__name__}, expected a tensor of shape {list(expected)} "
+                         f"[{', '.join(dims)}]")
+    if tuple(t.shape) != expected:
+        if t.dim() == len(expected):
+            differ = "; ".join(f"{name} {got} here {want}" for (name, want), got in zip(dims.items(), t.shape)
+                               if got != want)
+        else:
+            differ = f"{t.dim()} dimensions, expected {len(expected)}"
+        raise ValueError(f"cache: {what} has shape {list(t.shape)}, but this layer keeps {list(expected)} "
+                         f"[{', '.join(dims)}] ({differ}); the cache was made by another layer or for another batch")
+    if t.dtype != dtype:
+        raise ValueError(f"cache: {what} is {t.dtype}, but this layer keeps it in {dtype} for these inputs")
+    if t.device != device:
+        raise ValueError(f"cache: {what} is on {t.device}, but the inputs are on {device}")
+
+
 def _shape(x) -> str:
     return "[" + ", ".join(str(s) for s in x.shape) + "]"
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from .backends.layout import routes_per_head
 from .cache import MemoryCache
-from .checks import (COUPLINGS, check_bool, check_cu_seqlens, check_finite_number, check_positive_int,
-                     compute_dtype)
+from .checks import (COUPLINGS, check_bool, check_cache_tensor, check_cu_seqlens, check_finite_number,
+                     check_positive_int, compute_dtype)
 from .modules import RMSNorm, ShortConv, at_least_float32
 from .registry import check_backend_name
 from .routing import Router, RouterConfig, Routing, load_balancing_loss
@@ -213,8 +213,39 @@ class RoutedMemory(nn.Module):
             raise TypeError(f"cache: expected a MemoryCache or None, got {type(cache).__name__}")
         B, T = x.shape[:2]
         rows = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, x.device)
-        if cache is not None and cache.batch_size != rows:
-            raise ValueError(f"cache: holds {cache.batch_size} sequences, but the input has {rows}")
+        if cache is not None:
+            self._check_cache(cache, rows, x)
+
+    def _conv_streams(self) -> dict:
+        """The short convolutions whose histories the cache keeps, by their name there."""
+        streams = {"q": self.q}
+        for writes in (self.writes, self.shared_writes):
+            if writes is not None:
+                streams.update({writes.name + "k": writes.k, writes.name + "v": writes.v})
+        return {name: stream.conv for name, stream in streams.items() if stream.conv is not None}
+
+    def _check_cache(self, cache: MemoryCache, rows: int, x: torch.Tensor) -> None:
+        """The cache is one this layer made for these sequences: slot states, shared slot and
+        convolution histories of this layer's sizes, dtype and device. Shapes only: no host sync."""
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        dtype = compute_dtype(x)
+        check_cache_tensor("state", cache.state, dict(batch=rows, heads=H, num_slots=self.num_slots, head_k_dim=K,
+                                                      head_v_dim=V), dtype, x.device)
+        if (cache.shared_state is None) != (self.shared_writes is None):
+            has = "has no" if cache.shared_state is None else "has a"
+            needs = "has" if self.shared_writes is not None else "has no"
+            raise ValueError(f"cache: {has} shared-slot state, but this layer {needs} shared slot "
+                             f"(shared_slot={self.shared_writes is not None}); the cache was made by another layer")
+        if cache.shared_state is not None:
+            check_cache_tensor("shared_state", cache.shared_state, dict(batch=rows, heads=H, num_slots=1,
+                                                                        head_k_dim=K, head_v_dim=V), dtype, x.device)
+        convs = self._conv_streams()
+        if set(cache.conv) != set(convs):
+            raise ValueError(f"cache: holds convolution histories {sorted(cache.conv)}, but this layer keeps "
+                             f"{sorted(convs)}; the cache was made by another layer")
+        for name, conv in convs.items():
+            check_cache_tensor(f"conv[{name!r}]", cache.conv[name],
+                               dict(batch=rows, taps=conv.kernel_size - 1, channels=conv.channels), x.dtype, x.device)
 
     def forward(self, x, cache: Optional[MemoryCache] = None, cu_seqlens=None, use_cache: bool = False):
         self._check_forward(x, cache, cu_seqlens, use_cache)

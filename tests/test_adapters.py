@@ -268,48 +268,73 @@ def test_padding_row_without_tokens_is_an_error():
 
 
 # --------------------------------------------------------------------------------------------------
-# Models
+# A cache belongs to its layer
 
 
-MODEL_CONFIGS = {
-    "GLAForCausalLM": ("GLAConfig", dict(hidden_size=D, num_hidden_layers=2, num_heads=2, hidden_ratio=2,
-                                         use_short_conv=True)),
-    "DeltaNetForCausalLM": ("DeltaNetConfig", dict(hidden_size=D, num_hidden_layers=2, num_heads=2, hidden_ratio=2)),
-    "GatedDeltaNetForCausalLM": ("GatedDeltaNetConfig", dict(hidden_size=D, num_hidden_layers=2, num_heads=2,
-                                                             head_dim=8, hidden_ratio=2)),
-    "Mamba2ForCausalLM": ("Mamba2Config", dict(hidden_size=D, num_hidden_layers=2, head_dim=8, state_size=6,
-                                               expand=2, chunk_size=8)),
+def _gla(**options):
+    from fla.layers.gla import GatedLinearAttention
+
+    torch.manual_seed(0)
+    kwargs = dict(hidden_size=D, num_heads=2, expand_k=0.5, expand_v=1.0, use_short_conv=True, layer_idx=0)
+    return GatedLinearAttention(**{**kwargs, **options}).eval()
+
+
+def _filled_cache(routed, x):
+    cache = Cache()
+    with torch.no_grad():
+        routed(x, past_key_values=cache, use_cache=True)
+    return cache
+
+
+MISMATCHES = {  # what made the cache, what it is given to, what the error names
+    "fewer_slots": (lambda: wrap(_gla(), num_slots=8, topk=2), lambda: wrap(_gla(), num_slots=4, topk=2), "num_slots"),
+    "more_slots": (lambda: wrap(_gla(), num_slots=8, topk=2), lambda: wrap(_gla(), num_slots=16, topk=2), "num_slots"),
+    "heads": (lambda: wrap(_gla(), num_slots=4, topk=2), lambda: wrap(_gla(num_heads=4), num_slots=4, topk=2),
+              "heads"),
+    "head_dims": (lambda: wrap(_gla(), num_slots=4, topk=2), lambda: wrap(_gla(expand_k=1.0), num_slots=4, topk=2),
+                  "head_k_dim"),
+    "conv_size": (lambda: wrap(_gla(), num_slots=4, topk=2), lambda: wrap(_gla(conv_size=2), num_slots=4, topk=2),
+                  "taps"),
+    "no_conv": (lambda: wrap(_gla(use_short_conv=False), num_slots=4, topk=2), lambda: wrap(_gla(), num_slots=4, topk=2),
+                "convolution histories"),
+    "fm_into_mom": (lambda: wrap(_gla(), num_slots=4, topk=2),
+                    lambda: wrap(_gla(), num_slots=4, topk=2, shared_slot=True, per_slot_kv=True), "shared_slot"),
+    "mom_into_fm": (lambda: wrap(_gla(), num_slots=4, topk=2, shared_slot=True),
+                    lambda: wrap(_gla(), num_slots=4, topk=2), "shared_slot"),
+    "per_slot_convs": (lambda: wrap(_gla(), num_slots=4, topk=2, per_slot_kv=True),
+                       lambda: wrap(_gla(), num_slots=4, topk=2), "channels"),
+    "dtype": (lambda: wrap(_gla(), num_slots=4, topk=2), lambda: wrap(_gla().double(), num_slots=4, topk=2), "float64"),
 }
 
 
-def _model(name, seed=0):
-    import fla.models
+@pytest.mark.parametrize("mismatch", sorted(MISMATCHES))
+def test_a_cache_from_another_layer_is_refused(mismatch):
+    """Before any work: the cache is left as it was."""
+    make, take, named = MISMATCHES[mismatch]
+    x = torch.randn(B, 3, D)
+    cache = _filled_cache(make(), x)
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in cache[0].items()}
+    layer = take()
+    y = torch.randn(B, 1, D, dtype=next(layer.parameters()).dtype)
+    with pytest.raises(ValueError, match="cache") as error:
+        layer(y, past_key_values=cache, use_cache=True)
+    assert named in str(error.value)
+    assert str(cache[0]) == str(before)
 
-    config_name, kwargs = MODEL_CONFIGS[name]
-    torch.manual_seed(seed)
-    config = getattr(fla.models, config_name)(vocab_size=64, pad_token_id=0, eos_token_id=63, bos_token_id=1, **kwargs)
-    return getattr(fla.models, name)(config).eval()
+
+def test_a_cache_for_another_batch_is_refused():
+    routed = wrap(_gla(), num_slots=4, topk=2)
+    cache = _filled_cache(routed, torch.randn(2, 3, D))
+    with pytest.raises(ValueError, match=r"cache: .*batch 2 here 3"):
+        routed(torch.randn(3, 1, D), past_key_values=cache, use_cache=True)
 
 
-@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
-def test_model_generate_with_and_without_cache(name):
-    model = wrap_model(_model(name), num_slots=4, topk=2)
-    wrapped = [m for m in model.modules() if isinstance(m, RoutedAdapter)]
-    assert len(wrapped) == 2
-    ids = token_ids()[:, :6]
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # left padding
-    ids = ids.masked_fill(mask == 0, 0)
-    kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        cached = model.generate(ids, use_cache=True, **kw)
-        uncached = model.generate(ids, use_cache=False, **kw)
-    assert cached.shape == (B, 11)
-    assert torch.equal(cached, uncached)
+# --------------------------------------------------------------------------------------------------
+# Models
 
 
 def test_wrap_model_layer_types_and_errors():
-    model = _model("GLAForCausalLM")
+    model = build_model("gla")
     with pytest.raises(ValueError, match="no layer to wrap"):
         wrap_model(model, layer_types=["DeltaNet"], num_slots=2, topk=1)
     wrap_model(model, layer_types="GatedLinearAttention", num_slots=2, topk=1)
@@ -319,7 +344,7 @@ def test_wrap_model_layer_types_and_errors():
 
 
 def test_save_load_round_trip(tmp_path):
-    model = wrap_model(_model("GLAForCausalLM"), num_slots=3, topk=2, per_slot_kv=True, shared_slot=True,
+    model = wrap_model(build_model("gla"), num_slots=3, topk=2, per_slot_kv=True, shared_slot=True,
                        router={"temperature": 0.5, "load_balance_coef": 0.01})
     with torch.no_grad():  # move the router and slot copies off their initial values
         for name, p in model.named_parameters():
@@ -340,8 +365,94 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         _close(restored(ids).logits, model(ids).logits, atol=0, rtol=0)
     with pytest.raises(ValueError, match="no 'memplug' entry"):
-        _model("GLAForCausalLM").save_pretrained(tmp_path / "plain")
+        build_model("gla").save_pretrained(tmp_path / "plain")
         load_pretrained(tmp_path / "plain")
+
+
+def test_training_on_cpu_with_fla_default_loss():
+    """fla's configs ask for a fused cross-entropy kernel (CUDA only); the wrapped model trains on a
+    CPU with PyTorch's, the same loss as computed from the logits, linear-fused variant included."""
+    ids = token_ids()
+    losses = []
+    for config in (dict(), dict(fuse_cross_entropy=False, fuse_linear_cross_entropy=True)):
+        model = wrap_model(build_model("gla", **config), num_slots=4, topk=2).train()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        router = model.model.layers[0].attn.router.proj.weight
+        assert router.grad is not None and bool(router.grad.abs().sum() > 0)
+        losses.append(out.loss.detach())
+    with torch.no_grad():
+        logits = model(ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    _close(losses[0], expected)
+    _close(losses[1], expected)
+
+
+def test_load_pretrained_imports_only_trusted_model_classes(tmp_path):
+    import json
+
+    model = wrap_model(build_model("gla"), num_slots=2, topk=1)
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    config["memplug"]["model_class"] = "memplug_untrusted_module_xyz.Model"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_model_class=True"):
+        load_pretrained(tmp_path)
+    assert "memplug_untrusted_module_xyz" not in sys.modules
+    with pytest.raises(ModuleNotFoundError, match="memplug_untrusted_module_xyz"):  # trusted: imported
+        load_pretrained(tmp_path, trust_model_class=True)
+    with pytest.raises(TypeError, match="trust_model_class"):
+        load_pretrained(tmp_path, trust_model_class="yes")
+    import fla.models
+
+    restored = load_pretrained(tmp_path, model_class=fla.models.GLAForCausalLM)  # named by the caller
+    assert isinstance(restored, fla.models.GLAForCausalLM)
+
+
+def test_kimi_delta_attention_is_not_supported_yet():
+    import fla.models
+    from fla.layers import KimiDeltaAttention
+
+    with pytest.raises(NotImplementedError, match="KimiDeltaAttention is not supported yet: .*kda rule"):
+        wrap(KimiDeltaAttention(hidden_size=D, head_dim=8, num_heads=2, layer_idx=0), num_slots=2, topk=1)
+    config = fla.models.KDAConfig(hidden_size=D, num_hidden_layers=1, head_dim=8, num_heads=2, vocab_size=64)
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        wrap_model(fla.models.KDAForCausalLM(config), num_slots=2, topk=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton's interpreter for fla's kernels
+
+
+def test_interpreter_refuses_after_fla_is_imported():
+    from memplug.adapters import enable_triton_interpreter
+
+    assert "fla" in sys.modules
+    before = os.environ.get("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="fla is already imported"):
+        enable_triton_interpreter()
+    assert os.environ.get("TRITON_INTERPRET") == before  # nothing changed
+
+
+def test_interpreter_refuses_after_triton_is_imported_without_it():
+    """Importing triton defines triton.language's own jitted helpers, for a GPU when the interpreter
+    is off: a fresh process that imported triton first is refused."""
+    code = ("import triton\nfrom memplug.adapters import enable_triton_interpreter\n"
+            "enable_triton_interpreter()")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0 and "Triton is already imported without its interpreter" in done.stderr
+
+
+def test_interpreter_refuses_an_untested_triton(monkeypatch):
+    from memplug.adapters import enable_triton_interpreter, triton_interpreter
+
+    monkeypatch.setattr(triton_interpreter, "installed_triton", lambda: "3.1.0")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match=r"Triton 3\.1\.0 is installed, .*tested with Triton 3\.9"):
+        enable_triton_interpreter()
+    assert "TRITON_INTERPRET" not in os.environ
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,20 +460,26 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_docs_examples_run():
-    """Every python block of docs/adapters.md runs (the README snippet and the registry example)."""
+    """Every python block of docs/adapters.md runs: those that turn on Triton's interpreter in a
+    fresh process (as they say they must), the others here."""
     from memplug.adapters import base
 
     text = (ROOT / "docs" / "adapters.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(blocks) >= 3
+    fresh = [block for block in blocks if "enable_triton_interpreter()" in block]
+    assert len(blocks) >= 5 and len(fresh) == 1
     registered = dict(base._ADAPTERS)
     try:
         namespace = {}
         for block in blocks:
-            exec(compile(block, "docs/adapters.md", "exec"), namespace)
+            if block not in fresh:
+                exec(compile(block, "docs/adapters.md", "exec"), namespace)
     finally:
         base._ADAPTERS.clear()
         base._ADAPTERS.update(registered)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", fresh[0]], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,8 +487,8 @@ def test_docs_examples_run():
 
 
 def test_interpreter_patches(reference):
-    """The patches of tests/support/triton_interpret.py: an autotuned kernel of our own whose loop
-    index calls .to(), and fla's chunked Gated DeltaNet kernel against fla's naive recurrence."""
+    """The patches of memplug.adapters.enable_triton_interpreter: an autotuned kernel of our own whose
+    loop index calls .to(), and fla's chunked Gated DeltaNet kernel against fla's naive recurrence."""
     assert reference["self_test"]["block"] == 4  # the last config, no benchmark
     assert reference["self_test"]["max_error"] < 1e-5
     assert reference["kernel_check"] < 1e-5

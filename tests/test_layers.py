@@ -282,3 +282,47 @@ def test_short_conv_is_causal_resumable_and_packable(T, split, width, lengths):
         y_n, s_n = conv(packed[:, cu[n]:cu[n + 1]], output_state=True)
         torch.testing.assert_close(y_packed[:, cu[n]:cu[n + 1]], y_n)
         torch.testing.assert_close(s_packed[n:n + 1], s_n)
+
+
+def _preset(name, **kw):
+    torch.manual_seed(0)
+    cls = {"fm": memplug.FactorizationMemory, "mom": memplug.MixtureOfMemories}[name]
+    return cls(D, H, K, V, **kw).double()
+
+
+CACHE_MISMATCHES = {  # the layer that made the cache, the layer it is given to, what the error names
+    "fewer_slots": (lambda: _layer(num_slots=8), lambda: _layer(num_slots=4), "num_slots"),
+    "more_slots": (lambda: _layer(num_slots=8), lambda: _layer(num_slots=16), "num_slots"),
+    "heads": (lambda: _layer(), lambda: memplug.RoutedMemory(D, 4, K, V).double(), "heads"),
+    "head_dims": (lambda: _layer(), lambda: memplug.RoutedMemory(D, H, K, 2 * V).double(), "head_v_dim"),
+    "conv_size": (lambda: _layer(), lambda: _layer(conv_size=2), "taps"),
+    "no_conv": (lambda: _layer(short_conv=False), lambda: _layer(), "convolution histories"),
+    "fm_into_mom": (lambda: _preset("fm", num_slots=4), lambda: _preset("mom", num_slots=4), "shared slot"),
+    "mom_into_fm": (lambda: _preset("mom", num_slots=4), lambda: _preset("fm", num_slots=4), "shared slot"),
+    "per_slot_convs": (lambda: _layer(num_slots=4, per_slot_kv=True), lambda: _layer(num_slots=4), "channels"),
+    "dtype": (lambda: _layer().float(), lambda: _layer(), "float64"),
+}
+
+
+@pytest.mark.parametrize("mismatch", sorted(CACHE_MISMATCHES))
+def test_a_cache_from_another_layer_is_refused(mismatch):
+    """A ValueError naming `cache` and what differs, before any work: the cache is left as it was."""
+    make, take, named = CACHE_MISMATCHES[mismatch]
+    maker = make()
+    dtype = next(maker.parameters()).dtype
+    _, cache, _ = maker(_x(T=3).to(dtype), use_cache=True)
+    before = cache.clone()
+    with pytest.raises(ValueError, match="cache") as error:
+        take()(_x(T=1), cache=cache)
+    assert named in str(error.value)
+    assert torch.equal(cache.state, before.state) and cache.conv.keys() == before.conv.keys()
+
+
+def test_a_cache_for_another_batch_is_refused():
+    layer = _layer()
+    _, cache, _ = layer(_x(B=2, T=3), use_cache=True)
+    with pytest.raises(ValueError, match=r"cache: .*batch 2 here 3"):
+        layer(_x(B=3, T=1), cache=cache)
+    cu = torch.tensor([0, 1, 2, 3])  # three packed sequences
+    with pytest.raises(ValueError, match=r"cache: .*batch 2 here 3"):
+        layer(_x(B=1, T=3), cache=cache, cu_seqlens=cu)

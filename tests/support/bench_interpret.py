@@ -1,8 +1,7 @@
 """Run the comparisons of `memplug bench --device cuda` (`experiments.bench.triton_against_fla`) on
-the CPU: memplug's Triton kernels and fla's in Triton's interpreter (fla's patched by
-`triton_interpret`), float16 (bfloat16 products are wrong in the interpreter, and fla's
-chunk_delta_rule refuses float32), the `--smoke` shapes,
-each time one call. This checks that every comparison of the GPU benchmark runs, fla's calls
+the CPU: memplug's Triton kernels and fla's in Triton's interpreter (patched for fla by
+`memplug.adapters.enable_triton_interpreter`), float16 (bfloat16 products are wrong in the
+interpreter, and fla's chunk_delta_rule refuses float32), the `--smoke` shapes, each time one call. This checks that every comparison of the GPU benchmark runs, fla's calls
 included; the times it prints say nothing about a GPU. Run as a script in its own process, since the
 interpreter must be on before fla is imported:
 
@@ -16,9 +15,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from support import triton_interpret  # noqa: E402
+from memplug.adapters import enable_triton_interpreter  # noqa: E402
 
-triton_interpret.enable()
+enable_triton_interpreter()
 
 from memplug.experiments import bench  # noqa: E402
 

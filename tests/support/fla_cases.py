@@ -93,27 +93,52 @@ def inputs(seed: int = 1):
     return x, mask
 
 
-# Whole models: the unwrapped fla model under the interpreter (fused RMSNorm with residual, fused
-# SwiGLU MLP) against the wrapped one-slot model with its PyTorch fallbacks.
-MODELS = {
-    "gla": ("fla.models.GLAConfig", "fla.models.GLAForCausalLM",
-            dict(hidden_size=D, num_hidden_layers=2, num_heads=2, hidden_ratio=2, vocab_size=64, use_short_conv=True)),
-    "mamba2": ("fla.models.Mamba2Config", "fla.models.Mamba2ForCausalLM",
-               dict(hidden_size=D, num_hidden_layers=2, head_dim=8, state_size=6, expand=2, vocab_size=64,
-                    chunk_size=8)),
+# Whole models: an fla causal LM of every family the adapters wrap, with short convolutions on and
+# off (Mamba-2 always has its convolution). fla ships no SimpleGLA model: "simple_gla" is fla's GLA
+# model with SimpleGatedLinearAttention mixers.
+VOCAB = 64
+LM = dict(hidden_size=D, num_hidden_layers=2, hidden_ratio=2, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+          eos_token_id=VOCAB - 1)
+_FAMILIES = {
+    "gla": ("fla.models.GLAConfig", "fla.models.GLAForCausalLM", dict(num_heads=2)),
+    "simple_gla": ("fla.models.GLAConfig", "fla.models.GLAForCausalLM", dict(num_heads=2)),
+    "deltanet": ("fla.models.DeltaNetConfig", "fla.models.DeltaNetForCausalLM", dict(num_heads=2)),
+    "gated_deltanet": ("fla.models.GatedDeltaNetConfig", "fla.models.GatedDeltaNetForCausalLM",
+                       dict(num_heads=2, head_dim=8)),
 }
+MODELS = {f"{family}{suffix}": (config, model, dict(kwargs, use_short_conv=conv))
+          for family, (config, model, kwargs) in _FAMILIES.items()
+          for suffix, conv in (("", True), ("_noconv", False))}
+MODELS["mamba2"] = ("fla.models.Mamba2Config", "fla.models.Mamba2ForCausalLM",
+                    dict(head_dim=8, state_size=6, expand=2, chunk_size=8))
 
 
-def build_model(name: str, seed: int = 0, **overrides):
+def build_model(name: str, seed: int = 0, **config):
+    """The model `name` of MODELS with random weights of unit-scale activations (fla's initialisation,
+    std 0.02, gives outputs that barely depend on the context, so a decoder that forgot the prompt
+    would go unnoticed). `config` overrides options of the model's config."""
     import torch
 
     config_cls, model_cls, kwargs = MODELS[name]
     torch.manual_seed(seed)
-    config = import_class(config_cls)(**{**kwargs, **overrides})
-    return import_class(model_cls)(config).eval()
+    config = import_class(config_cls)(**{**LM, **kwargs, **config})
+    model = import_class(model_cls)(config)
+    if name.startswith("simple_gla"):
+        from fla.layers.simple_gla import SimpleGatedLinearAttention
+
+        for i, block in enumerate(model.model.layers):
+            block.attn = SimpleGatedLinearAttention(hidden_size=D, num_heads=kwargs["num_heads"],
+                                                    use_short_conv=kwargs["use_short_conv"], layer_idx=i)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            else:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
 
 
 def token_ids(seed: int = 2):
     import torch
 
-    return torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))

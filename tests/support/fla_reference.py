@@ -1,6 +1,6 @@
 """Reference outputs of flash-linear-attention's own layers, computed on the CPU by fla's Triton
-kernels under Triton's interpreter (`triton_interpret`). Run as a script in its own process, since
-the interpreter must be on before fla is imported:
+kernels under Triton's interpreter (`memplug.adapters.enable_triton_interpreter`). Run as a script
+in its own process, since the interpreter must be on before fla is imported:
 
     python tests/support/fla_reference.py OUT.pt [CASE ...]
 
@@ -19,9 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from support import triton_interpret  # noqa: E402
+from memplug.adapters import enable_triton_interpreter, interpreter_self_test  # noqa: E402
 
-triton_interpret.enable()
+enable_triton_interpreter()
 
 import torch  # noqa: E402
 
@@ -98,7 +98,7 @@ def model_reference(name):
 
 def main(path, names):
     started = time.time()
-    result = {"self_test": triton_interpret.self_test(), "kernel_check": _kernel_check(), "cases": {}, "models": {}}
+    result = {"self_test": interpreter_self_test(), "kernel_check": _kernel_check(), "cases": {}, "models": {}}
     for name in names or CASES:
         result["cases"][name] = case_reference(name)
     if not names:

@@ -1,7 +1,12 @@
-"""Run flash-linear-attention's Triton kernels on a CPU through Triton's interpreter.
+"""Run flash-linear-attention's Triton kernels on a CPU, through Triton's interpreter, so that a
+user without a GPU can check a wrapped layer against fla's own (`docs/adapters.md`, "Verify on a
+CPU"):
 
-`TRITON_INTERPRET=1` makes `triton.jit` return interpreted functions, which run on CPU tensors. Two
-things still break fla's kernels there, and `enable()` patches both:
+    from memplug.adapters import enable_triton_interpreter
+    enable_triton_interpreter()   # first: before fla is imported
+
+`TRITON_INTERPRET=1` makes `triton.jit` return interpreted functions, which run on CPU tensors. Three
+things still stand in the way of fla's kernels there, and `enable_triton_interpreter` patches them:
 
 1. autotuning: with more than one config, the autotuner benchmarks each one through the GPU driver,
    which does not exist. The patch keeps only the last config that survives pruning, so no
@@ -16,14 +21,20 @@ things still break fla's kernels there, and `enable()` patches both:
    on every call of a device function (`@triton.jit` helpers such as fla's `exp`), thousands of
    times per kernel. The patch skips that while a kernel launch has already patched it.
 
-Call `enable()` before fla (or any module defining Triton kernels) is imported: `triton.jit` decides
-at decoration time whether a kernel is interpreted.
+The patches reach into the interpreter's internals, so they are tied to the Triton releases they were
+tested with (`SUPPORTED_TRITON`); any other release is refused with a clear error. `triton.jit`
+decides at decoration time whether a kernel is interpreted, so the call must come before fla is
+imported. The interpreter is slow: use small shapes (a few heads, tens of tokens).
 """
 from __future__ import annotations
 
 import ast
+import importlib
+import importlib.metadata
 import inspect
 import os
+import sys
+from typing import Optional
 
 _ENABLED = False
 
@@ -48,12 +59,69 @@ class _LoopIndexAsTensor(ast.NodeTransformer):
         return node
 
 
-def enable() -> None:
-    """Turn the interpreter on and apply the three patches (idempotent)."""
+SUPPORTED_TRITON = ("3.9",)  # major.minor releases the patches were tested with
+_INTERNALS = (("triton.runtime.autotuner", "Autotuner.prune_configs"),  # module, attribute the patches use
+              ("triton.runtime.interpreter", "FunctionRewriter.ast_transformer"),
+              ("triton.runtime.interpreter", "_patch_lang"), ("triton.runtime.interpreter", "_LangPatchScope"))
+
+
+def installed_triton() -> Optional[str]:
+    """The installed Triton's version, read without importing it (None if absent)."""
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _refuse(reason: str):
+    raise RuntimeError(f"enable_triton_interpreter: {reason}")
+
+
+def _check_can_enable() -> None:
+    """Refuse, before changing anything, when the patches cannot work: no Triton, an untested
+    release, or kernels already defined for a GPU. Triton itself must not be imported here:
+    importing it defines `triton.language`'s own jitted helpers, interpreted or not for good."""
+    version = installed_triton()
+    if version is None:
+        _refuse("Triton is not installed (pip install triton; it ships for Linux only)")
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_TRITON:
+        _refuse(f"Triton {version} is installed, but the interpreter patches are tested with Triton "
+                f"{', '.join(SUPPORTED_TRITON)} only; install a supported release "
+                f"(e.g. pip install 'triton=={SUPPORTED_TRITON[-1]}.*')")
+    if any(name == "fla" or name.startswith("fla.") for name in sys.modules):
+        _refuse("fla is already imported, so its kernels were defined for a GPU; call "
+                "enable_triton_interpreter() first, before anything imports fla (in a fresh process)")
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        _refuse("Triton is already imported without its interpreter; call enable_triton_interpreter() first, "
+                "before anything imports triton or fla (in a fresh process)")
+
+
+def _check_internals() -> None:
+    """The interpreter internals the patches replace exist in this Triton."""
+    for module, attribute in _INTERNALS:
+        obj = importlib.import_module(module)
+        for part in attribute.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                _refuse(f"this Triton ({installed_triton()}) has no {module}.{attribute}, which the patches need")
+
+
+def enable_triton_interpreter() -> None:
+    """Turn Triton's interpreter on and apply the three patches (idempotent). Raises RuntimeError,
+    changing nothing, when the installed Triton is not a supported release or triton or fla were
+    imported before."""
     global _ENABLED
     if _ENABLED:
         return
+    _check_can_enable()
+    previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        _check_internals()
+    except RuntimeError:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET")
+        raise
     from triton.runtime import autotuner, interpreter
 
     prune = autotuner.Autotuner.prune_configs
@@ -107,11 +175,13 @@ def enable() -> None:
     _ENABLED = True
 
 
-def self_test() -> dict:
-    """Check both patches on a kernel of our own: autotuned over two configs, whose loop index calls
+def interpreter_self_test() -> dict:
+    """Check the first two patches on a kernel of our own: autotuned over two configs, whose loop index calls
     `.to()`. Only the last config (BLOCK = 4, the width of the input) gives the right result, and
     benchmarking would need a GPU driver. Returns the maximum error against PyTorch (0 expected) and
     the config the autotuner kept."""
+    if not _ENABLED:
+        raise RuntimeError("interpreter_self_test: call enable_triton_interpreter() first")
     import torch
     import triton
     import triton.language as tl
