@@ -19,11 +19,15 @@ there is one, else CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import fcntl
+import importlib
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -132,7 +136,9 @@ def replica_drift(model) -> float:
 
 def train_run(run: Run, task, env, progress=None) -> dict:
     """Train and evaluate one run; returns its JSON record (on every rank). `progress(loss)` is
-    called after every step with the step's loss (a tensor)."""
+    called after every step with the step's loss (a tensor), and with None for each step a diverged
+    run did not train. A run whose loss or memory inputs turn non-finite stops there and is recorded
+    as diverged, with its step and no metrics."""
     device, rank, world = env["device"], env["rank"], env["world_size"]
     train = run.train
     if train.batch_size % world:
@@ -147,6 +153,9 @@ def train_run(run: Run, task, env, progress=None) -> dict:
     generator = torch.Generator().manual_seed(run.seed * 1_000_003 + rank)
     per_rank = train.batch_size // world
     losses = []
+    routing_history = []  # routing health at a quarter, half and three quarters of training
+    checkpoints = {max(1, round(train.steps * f)) for f in (0.25, 0.5, 0.75)}
+    refused_at = None  # the step at which the memory's checks refused non-finite values
     start = time.perf_counter()
     model.train()
     for step in range(train.steps):
@@ -154,17 +163,30 @@ def train_run(run: Run, task, env, progress=None) -> dict:
             group["lr"] = lr_at(step, train)
         x, y = task.train_batch(per_rank, generator)
         x, y = x.to(device), y.to(device)
-        logits, _, aux = net(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
-        opt.zero_grad(set_to_none=True)
-        (loss + aux["aux_loss"]).backward()
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        opt.step()
-        losses.append(loss.detach())  # no .item() here: on a GPU that would wait for every step
+        try:
+            logits, _, aux = net(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+            opt.zero_grad(set_to_none=True)
+            (loss + aux["aux_loss"]).backward()
+            if train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            opt.step()
+            losses.append(loss.detach())  # no .item() here: on a GPU that would wait for every step
+            if step + 1 in checkpoints and rank == 0 and model.blocks[0].memory.router is not None:
+                model.eval()
+                routing_history.append({"step": step + 1, "layers": routing_summary(model, task, device)})
+                model.train()
+        except ValueError:  # the memory's input checks refused non-finite values
+            if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                raise  # not a divergence: a bug, which must not pass for a result
+            refused_at = step
+            break
         if progress is not None:
             progress(losses[-1])
-    losses = torch.stack(losses)
+    if progress is not None:  # the bars also count the steps a diverged run did not train
+        for _ in range(train.steps - (step + 1 if refused_at is None else step)):
+            progress(None)
+    losses = torch.stack(losses) if losses else torch.zeros(0)
     seconds = time.perf_counter() - start
     drift = None
     if world > 1:  # the record is rank 0's: give it the global batch's loss, and check the replicas agree
@@ -174,23 +196,31 @@ def train_run(run: Run, task, env, progress=None) -> dict:
         if drift != 0:
             print(f"warning: {run.id}: DDP replicas differ by up to {drift:.3g} in a parameter", file=sys.stderr)
     losses = losses.tolist()
-    if not all(math.isfinite(v) for v in losses):
-        print(f"warning: {run.id}: non-finite training loss", file=sys.stderr)
+    non_finite = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    diverged_step = non_finite if non_finite is not None else refused_at
+    accounting = {"params": params, "memory_params": model.memory_params(), "state_numel": model.state_numel(),
+                  "active_state_numel": model.active_state_numel(),
+                  "state_numel_per_layer": model.blocks[0].memory.state_numel(),
+                  "memory_flops_per_token": model.memory_flops_per_token()}
+    record = {"run": run.id, "config_hash": run.hash, **run.settings(), **accounting, "steps": train.steps,
+              "diverged": diverged_step is not None, "diverged_step": diverged_step,
+              "train_seconds": seconds, "world_size": world, "ddp_param_drift": drift, "device": str(device.type),
+              "backend": run.model.layer.get("backend", "auto"), "routing_history": routing_history}
+    if diverged_step is not None:  # a result like any other: recorded, shown, never retrained on resume
+        print(f"warning: {run.id}: diverged at step {diverged_step} (non-finite loss or memory inputs)",
+              file=sys.stderr)
+        return {**record, "train_loss": None, "eval_loss": None, "accuracy": None, "tokens_per_s": None,
+                "routing": None}
     model.eval()
     metrics = task.evaluate(model, device, rank, world)
     tail = losses[-max(1, len(losses) // 10):]
-    record = {
-        "run": run.id, "config_hash": run.hash, **run.settings(),
-        "params": params, "state_numel": model.state_numel(),
-        "state_numel_per_layer": model.blocks[0].memory.state_numel(),
-        "steps": train.steps, "train_loss": sum(tail) / len(tail),
+    record.update({
+        "train_loss": sum(tail) / len(tail),
         "eval_loss": metrics.pop("eval_loss"), "accuracy": metrics.pop("accuracy"),
         "tokens_per_s": train.steps * train.batch_size * task.seq_len / seconds,
-        "train_seconds": seconds, "world_size": world, "ddp_param_drift": drift, "device": str(device.type),
-        "backend": run.model.layer.get("backend", "auto"),
         "routing": routing_summary(model, task, device) if rank == 0 else None,
         **metrics,
-    }
+    })
     if isinstance(task, ByteLM):
         record["corpus"] = task.info
     return record
@@ -236,17 +266,38 @@ def _finished(record, out, show):
     append_result(out / "results.jsonl", record)
     if show:
         from tqdm.auto import tqdm
-        tqdm.write(f"{record['run']}: accuracy {record['accuracy']:.3f}, eval loss {record['eval_loss']:.3f}, "
-                   f"{record['tokens_per_s']:.0f} tokens/s, {record['train_seconds']:.0f} s")
+        if record["diverged"]:
+            tqdm.write(f"{record['run']}: diverged at step {record['diverged_step']}")
+        else:
+            tqdm.write(f"{record['run']}: accuracy {record['accuracy']:.3f}, eval loss {record['eval_loss']:.3f}, "
+                       f"{record['tokens_per_s']:.0f} tokens/s, {record['train_seconds']:.0f} s")
 
 
 # Worker processes of a grid run with jobs > 1: each trains whole runs, one thread each.
 _WORKER = {}
 
 
+def _exit_with_parent():
+    """End this worker when the grid's main process ends, however it ends (SIGKILL included): a
+    thread waits on the parent's sentinel."""
+    import multiprocessing as mp
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = mp.parent_process()
+
+    def watch():
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _init_worker(counter, slots, lock, threads, show):
     from tqdm.auto import tqdm
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _exit_with_parent()
     tqdm.set_lock(lock)
     torch.set_num_threads(threads)
     with slots.get_lock():
@@ -264,7 +315,7 @@ def _worker(run: Run, label: str) -> dict:
 
     def progress(loss):
         bar.update(1)
-        if bar.n % 10 == 0:
+        if loss is not None and bar.n % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         with counter.get_lock():
             counter.value += 1
@@ -284,12 +335,44 @@ def resolve_jobs(jobs: int, env, n_runs: int) -> int:
     return max(1, min(jobs, n_runs))
 
 
+class OutputLocked(RuntimeError):
+    """Another grid is writing to the same output folder."""
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold OUT/.lock for the whole grid, so that two commands never both append to one results.jsonl
+    (the lock ends with the process, however it ends)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OutputLocked(f"--out {out}: another memplug ablate ({holder}) is writing there; wait for it "
+                               f"to end or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        yield
+
+
 def run_grid(config: AblateConfig, out: Path, env=None, quiet=False, jobs=None) -> dict:
     """Run (or resume) the grid; returns {"trained": [run ids], "skipped": [...], "records": [...]}.
-    `jobs` (default `config.jobs`) runs trained at once in separate processes on a CPU."""
+    `jobs` (default `config.jobs`) runs trained at once in separate processes on a CPU. Raises
+    `OutputLocked` if another grid is writing to `out`."""
+    env = env or setup_env(config.train)
+    if env["rank"] != 0:
+        return _run_grid(config, out, env, quiet, jobs)
+    with _locked(out):
+        return _run_grid(config, out, env, quiet, jobs)
+
+
+def _run_grid(config: AblateConfig, out: Path, env, quiet, jobs) -> dict:
     from tqdm.auto import tqdm
 
-    env = env or setup_env(config.train)
     rank = env["rank"]
     results = out / "results.jsonl"
     runs = grid(config)
@@ -321,7 +404,7 @@ def run_grid(config: AblateConfig, out: Path, env=None, quiet=False, jobs=None) 
 
             def progress(loss):
                 run_bar.update(1)
-                if run_bar.n % 10 == 0:
+                if loss is not None and run_bar.n % 10 == 0:
                     run_bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 grid_bar.update(1)
 
@@ -354,7 +437,6 @@ def run_grid(config: AblateConfig, out: Path, env=None, quiet=False, jobs=None) 
 
 def _run_parallel(todo, jobs, threads, out, show, grid_bar):
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     from tqdm.auto import tqdm
 
@@ -363,21 +445,23 @@ def _run_parallel(todo, jobs, threads, out, show, grid_bar):
     tqdm.set_lock(lock)
     threads = threads if threads > 0 else max(1, (os.cpu_count() or 1) // jobs)
     trained = []
-    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(counter, slots, lock, threads, show)) as pool:
-        pending = {pool.submit(_worker, run, f"[{i + 1}/{len(todo)}]") for i, run in enumerate(todo)}
-        try:
-            while pending:
-                finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                grid_bar.update(counter.value - grid_bar.n)
-                for future in finished:
-                    record = future.result()
-                    _finished(record, out, show)
-                    trained.append(record["run"])
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+    pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(counter, slots, lock, threads, show))
+    try:
+        pending = [pool.apply_async(_worker, (run, f"[{i + 1}/{len(todo)}]")) for i, run in enumerate(todo)]
+        while pending:
+            pending[0].wait(0.5)
+            grid_bar.update(counter.value - grid_bar.n)
+            for result in [r for r in pending if r.ready()]:
+                pending.remove(result)
+                record = result.get()  # a worker's exception is raised here
+                _finished(record, out, show)
+                trained.append(record["run"])
+        pool.close()
+    except BaseException:
+        pool.terminate()  # no worker outlives an error or an interrupt
+        raise
+    finally:
+        pool.join()
     return trained
 
 
@@ -385,6 +469,11 @@ def _config_dict(config: AblateConfig) -> dict:
     d = dataclasses.asdict(config)
     d["tasks"] = {name: dataclasses.asdict(t) for name, t in config.tasks.items()}
     return d
+
+
+def _interrupt(signum, frame):
+    """SIGTERM unwinds like Ctrl-C, so that the worker processes end with the grid."""
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -399,8 +488,17 @@ def main(argv=None) -> int:
                         help="override a config field, e.g. --set train.steps=50 --set 'rules=[fm]'")
     parser.add_argument("--jobs", type=int, help="runs trained at once on a CPU, each in its own process "
                         "(default: the config's jobs; 0: one per core)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, e.g. one that registers a rule (memplug.register_rule) the "
+                             "grid uses")
     parser.add_argument("--dry-run", action="store_true", help="check the config and list the runs")
     args = parser.parse_args(argv)
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            print(f"memplug ablate: --import {module}: {e}", file=sys.stderr)
+            return 2
     try:
         config = load_config(args.config, args.preset, args.set)
     except ValueError as e:
@@ -410,10 +508,19 @@ def main(argv=None) -> int:
         for run in grid(config):
             print(run.id, run.hash)
         return 0
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     env = setup_env(config.train)
     try:
         run_grid(config, Path(args.out), env, jobs=args.jobs)
+    except OutputLocked as e:
+        print(f"memplug ablate: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nmemplug ablate: interrupted; the finished runs are in {Path(args.out) / 'results.jsonl'}; the "
+              f"same command resumes from there", file=sys.stderr)
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if env["world_size"] > 1 and dist.is_initialized():
             dist.destroy_process_group()
     return 0

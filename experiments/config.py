@@ -5,14 +5,19 @@ or a wrong type raises `ValueError` naming the field by its path (e.g. `tasks.mq
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
-from .model import MEMORIES, ModelConfig, memory_kwargs
+from memplug.registry import resolve_backend
+from memplug.rules import get_rule
+
+from .model import MEMORIES, ModelConfig, build_memory, parse_memory
 from .tasks import check_mqar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -134,8 +139,13 @@ def from_dict(cls, data, where: str):
 
 
 def _positive(value, path, zero_ok=False):
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ValueError(f"{path}: expected a value {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{path}: expected a finite value {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def _path(task_name, task, section, name):
+    """A field's path as the user wrote it: the task's override if it has one, else the shared one."""
+    return f"tasks.{task_name}.{section}.{name}" if name in getattr(task, section) else f"{section}.{name}"
 
 
 def parse_config(data: dict) -> AblateConfig:
@@ -169,22 +179,36 @@ def check_config(config: AblateConfig):
         if rule not in memplug.available_rules():
             raise ValueError(f"rules[{i}]: unknown rule {rule!r}; known: {memplug.available_rules()}")
     for i, memory in enumerate(config.memories):
-        if memory not in MEMORIES:
-            raise ValueError(f"memories[{i}]: unknown memory configuration {memory!r}; known: {sorted(MEMORIES)}")
-    t = config.train
-    for name in ("steps", "batch_size", "lr"):
-        _positive(getattr(t, name), f"train.{name}")
+        try:
+            parse_memory(memory)
+        except ValueError as e:
+            raise ValueError(f"memories[{i}]: {e}") from None
     _positive(config.jobs, "jobs", zero_ok=True)
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device: expected 'auto', 'cpu' or 'cuda', got {t.device!r}")
     for task_name, task in config.tasks.items():
         model, train = resolved(config, task_name)
         for name in ("steps", "batch_size", "lr"):
-            _positive(getattr(train, name), f"tasks.{task_name}.train.{name}" if name in task.train else f"train.{name}")
-        _positive(train.warmup, f"tasks.{task_name}.train.warmup" if "warmup" in task.train else "train.warmup", True)
+            _positive(getattr(train, name), _path(task_name, task, "train", name))
+        for name in ("warmup", "min_lr_ratio", "weight_decay", "grad_clip", "threads"):
+            _positive(getattr(train, name), _path(task_name, task, "train", name), zero_ok=True)
+        if train.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"{_path(task_name, task, 'train', 'device')}: expected 'auto', 'cpu' or 'cuda', "
+                             f"got {train.device!r}")
+        if train.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{_path(task_name, task, 'train', 'device')}: 'cuda' asked for, but torch sees no "
+                             f"CUDA device here")
         for name in ("d_model", "n_layers", "num_heads", "head_k_dim", "head_v_dim", "num_slots", "topk"):
-            prefix = f"tasks.{task_name}.model" if name in task.model else "model"
-            _positive(getattr(model, name), f"{prefix}.{name}")
+            _positive(getattr(model, name), _path(task_name, task, "model", name))
+        _positive(model.mlp_ratio, _path(task_name, task, "model", "mlp_ratio"), zero_ok=True)
+        backend = model.layer.get("backend", "auto")
+        if backend != "auto":
+            device = torch.device("cuda" if train.device == "cuda" or (
+                train.device == "auto" and torch.cuda.is_available()) else "cpu")
+            for rule in config.rules:
+                try:
+                    resolve_backend(backend, device, torch.float32, get_rule(rule))
+                except ValueError as e:
+                    raise ValueError(f"{_path(task_name, task, 'model', 'layer')}.backend: cannot run rule {rule!r} "
+                                     f"on {device.type} here ({e})") from None
         prefix = f"tasks.{task_name}.model" if ("topk" in task.model or "num_slots" in task.model) else "model"
         if model.topk > model.num_slots:
             raise ValueError(f"{prefix}.topk: R = {model.topk} routes per token, more than the "
@@ -203,6 +227,9 @@ def check_config(config: AblateConfig):
             _positive(task.seq_len, f"tasks.{task_name}.seq_len")
         if isinstance(task, MQARConfig):
             check_mqar(task.vocab_size, task.seq_len, task.num_pairs, f"tasks.{task_name}")
+            _positive(task.power_a, f"tasks.{task_name}.power_a")
+            if task.test_examples < 1:
+                raise ValueError(f"tasks.{task_name}.test_examples: expected at least 1, got {task.test_examples}")
             for name in ("train_num_pairs", "test_num_pairs"):
                 for i, p in enumerate(getattr(task, name) or ()):
                     try:
@@ -220,8 +247,7 @@ def check_config(config: AblateConfig):
         for rule in config.rules:
             for memory in config.memories:
                 try:
-                    cls, kwargs = memory_kwargs(memory, rule, model.num_slots, model.topk, **model.layer)
-                    cls(model.d_model, model.num_heads, model.head_k_dim, model.head_v_dim, **kwargs)
+                    build_memory(memory, rule, model)
                 except (ValueError, TypeError) as e:
                     raise ValueError(f"model.layer (task {task_name}, rule {rule}, memory {memory}): {e}") from None
 
@@ -245,7 +271,12 @@ def load_config(path: Optional[str] = None, preset: Optional[str] = None, overri
         file = Path(path)
         if not file.is_file():
             raise ValueError(f"--config: no such file: {path!r}")
-    data = yaml.safe_load(file.read_text()) or {}
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{file}, line {mark.line + 1}" if mark is not None else str(file)
+        raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:

@@ -4,10 +4,12 @@
 
 `MEMORIES` is the one place where the compared memory configurations are defined: each is a
 `RoutedMemory` class (or preset) and its keyword arguments, given the rule and the number of slots
-`m` and routes `R`, so any two configurations are one entry apart.
+`m` and routes `R`, so any two configurations are one entry apart. `backbone_xN` names a point of the
+backbone frontier: the plain rule with N times the state.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -29,14 +31,30 @@ MEMORIES = {
     "mom": (MixtureOfMemories, lambda m, R: dict(num_slots=m, topk=R),
             "Mixture-of-Memories: per-slot k/v, top-R of m slots, plus a shared always-on slot"),
 }
+# The backbone frontier: "backbone_xN" is the plain rule with N times the value width (head_v_dim),
+# hence N times the backbone's state (and more parameters in its value, gate and output maps).
+FRONTIER = re.compile(r"backbone_x([1-9][0-9]*)")
 
 
-def memory_kwargs(memory: str, rule: str, num_slots: int, topk: int, **overrides):
-    """`(layer class, kwargs)` of memory configuration `memory` with update rule `rule`."""
+def parse_memory(memory: str) -> tuple[str, int]:
+    """`(configuration, value-width factor)`: ("fm_sparse", 1), ("backbone", 9) for "backbone_x9"."""
+    if not isinstance(memory, str):
+        raise ValueError(f"memory: expected a name, got {memory!r}")
+    frontier = FRONTIER.fullmatch(memory)
+    if frontier:
+        return "backbone", int(frontier.group(1))
     if memory not in MEMORIES:
-        raise ValueError(f"memory: unknown configuration {memory!r}; known: {sorted(MEMORIES)}")
-    cls, make, _ = MEMORIES[memory]
-    return cls, {"rule": rule, **make(num_slots, topk), **overrides}
+        raise ValueError(f"memory: unknown configuration {memory!r}; known: {sorted(MEMORIES)}, and "
+                         f"backbone_xN (the backbone with N times its value width)")
+    return memory, 1
+
+
+def build_memory(memory: str, rule: str, config: "ModelConfig") -> nn.Module:
+    """The memory layer of configuration `memory` with update rule `rule` at the sizes of `config`."""
+    name, factor = parse_memory(memory)
+    cls, make, _ = MEMORIES[name]
+    kwargs = {"rule": rule, **make(config.num_slots, config.topk), **config.layer}
+    return cls(config.d_model, config.num_heads, config.head_k_dim, factor * config.head_v_dim, **kwargs)
 
 
 @dataclass
@@ -92,11 +110,9 @@ class LM(nn.Module):
         super().__init__()
         c = config
         self.config, self.memory_name, self.rule = config, memory, rule
-        cls, kwargs = memory_kwargs(memory, rule, c.num_slots, c.topk, **c.layer)
         self.embed = nn.Embedding(vocab_size, c.d_model)
-        self.blocks = nn.ModuleList(
-            Block(c.d_model, cls(c.d_model, c.num_heads, c.head_k_dim, c.head_v_dim, **kwargs), c.mlp_ratio)
-            for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c.d_model, build_memory(memory, rule, c), c.mlp_ratio)
+                                    for _ in range(c.n_layers))
         self.norm = RMSNorm(c.d_model)
         self.head = nn.Linear(c.d_model, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied
@@ -116,6 +132,18 @@ class LM(nn.Module):
     def state_numel(self) -> int:
         """Numbers in the recurrent state of one sequence, all layers."""
         return sum(block.memory.state_numel() for block in self.blocks)
+
+    def active_state_numel(self) -> int:
+        """Numbers of the state one token writes, all layers (`RoutedMemory.active_state_numel`)."""
+        return sum(block.memory.active_state_numel() for block in self.blocks)
+
+    def memory_flops_per_token(self) -> int:
+        """Forward FLOPs of one token in the memory layers (`RoutedMemory.flops_per_token`)."""
+        return sum(block.memory.flops_per_token() for block in self.blocks)
+
+    def memory_params(self) -> int:
+        """Parameters of the memory layers."""
+        return sum(p.numel() for block in self.blocks for p in block.memory.parameters())
 
     def forward(self, tokens, caches=None, use_cache=False):
         x = self.embed(tokens)

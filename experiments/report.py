@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import AblateConfig, resolved
-from .model import ModelConfig
+from .model import ModelConfig, parse_memory
 
 def read_results(path: Path) -> list[dict]:
     """The records of a results.jsonl; a line cut short by a killed run is skipped."""
@@ -48,12 +48,38 @@ def _cell(values, digits=3):
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+def _result(rs, metric, digits=3) -> str:
+    """mean ± std over the finished runs, their number n, and the diverged runs (never dropped)."""
+    diverged = sum(1 for r in rs if r.get("diverged"))
+    finished = [metric(r) for r in rs if not r.get("diverged")]
+    if not finished:
+        return f"diverged (n = {diverged})" if diverged else "—"
+    return _cell(finished, digits) + f" (n = {len(finished)}" + (f", {diverged} diverged)" if diverged else ")")
+
+
 def _fmt_int(n):
     return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e4 else str(n))
 
 
 def _blocks(model: ModelConfig) -> str:
     return f"{model.n_layers} blocks of memory" + (" + MLP" if model.mlp_ratio > 0 else " only")
+
+
+def is_backbone(memory: str) -> bool:
+    return parse_memory(memory)[0] == "backbone"
+
+
+def _matched(found, rule, budget_key, budget, metric_of):
+    """The backbone frontier point of `rule` with the smallest `budget_key` >= `budget` (a baseline
+    never gets less than the method it is compared with): `(memory, its cell)`, or None."""
+    frontier = {}
+    for r in found:
+        if r["rule"] == rule and is_backbone(r["memory"]) and r.get(budget_key, 0) >= budget:
+            frontier.setdefault((r[budget_key], r["memory"]), []).append(r)
+    if not frontier:
+        return None
+    (_, memory), rs = min(frontier.items())
+    return memory, _result(rs, metric_of)
 
 
 def markdown_table(config: AblateConfig, records: list[dict]) -> str:
@@ -66,33 +92,61 @@ def markdown_table(config: AblateConfig, records: list[dict]) -> str:
         found = [r for r in records if r["task"] == task_name]
         if not found:
             continue
-        seeds = len(config.seeds)
-        state = {m: next((r["state_numel"] for r in found if r["memory"] == m), None) for m in config.memories}
-        head = [f"{m} ({_fmt_int(state[m])} state)" if state[m] else m for m in config.memories]
         if task_name == "mqar":
             lines += ["## MQAR: accuracy on the queried values (higher is better)", "",
                       f"{task.num_pairs} key-value pairs in {task.seq_len} tokens, vocabulary {task.vocab_size}; "
-                      f"{train.steps} steps of {train.batch_size} sequences; {_blocks(model)}, d_model "
-                      f"{model.d_model}, {model.num_heads} heads of {model.head_k_dim}x{model.head_v_dim}; "
-                      f"m = {model.num_slots}, R = {model.topk}; mean over {seeds} seed(s). State: numbers per "
-                      "sequence, all layers.", ""]
-            metric = lambda rs: _cell([r["accuracy"] for r in rs])
+                      f"{train.steps} steps of {train.batch_size} sequences at learning rate {train.lr:g}; "
+                      f"{_blocks(model)}, d_model {model.d_model}, {model.num_heads} heads of "
+                      f"{model.head_k_dim}x{model.head_v_dim} (backbone_xN: N times the value width); "
+                      f"m = {model.num_slots}, R = {model.topk}; seeds {config.seeds}.", ""]
+            metric_of, metric_name = (lambda r: r["accuracy"]), "accuracy"
         else:
             L, E = task.seq_len, task.extrapolate
-            lines += [f"## Byte LM: held-out loss so far (nats/byte) at the training length L = {L} / at {E}L "
+            lines += [f"## Byte LM: held-out loss so far (nats/byte) at the training length L = {L} "
                       "(lower is better)", "",
                       f"Corpus: {found[0].get('corpus', {}).get('source', task.path)}; {train.steps} steps of "
-                      f"{train.batch_size} x {L} bytes; {_blocks(model)}, d_model {model.d_model}; "
-                      f"m = {model.num_slots}, R = {model.topk}; mean over {seeds} seed(s).", ""]
-            metric = lambda rs: (_cell([r["eval_loss"] for r in rs]) + " / "
-                                 + _cell([r.get(f"loss@{E}L") for r in rs]))
-        lines.append("| rule | " + " | ".join(head) + " |")
-        lines.append("|---|" + "---|" * len(head))
+                      f"{train.batch_size} x {L} bytes at learning rate {train.lr:g}; {_blocks(model)}, d_model "
+                      f"{model.d_model}; m = {model.num_slots}, R = {model.topk}; seeds {config.seeds}.", ""]
+            metric_of, metric_name = (lambda r: r["eval_loss"]), "loss at L"
+        lines += ["State: numbers per sequence, all layers (total: every slot; active: the slots one token "
+                  "writes). Memory parameters and forward FLOPs per token of the memory layers. "
+                  "Results: mean ± std over seeds, n finished runs; diverged runs are counted, never dropped.",
+                  "", f"| rule | memory | total state | active state | memory params | FLOPs/token | {metric_name} |",
+                  "|---|---|---|---|---|---|---|"]
         for rule in config.rules:
-            cells = [metric(by[(task_name, rule, m)]) if (task_name, rule, m) in by else "—" for m in config.memories]
-            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+            for memory in config.memories:
+                rs = by.get((task_name, rule, memory))
+                if not rs:
+                    continue
+                r0 = rs[0]
+                lines.append(f"| {rule} | {memory} | {_fmt_int(r0['state_numel'])} | "
+                             f"{_fmt_int(r0.get('active_state_numel', r0['state_numel']))} | "
+                             f"{_fmt_int(r0.get('memory_params', 0))} | {_fmt_int(r0.get('memory_flops_per_token', 0))} | "
+                             f"{_result(rs, metric_of)} |")
         lines.append("")
-        sizes = sorted({int(p) for r in found for p in r.get("accuracy_by_pairs", {})})
+        routed = [m for m in config.memories if not is_backbone(m)]
+        if routed and any(is_backbone(m) for m in config.memories):
+            lines += ["Each routed memory against the plain backbone at equal budget: the smallest backbone of the "
+                      "grid with at least its total state, and with at least its active state.", "",
+                      f"| rule | memory | {metric_name} | backbone, >= total state | backbone, >= active state |",
+                      "|---|---|---|---|---|"]
+            for rule in config.rules:
+                for memory in routed:
+                    rs = by.get((task_name, rule, memory))
+                    if not rs:
+                        continue
+                    cells = []
+                    for key in ("state_numel", "active_state_numel"):
+                        match = _matched(found, rule, key, rs[0].get(key, rs[0]["state_numel"]), metric_of)
+                        cells.append("none in the grid" if match is None else f"{match[0]}: {match[1]}")
+                    lines.append(f"| {rule} | {memory} | {_result(rs, metric_of)} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if task_name != "mqar":
+            E = task.extrapolate
+            lines += [f"Loss so far at {E}L: " + "; ".join(
+                f"{rule}/{m} {_result(by[(task_name, rule, m)], lambda r: r.get(f'loss@{E}L'))}"
+                for rule in config.rules for m in config.memories if (task_name, rule, m) in by), ""]
+        sizes = sorted({int(p) for r in found for p in (r.get("accuracy_by_pairs") or {})})
         if len(sizes) > 1:
             lines += ["Accuracy by number of key-value pairs in the test sequences (trained on "
                       f"{task.train_num_pairs or [task.num_pairs]}):", "",
@@ -100,24 +154,32 @@ def markdown_table(config: AblateConfig, records: list[dict]) -> str:
                       "|---|---|" + "---|" * len(config.memories)]
             for rule in config.rules:
                 for p in sizes:
-                    cells = [_cell([r.get("accuracy_by_pairs", {}).get(str(p)) for r in by.get((task_name, rule, m), [])])
-                             for m in config.memories]
+                    cells = [_cell([(r.get("accuracy_by_pairs") or {}).get(str(p))
+                                    for r in by.get((task_name, rule, m), [])]) for m in config.memories]
                     lines.append(f"| {rule} | {p} | " + " | ".join(cells) + " |")
             lines.append("")
     lines += ["## Runs", "",
-              "| run | params | state | train loss | eval loss | accuracy | tokens/s | unused slots | routing entropy | seconds |",
+              "Routing health: the fraction of slots no token of an evaluation batch routes to (mean over "
+              "layers), at a quarter, half and three quarters of training and at the end (a collapsing router "
+              "shows as it grows).", "",
+              "| run | params | state | train loss | eval loss | accuracy | tokens/s | unused slots (¼, ½, ¾, end) "
+              "| routing entropy | seconds |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: r["run"]):
         routing = r.get("routing") or []
-        unused = _cell([x["unused_fraction"] for x in routing], 2) if routing else "—"
+        unused_mean = lambda layers: f"{_mean_std([x['unused_fraction'] for x in layers])[0]:.2f}"  # over layers
+        history = [unused_mean(h["layers"]) for h in r.get("routing_history") or []]
+        unused = ", ".join(history + [unused_mean(routing)]) if routing else "—"
         entropy = _cell([x["entropy"] for x in routing], 2) if routing else "—"
-        lines.append(f"| {r['run']} | {_fmt_int(r['params'])} | {_fmt_int(r['state_numel'])} | {r['train_loss']:.3f} | "
-                     f"{r['eval_loss']:.3f} | {r['accuracy']:.3f} | {r['tokens_per_s']:.0f} | {unused} | {entropy} | "
-                     f"{r['train_seconds']:.0f} |")
+        number = lambda key, fmt: "—" if r.get(key) is None else format(r[key], fmt)
+        accuracy = f"diverged at step {r['diverged_step']}" if r.get("diverged") else number("accuracy", ".3f")
+        lines.append(f"| {r['run']} | {_fmt_int(r['params'])} | {_fmt_int(r['state_numel'])} | "
+                     f"{number('train_loss', '.3f')} | {number('eval_loss', '.3f')} | {accuracy} | "
+                     f"{number('tokens_per_s', '.0f')} | {unused} | {entropy} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
-MARKERS = {"backbone": "o", "fm_dense": "s", "fm_sparse": "^", "mom": "D"}
+MARKERS = {"fm_dense": "s", "fm_sparse": "^", "mom": "D"}
 
 
 def plot(config: AblateConfig, records: list[dict], out: Path) -> list[Path]:
@@ -126,68 +188,98 @@ def plot(config: AblateConfig, records: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    colors = {m: f"C{i}" for i, m in enumerate(config.memories)}
+    colors = {m: f"C{i}" for i, m in enumerate(m for m in config.memories if not is_backbone(m))}
     for task_name in config.tasks:
         found = [r for r in records if r["task"] == task_name]
         if not found:
             continue
         rules = [rule for rule in config.rules if any(r["rule"] == rule for r in found)]
-        fig, axes = plt.subplots(1, len(rules), figsize=(3.6 * len(rules) + 1.6, 3.6), squeeze=False,
-                                 sharey=True, constrained_layout=True)
-        for ax, rule in zip(axes[0], rules):
-            for memory in config.memories:
-                rs = [r for r in found if r["rule"] == rule and r["memory"] == memory]
-                if not rs:
-                    continue
-                if task_name == "mqar":
-                    mean, std = _mean_std([r["accuracy"] for r in rs])
-                    # configurations of equal state (fm_dense, fm_sparse) side by side, not on top
-                    state = rs[0]["state_numel"]
-                    same = [m for m in config.memories
-                            if any(r["memory"] == m and r["rule"] == rule and r["state_numel"] == state for r in found)]
-                    x = state * 2 ** (0.15 * (same.index(memory) - (len(same) - 1) / 2))
-                    ax.errorbar([x], [mean], yerr=[std or 0], fmt=MARKERS.get(memory, "o"),
-                                color=colors[memory], markersize=8, capsize=3, label=memory)
-                    ax.annotate(f"{mean:.2f}", (x, mean), textcoords="offset points", xytext=(0, 8),
-                                ha="center", fontsize=7, color=colors[memory])
-                else:
-                    curves = torch.tensor([r["loss_by_position"] for r in rs]).mean(0)
-                    ax.plot(torch.arange(1, len(curves) + 1), curves, color=colors[memory], label=memory)
-            ax.set_title(rule)
-            ax.grid(alpha=0.3)
-            if task_name == "mqar":
-                ax.set_xscale("log", base=2)
-                ax.set_xlabel("recurrent state (numbers per sequence)")
-                ax.set_ylim(-0.02, 1.02)
-            else:
-                L = config.tasks[task_name].seq_len
-                ax.axvline(L, color="gray", ls="--", lw=1)
-                ax.text(L, 0.98, " train length", transform=ax.get_xaxis_transform(), va="top", fontsize=8,
-                        color="gray")
-                ax.set_xscale("log", base=2)
-                ax.set_xlabel("position (bytes)")
         if task_name == "mqar":
-            axes[0][0].set_ylabel("MQAR accuracy")
-            name = "accuracy_vs_state.png"
+            path = _plot_against_state(plt, config, found, rules, colors, out)
         else:
-            axes[0][0].set_ylabel("held-out loss so far (nats/byte)")
-            name = "lm_loss_by_position.png"
-        axes[0][-1].legend(fontsize=8, loc="best")
-        fig.suptitle(f"{config.name}: {'MQAR accuracy vs state size' if task_name == 'mqar' else 'byte LM loss by position'}")
-        path = out / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+            path = _plot_loss_by_position(plt, config, task_name, found, rules, out)
         written.append(path)
         if task_name == "mqar":
-            path = _plot_by_pairs(plt, config, found, rules, colors, out)
+            path = _plot_by_pairs(plt, config, found, rules, out)
             if path is not None:
                 written.append(path)
     return written
 
 
-def _plot_by_pairs(plt, config, found, rules, colors, out):
+def _plot_against_state(plt, config, found, rules, colors, out):
+    """MQAR accuracy against total state (top) and active state (bottom), one panel per rule: the
+    backbone frontier as a line, the routed memories as points (mean ± std over seeds; diverged
+    runs marked x at 0)."""
+    fig, axes = plt.subplots(2, len(rules), figsize=(3.6 * len(rules) + 1.6, 7.2), squeeze=False, sharey=True,
+                             constrained_layout=True)
+    for row, key in enumerate(("state_numel", "active_state_numel")):
+        for ax, rule in zip(axes[row], rules):
+            frontier = []
+            for memory in config.memories:
+                rs = [r for r in found if r["rule"] == rule and r["memory"] == memory]
+                if not rs:
+                    continue
+                mean, std = _mean_std([r["accuracy"] for r in rs if not r.get("diverged")])
+                x = rs[0].get(key, rs[0]["state_numel"])
+                if any(r.get("diverged") for r in rs):
+                    ax.plot([x], [0], "x", color="red", markersize=9)
+                if mean is None:
+                    continue
+                if is_backbone(memory):
+                    frontier.append((x, mean, std or 0, memory))
+                    continue
+                nudge = 2 ** (0.06 * (list(colors).index(memory) - (len(colors) - 1) / 2))  # equal x apart
+                ax.errorbar([x * nudge], [mean], yerr=[std or 0], fmt=MARKERS.get(memory, "o"),
+                            color=colors[memory], markersize=8, capsize=3, label=memory)
+            if frontier:
+                frontier.sort()
+                xs, ys, es, names = zip(*frontier)
+                ax.errorbar(xs, ys, yerr=es, fmt="-o", color="black", capsize=3, label="backbone frontier")
+                for x, y, name in zip(xs, ys, names):
+                    ax.annotate(name.replace("backbone", "bb"), (x, y), textcoords="offset points", xytext=(0, -12),
+                                ha="center", fontsize=6)
+            ax.set_title(rule)
+            ax.grid(alpha=0.3)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(("total" if row == 0 else "active") + " state (numbers per sequence)")
+            ax.set_ylim(-0.05, 1.05)
+        axes[row][0].set_ylabel("MQAR accuracy")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{config.name}: MQAR accuracy against\ntotal state (top) and active state (bottom)")
+    path = out / "accuracy_vs_state.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_loss_by_position(plt, config, task_name, found, rules, out):
+    fig, axes = plt.subplots(1, len(rules), figsize=(3.6 * len(rules) + 1.6, 3.6), squeeze=False, sharey=True,
+                             constrained_layout=True)
+    L = config.tasks[task_name].seq_len
+    for ax, rule in zip(axes[0], rules):
+        for i, memory in enumerate(config.memories):
+            rs = [r for r in found if r["rule"] == rule and r["memory"] == memory and not r.get("diverged")]
+            if rs:
+                curves = torch.tensor([r["loss_by_position"] for r in rs]).mean(0)
+                ax.plot(torch.arange(1, len(curves) + 1), curves, color=f"C{i}", label=memory)
+        ax.axvline(L, color="gray", ls="--", lw=1)
+        ax.text(L, 0.98, " train length", transform=ax.get_xaxis_transform(), va="top", fontsize=8, color="gray")
+        ax.set_title(rule)
+        ax.grid(alpha=0.3)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("position (bytes)")
+    axes[0][0].set_ylabel("held-out loss so far (nats/byte)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"{config.name}: byte LM loss by position")
+    path = out / "lm_loss_by_position.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_by_pairs(plt, config, found, rules, out):
     """MQAR accuracy against the number of key-value pairs (Zoology's view), one panel per rule."""
-    sizes = sorted({int(p) for r in found for p in r.get("accuracy_by_pairs", {})})
+    sizes = sorted({int(p) for r in found for p in (r.get("accuracy_by_pairs") or {})})
     if len(sizes) < 2:
         return None
     fig, axes = plt.subplots(1, len(rules), figsize=(3.6 * len(rules) + 1.6, 3.6), squeeze=False, sharey=True,
@@ -197,9 +289,9 @@ def _plot_by_pairs(plt, config, found, rules, colors, out):
             rs = [r for r in found if r["rule"] == rule and r["memory"] == memory]
             if not rs:
                 continue
-            means = [_mean_std([r.get("accuracy_by_pairs", {}).get(str(p)) for r in rs])[0] for p in sizes]
+            means = [_mean_std([(r.get("accuracy_by_pairs") or {}).get(str(p)) for r in rs])[0] for p in sizes]
             means = [float("nan") if m is None else m for m in means]
-            ax.plot(sizes, means, marker=MARKERS.get(memory, "o"), color=colors[memory], label=memory)
+            ax.plot(sizes, means, marker=MARKERS.get(memory, "o"), label=memory)
         ax.set_title(rule)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(p) for p in sizes])

@@ -186,6 +186,29 @@ class RoutedMemory(nn.Module):
         slots = self.num_slots + (self.shared_writes is not None)
         return self.num_heads * slots * self.head_k_dim * self.head_v_dim
 
+    def active_state_numel(self) -> int:
+        """Numbers of the state one token writes: its `topk` routed slots, plus the shared slot."""
+        slots = self.topk + (self.shared_writes is not None)
+        return self.num_heads * slots * self.head_k_dim * self.head_v_dim
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs of one token (multiply and add count 2), as computed here:
+
+        - every linear map, `2 * in * out` (per-slot write projections are computed for every slot);
+        - every short convolution, `2 * kernel_size * channels`;
+        - the recurrence, per head and per slot the token writes (`topk`, plus the shared slot):
+          `3 K V` for additive rules (decay, outer product, add) and `5 K V` for delta rules (the
+          prediction `S^T k` costs `2 K V` more), and per slot it reads, `2 K V` (`q^T S`).
+        Norms, gates and activations (O(V) per head) are left out.
+        """
+        linear = sum(2 * m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        conv = sum(2 * m.weight.numel() for m in self.modules() if isinstance(m, ShortConv))
+        family = self.rule.family
+        update = 5 if family is not None and family.delta else 3
+        slots = self.topk + (self.shared_writes is not None)
+        recurrence = self.num_heads * slots * (update + 2) * self.head_k_dim * self.head_v_dim
+        return linear + conv + recurrence
+
     def _route(self, x) -> Routing:
         if self.router is not None:
             return self.router(x)

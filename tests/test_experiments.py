@@ -2,8 +2,11 @@
 (table, JSONL, plots, resume) and the same grid under torchrun with two gloo processes."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from memplug.experiments import ablate
 from memplug.experiments.config import load_config, presets
 from memplug.experiments.report import read_results
 from memplug.experiments.model import LM, MEMORIES, ModelConfig
+from memplug.modules import ShortConv
 from memplug.experiments.tasks import IGNORE, MQAR, ByteLM, load_corpus, mqar, power_law
 
 RULES = ["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]
@@ -114,6 +118,94 @@ def test_zero_router_init_starts_every_token_on_the_same_slots():
     assert routing.idx.flatten(0, 1).unique(dim=0).shape[0] == 1
 
 
+def test_state_and_cost_accounting():
+    """Total state counts every slot, active state the slots a token writes (R, plus MoM's shared
+    slot); the FLOPs follow the documented formula; backbone_xN has N times the backbone's state."""
+    H, K, V, m, R, layers = 2, 4, 6, 4, 2, 2
+    config = ModelConfig(d_model=16, n_layers=layers, num_heads=H, head_k_dim=K, head_v_dim=V, num_slots=m, topk=R)
+    slot = layers * H * K * V
+    expected = {"backbone": (1, 1), "backbone_x3": (3, 3), "fm_dense": (m, m), "fm_sparse": (m, R),
+                "mom": (m + 1, R + 1)}
+    for memory, (total, active) in expected.items():
+        model = LM(32, config, memory, "gated_deltanet")
+        assert (model.state_numel(), model.active_state_numel()) == (total * slot, active * slot), memory
+    layer = LM(32, config, "fm_sparse", "gated_deltanet").blocks[0].memory
+    linear = sum(2 * mod.weight.numel() for mod in layer.modules() if isinstance(mod, torch.nn.Linear))
+    conv = sum(2 * mod.weight.numel() for mod in layer.modules() if isinstance(mod, ShortConv))
+    assert linear > 0 and conv > 0
+    assert layer.flops_per_token() == linear + conv + H * R * (5 + 2) * K * V  # a delta rule: 5 K V per write
+    additive = LM(32, config, "fm_sparse", "gla").blocks[0].memory
+    recurrence = H * R * (3 + 2) * K * V
+    assert additive.flops_per_token() - recurrence == sum(
+        2 * mod.weight.numel() for mod in additive.modules() if isinstance(mod, (torch.nn.Linear, ShortConv)))
+    wide = LM(32, config, "backbone_x3", "gla").blocks[0].memory
+    assert wide.head_v_dim == 3 * V and wide.num_slots == 1
+
+
+def test_budget_matching_picks_the_smallest_backbone_at_least_as_large():
+    from memplug.experiments.report import _matched
+
+    rows = [dict(rule="gla", memory=name, state_numel=state, active_state_numel=state, accuracy=acc)
+            for name, state, acc in (("backbone", 10, 0.1), ("backbone_x3", 30, 0.3), ("backbone_x9", 90, 0.9))]
+    metric = lambda r: r["accuracy"]
+    assert _matched(rows, "gla", "state_numel", 30, metric)[0] == "backbone_x3"  # equal is enough
+    assert _matched(rows, "gla", "state_numel", 31, metric)[0] == "backbone_x9"  # never less
+    assert _matched(rows, "gla", "active_state_numel", 91, metric) is None
+    assert _matched(rows, "mamba2", "state_numel", 1, metric) is None
+
+
+def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path):
+    config = load_config(str(_tiny(tmp_path)), overrides=["train.lr=1e6", "train.grad_clip=0",
+                                                          "tasks.mqar.train.steps=6", "tasks.lm.train.steps=6"])
+    out = tmp_path / "run"
+    first = ablate.run_grid(config, out, quiet=True)
+    records = read_results(out / "results.jsonl")
+    assert len(first["trained"]) == len(records) == 4
+    diverged = [r for r in records if r["diverged"]]
+    assert diverged, "a learning rate of 1e6 should diverge"
+    for r in diverged:
+        assert isinstance(r["diverged_step"], int) and 0 <= r["diverged_step"] < 6
+        assert r["accuracy"] is None and r["eval_loss"] is None
+    assert "diverged" in (out / "results.md").read_text()
+    second = ablate.run_grid(config, out, quiet=True)  # resuming does not retrain a diverged run
+    assert second["trained"] == [] and len(second["skipped"]) == 4
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_routed_memory_on_one_fixed_slot_trains_like_the_backbone(rule):
+    """Factorization Memory with every token on one slot (top-1 of 4, a zero router: equal scores,
+    weight 1) is the backbone: with the backbone's weights it gives the same losses over training
+    steps, and its router gets no gradient. A routed memory that trained worse than this would point
+    at a defect of the routed path, not at routing."""
+    config = ModelConfig(d_model=16, n_layers=2, num_heads=2, head_k_dim=4, head_v_dim=4, num_slots=4, topk=1,
+                         router_init="zero")
+    torch.manual_seed(0)
+    backbone = LM(32, config, "backbone", rule).double()
+    routed = LM(32, config, "fm_sparse", rule).double()
+    shared = backbone.state_dict()
+    missing, unexpected = routed.load_state_dict(shared, strict=False)
+    assert unexpected == [] and missing and all("router" in key for key in missing)
+    train = ablate.TrainConfig(steps=5, lr=3e-2, warmup=1)
+    task = MQAR(32, 16, 4, test_examples=8)
+    losses = {}
+    for name, model in (("backbone", backbone), ("routed", routed)):
+        opt = ablate.optimizer(model, train)
+        generator = torch.Generator().manual_seed(0)
+        losses[name] = []
+        for step in range(train.steps):
+            x, y = task.train_batch(8, generator)
+            logits, _, aux = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+            opt.zero_grad()
+            (loss + aux["aux_loss"]).backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["backbone"][0] != losses["backbone"][-1]  # it trains
+    torch.testing.assert_close(torch.tensor(losses["routed"]), torch.tensor(losses["backbone"]), rtol=1e-10, atol=0)
+    for block in routed.blocks:
+        assert torch.count_nonzero(block.memory.router.proj.weight) == 0
+
+
 def test_memory_configurations_differ_as_described():
     config = ModelConfig(d_model=16, n_layers=2, num_heads=2, head_k_dim=4, head_v_dim=6, num_slots=4, topk=2)
     state = {m: LM(32, config, m, "gla").state_numel() for m in MEMORIES}
@@ -174,7 +266,20 @@ def _tiny(tmp_path, **changes):
     ({"tasks.sudoku": {}}, "tasks.sudoku"),
     ({"model.layer": {"short_conv": False, "colour": 1}}, "model.layer"),
     ({"volume": 11}, "volume"),
-])
+    ({"train.lr": float("nan")}, "train.lr"),
+    ({"train.lr": float("inf")}, "train.lr"),
+    ({"train.lr": -1e-3}, "train.lr"),
+    ({"tasks.mqar.train": {"lr": 0.0}}, "tasks.mqar.train.lr"),
+    ({"train.min_lr_ratio": -0.1}, "train.min_lr_ratio"),
+    ({"train.weight_decay": -0.1}, "train.weight_decay"),
+    ({"train.grad_clip": -1.0}, "train.grad_clip"),
+    ({"train.threads": -2}, "train.threads"),
+    ({"model.mlp_ratio": -1.0}, "model.mlp_ratio"),
+    ({"tasks.mqar.power_a": -0.5}, "tasks.mqar.power_a"),
+    ({"tasks.mqar.test_examples": 0}, "tasks.mqar.test_examples"),
+    ({"memories": ["backbone", "backbone_x0"]}, "memories[1]"),
+    ({"model.layer": {"backend": "nope"}}, "model.layer"),
+] + ([({"train.device": "cuda"}, "train.device")] if not torch.cuda.is_available() else []))
 def test_bad_configs_name_the_field_before_training(tmp_path, capsys, changes, field):
     path = _tiny(tmp_path, **changes)
     with pytest.raises(ValueError) as info:
@@ -184,6 +289,107 @@ def test_bad_configs_name_the_field_before_training(tmp_path, capsys, changes, f
     assert ablate.main(["--config", str(path), "--out", str(out)]) == 2
     assert field in capsys.readouterr().err
     assert not out.exists()  # nothing ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the triton backend runs here")
+def test_a_backend_that_cannot_run_here_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests turn the interpreter on; a user's CPU has none
+    with pytest.raises(ValueError, match=r"^model\.layer\.backend: cannot run rule 'fm' on cpu here .*not available"):
+        load_config(str(_tiny(tmp_path, **{"model.layer": {"backend": "triton"}})))
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: broken\nrules: [fm\nseeds: [0]\n")
+    assert ablate.main(["--config", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "line" in err and "not valid YAML" in err
+
+
+def test_import_makes_a_registered_rule_usable_in_a_grid(tmp_path, capsys, monkeypatch):
+    """`--import MODULE` runs before the config check, so the grid can use a rule it registers."""
+    import memplug
+
+    module = tmp_path / "my_rules.py"
+    module.write_text("import math\nimport memplug\nfrom memplug.rules import Coupled\n"
+                      "memplug.register_rule('my_retention', family='additive_scalar', couple=lambda k, v, g, beta, w: "
+                      "Coupled(w[..., None] * k, v, w * math.log(0.9), None))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _tiny(tmp_path, rules=["my_retention"])
+    try:
+        assert ablate.main(["--config", str(path), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+        assert "rules[0]" in capsys.readouterr().err
+        assert ablate.main(["--import", "my_rules", "--config", str(path), "--out", str(tmp_path / "o"),
+                            "--dry-run"]) == 0
+        assert "mqar/my_retention/fm_sparse/seed0" in capsys.readouterr().out
+    finally:
+        if "my_retention" in memplug.available_rules():
+            memplug.unregister_rule("my_retention")
+
+
+def test_two_grids_cannot_write_one_folder(tmp_path):
+    config = load_config(str(_tiny(tmp_path)))
+    out = tmp_path / "run"
+    with ablate._locked(out):
+        with pytest.raises(ablate.OutputLocked, match=r"another memplug ablate \(pid \d+\) is writing there"):
+            ablate.run_grid(config, out, quiet=True)
+    assert not (out / "results.jsonl").exists()
+    assert len(ablate.run_grid(config, out, quiet=True)["trained"]) == 4  # free again
+
+
+def _grid_process(tmp_path, steps):
+    path = _tiny(tmp_path, **{"train.steps": steps})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "memplug.cli", "ablate", "--config", str(path), "--out",
+                             str(tmp_path / "out"), "--jobs", "2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _children(pid):
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def _wait_for_workers(process, count=2, timeout=120):
+    """The grid's worker processes, once `count` of them train (their bars are on stderr)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        workers = [p for p in _children(process.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        if len(workers) >= count:
+            return workers
+        time.sleep(0.2)
+    raise AssertionError(f"no {count} worker processes after {timeout} s")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_killing_the_grid_leaves_no_worker_behind(tmp_path, how):
+    process = _grid_process(tmp_path, steps=100000)
+    workers = _wait_for_workers(process)
+    process.send_signal(getattr(signal, how))
+    process.wait(timeout=60)
+    deadline = time.time() + 30
+    while any(_alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)
+
+
+def test_ctrl_c_exits_cleanly(tmp_path):
+    process = _grid_process(tmp_path, steps=100000)
+    workers = _wait_for_workers(process)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in err and "interrupted" in err and "resumes" in err
+    assert not any(_alive(p) for p in workers)
 
 
 def test_presets_parse():
@@ -208,9 +414,11 @@ def test_grid_writes_table_jsonl_plots_and_resumes(tmp_path):
     records = [json.loads(line) for line in lines]
     assert sorted(r["run"] for r in records) == sorted(first["trained"])
     for r in records:
-        for key in ("params", "state_numel", "steps", "train_loss", "eval_loss", "accuracy", "tokens_per_s",
-                    "routing", "config_hash", "model", "train"):
+        for key in ("params", "memory_params", "state_numel", "active_state_numel", "memory_flops_per_token",
+                    "steps", "train_loss", "eval_loss", "accuracy", "tokens_per_s", "routing", "routing_history",
+                    "config_hash", "model", "train"):
             assert key in r, key
+        assert r["diverged"] is False and r["diverged_step"] is None
         assert r["steps"] == 3
         assert (r["routing"] == []) == (r["memory"] == "backbone")
     lm = [r for r in records if r["task"] == "lm"]
@@ -219,7 +427,8 @@ def test_grid_writes_table_jsonl_plots_and_resumes(tmp_path):
     assert all(set(r["accuracy_by_pairs"]) == {"2", "4"} and r["accuracy_by_pairs"]["4"] == r["accuracy"]
                for r in mqar_records)
     table = (out / "results.md").read_text()
-    assert "| rule | backbone" in table and "fm_sparse" in table and "| fm |" in table
+    assert "| rule | memory | total state | active state |" in table and "| fm | fm_sparse |" in table
+    assert "| fm | fm_sparse | " in table.split("at equal budget")[1]  # the budget-matched comparison
     assert "| fm | 2 |" in table  # accuracy by number of pairs
     for png in ("accuracy_vs_state.png", "mqar_accuracy_by_pairs.png", "lm_loss_by_position.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
