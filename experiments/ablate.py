@@ -43,10 +43,15 @@ from memplug.routing import routing_stats
 from .config import AblateConfig, ModelConfig, TrainConfig, load_config, presets, resolved
 from .model import LM
 from .report import append_result, markdown_table, plot, read_results
-from .tasks import IGNORE, MQAR, ByteLM
+from .tasks import IGNORE, TASKS, MQAR, ByteLM
 
 
 # ----------------------------------------------------------------------------------------- runs
+# Part of every run's settings: a change of what a run measures (2: validation splits, and byte LM
+# tests on the second half of its held-out text) retrains the runs of older folders on resume.
+PROTOCOL = 2
+
+
 @dataclass
 class Run:
     task: str
@@ -56,16 +61,23 @@ class Run:
     model: ModelConfig
     train: TrainConfig
     task_config: object
+    swept: bool = False  # the grid sweeps learning rates: the id names this run's
 
     @property
     def id(self) -> str:
-        return f"{self.task}/{self.rule}/{self.memory}/seed{self.seed}"
+        lr = f"/lr{self.train.lr:g}" if self.swept else ""
+        return f"{self.task}/{self.rule}/{self.memory}{lr}/seed{self.seed}"
+
+    @property
+    def configuration(self) -> tuple:
+        """What a learning-rate sweep picks a rate for."""
+        return self.task, self.rule, self.memory
 
     def settings(self) -> dict:
-        task = {k: v for k, v in dataclasses.asdict(self.task_config).items() if k not in ("model", "train")}
+        task = {k: v for k, v in dataclasses.asdict(self.task_config).items() if k not in ("model", "train", "rules")}
         train = {k: v for k, v in dataclasses.asdict(self.train).items() if k not in ("threads", "device")}
         return {"task": self.task, "rule": self.rule, "memory": self.memory, "seed": self.seed,
-                "task_config": task, "model": dataclasses.asdict(self.model), "train": train}
+                "task_config": task, "model": dataclasses.asdict(self.model), "train": train, "protocol": PROTOCOL}
 
     @property
     def hash(self) -> str:
@@ -73,13 +85,51 @@ class Run:
 
 
 def grid(config: AblateConfig) -> list[Run]:
+    """The runs to train first: every configuration at every seed, or, when the config sweeps
+    learning rates (`lrs`), every configuration at every rate with the first seed (`final_runs`
+    then adds the other seeds at the rate chosen on the validation split)."""
     runs = []
     for task_name, task in config.tasks.items():
         model, train = resolved(config, task_name)
-        for rule in config.rules:
+        for rule in task.rules or config.rules:
             for memory in config.memories:
-                for seed in config.seeds:
-                    runs.append(Run(task_name, rule, memory, seed, model, train, task))
+                if config.lrs:
+                    runs += [Run(task_name, rule, memory, config.seeds[0], model, dataclasses.replace(train, lr=lr),
+                                 task, swept=True) for lr in config.lrs]
+                else:
+                    runs += [Run(task_name, rule, memory, seed, model, train, task) for seed in config.seeds]
+    return runs
+
+
+def best_rates(config: AblateConfig, sweep: list[Run], records: dict) -> dict:
+    """The learning rate of each configuration whose first-seed run scores best on the validation
+    split (the task's `selection`); a diverged run never wins, and ties go to the smaller rate.
+    Configurations with a sweep run not yet trained are left out."""
+    chosen = {}
+    by_configuration = {}
+    for run in sweep:
+        by_configuration.setdefault(run.configuration, []).append(run)
+    for configuration, runs in by_configuration.items():
+        if any((run.id, run.hash) not in records for run in runs):
+            continue
+        key, direction = TASKS[configuration[0]].selection
+        sign = 1 if direction == "max" else -1
+
+        def score(run):
+            value = records[(run.id, run.hash)].get(key)
+            return -math.inf if value is None or not math.isfinite(value) else sign * value
+
+        chosen[configuration] = max(sorted(runs, key=lambda run: run.train.lr), key=score).train.lr
+    return chosen
+
+
+def final_runs(config: AblateConfig, sweep: list[Run], records: dict) -> list[Run]:
+    """Every seed of each configuration at its chosen rate (the first seed's run is the sweep's)."""
+    chosen = best_rates(config, sweep, records)
+    runs = []
+    for run in sweep:
+        if chosen.get(run.configuration) == run.train.lr:
+            runs += [dataclasses.replace(run, seed=seed) for seed in config.seeds]
     return runs
 
 
@@ -107,12 +157,8 @@ def optimizer(model, train: TrainConfig):
 
 @torch.no_grad()
 def routing_summary(model, task, device):
-    """`routing_stats` of every routed layer on one evaluation batch."""
-    if isinstance(task, MQAR):
-        x = task.test[0][:64]
-    else:
-        x = task._windows(task.heldout, task.eval_starts[:16], task.seq_len)[0]
-    routing = model(x.to(device))[2]["routing"]
+    """`routing_stats` of every routed layer on one validation batch."""
+    routing = model(task.probe_batch().to(device))[2]["routing"]
     out = []
     for r in routing:
         if r is None:
@@ -154,6 +200,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
     per_rank = train.batch_size // world
     losses = []
     routing_history = []  # routing health at a quarter, half and three quarters of training
+    curve = []  # validation loss and accuracy at those steps and at the end
     checkpoints = {max(1, round(train.steps * f)) for f in (0.25, 0.5, 0.75)}
     refused_at = None  # the step at which the memory's checks refused non-finite values
     start = time.perf_counter()
@@ -172,9 +219,11 @@ def train_run(run: Run, task, env, progress=None) -> dict:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
             opt.step()
             losses.append(loss.detach())  # no .item() here: on a GPU that would wait for every step
-            if step + 1 in checkpoints and rank == 0 and model.blocks[0].memory.router is not None:
+            if step + 1 in checkpoints:
                 model.eval()
-                routing_history.append({"step": step + 1, "layers": routing_summary(model, task, device)})
+                curve.append({"step": step + 1, **task.validate(model, device, rank, world)})
+                if rank == 0 and model.blocks[0].memory.router is not None:
+                    routing_history.append({"step": step + 1, "layers": routing_summary(model, task, device)})
                 model.train()
         except ValueError:  # the memory's input checks refused non-finite values
             if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
@@ -205,14 +254,17 @@ def train_run(run: Run, task, env, progress=None) -> dict:
     record = {"run": run.id, "config_hash": run.hash, **run.settings(), **accounting, "steps": train.steps,
               "diverged": diverged_step is not None, "diverged_step": diverged_step,
               "train_seconds": seconds, "world_size": world, "ddp_param_drift": drift, "device": str(device.type),
-              "backend": run.model.layer.get("backend", "auto"), "routing_history": routing_history}
+              "backend": run.model.layer.get("backend", "auto"), "routing_history": routing_history,
+              "curve": curve}
     if diverged_step is not None:  # a result like any other: recorded, shown, never retrained on resume
         print(f"warning: {run.id}: diverged at step {diverged_step} (non-finite loss or memory inputs)",
               file=sys.stderr)
         return {**record, "train_loss": None, "eval_loss": None, "accuracy": None, "tokens_per_s": None,
                 "routing": None}
     model.eval()
-    metrics = task.evaluate(model, device, rank, world)
+    validation = task.validate(model, device, rank, world)
+    curve.append({"step": train.steps, **validation})
+    metrics = {**validation, **task.evaluate(model, device, rank, world)}
     tail = losses[-max(1, len(losses) // 10):]
     record.update({
         "train_loss": sum(tail) / len(tail),
@@ -371,26 +423,59 @@ def run_grid(config: AblateConfig, out: Path, env=None, quiet=False, jobs=None) 
 
 
 def _run_grid(config: AblateConfig, out: Path, env, quiet, jobs) -> dict:
-    from tqdm.auto import tqdm
-
     rank = env["rank"]
     results = out / "results.jsonl"
-    runs = grid(config)
-    done = None
+    show = rank == 0 and not quiet
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(_config_dict(config), sort_keys=False))
         if results.is_file() and results.stat().st_size and not results.read_bytes().endswith(b"\n"):
             with open(results, "a") as f:  # a line cut short by a kill: end it, it will be skipped
                 f.write("\n")
-        done = {(r.get("run"), r.get("config_hash")) for r in read_results(results)}
-    done = _broadcast(done, env)
+    first = grid(config)
+    trained, skipped = _train_missing(config, first, out, env, show, jobs,
+                                      "learning-rate sweep" if config.lrs else config.name)
+    runs = first
+    if config.lrs:
+        done = _broadcast(_done(results) if rank == 0 else None, env)
+        swept = {(run.id, run.hash) for run in first}
+        runs = final_runs(config, first, done)
+        more, found = _train_missing(config, [run for run in runs if (run.id, run.hash) not in swept], out, env,
+                                     show, jobs, "seeds at the chosen rates")
+        trained, skipped = trained + more, skipped + found
+    records = []
+    if rank == 0:
+        done = _done(results)
+        records = [done[(run.id, run.hash)] for run in runs if (run.id, run.hash) in done]
+        sweep = [done[(run.id, run.hash)] for run in first if config.lrs and (run.id, run.hash) in done]
+        table = markdown_table(config, records, sweep)
+        (out / "results.md").write_text(table)
+        plots = plot(config, records, out)
+        if not quiet:
+            print(table)
+            print("wrote " + ", ".join(str(p) for p in [results, out / "results.md", *plots]))
+    if env["world_size"] > 1:
+        dist.barrier()
+    return {"trained": trained, "skipped": skipped, "records": records}
+
+
+def _done(results: Path) -> dict:
+    """The finished runs of a results.jsonl: (run id, settings hash) -> its latest record."""
+    return {(r.get("run"), r.get("config_hash")): r for r in read_results(results)}
+
+
+def _train_missing(config, runs, out, env, show, jobs, label) -> tuple[list, list]:
+    """Train the runs of `runs` not yet in OUT/results.jsonl; returns (trained ids, skipped ids)."""
+    from tqdm.auto import tqdm
+
+    rank = env["rank"]
+    results = out / "results.jsonl"
+    done = _broadcast(set(_done(results)) if rank == 0 else None, env)
     todo = [r for r in runs if (r.id, r.hash) not in done]
     skipped = [r.id for r in runs if (r.id, r.hash) in done]
-    show = rank == 0 and not quiet
     jobs = resolve_jobs(config.jobs if jobs is None else jobs, env, len(todo))
     if show:
-        print(f"{config.name}: {len(runs)} runs, {len(skipped)} already in {results}, {len(todo)} to train"
+        print(f"{label}: {len(runs)} runs, {len(skipped)} already in {results}, {len(todo)} to train"
               + (f", {jobs} at a time" if jobs > 1 else "") + f" on {env['device'].type}"
               + (f" x {env['world_size']} processes" if env["world_size"] > 1 else ""))
     # the tasks' data first: a missing or short text file stops the grid before any training
@@ -416,23 +501,7 @@ def _run_grid(config: AblateConfig, out: Path, env, quiet, jobs) -> dict:
     else:
         trained = _run_parallel(todo, jobs, config.train.threads, out, show, grid_bar)
     grid_bar.close()
-    records = []
-    if rank == 0:
-        wanted = {(r.id, r.hash) for r in runs}
-        latest = {}
-        for r in read_results(results):
-            if (r.get("run"), r.get("config_hash")) in wanted:
-                latest[r["run"]] = r
-        records = list(latest.values())
-        table = markdown_table(config, records)
-        (out / "results.md").write_text(table)
-        plots = plot(config, records, out)
-        if not quiet:
-            print(table)
-            print("wrote " + ", ".join(str(p) for p in [results, out / "results.md", *plots]))
-    if env["world_size"] > 1:
-        dist.barrier()
-    return {"trained": trained, "skipped": skipped, "records": records}
+    return trained, skipped
 
 
 def _run_parallel(todo, jobs, threads, out, show, grid_bar):
@@ -505,8 +574,13 @@ def main(argv=None) -> int:
         print(f"memplug ablate: bad config: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
-        for run in grid(config):
+        runs = grid(config)
+        for run in runs:
             print(run.id, run.hash)
+        if config.lrs and len(config.seeds) > 1:
+            configurations = len({run.configuration for run in runs})
+            print(f"then seeds {config.seeds[1:]} of each of the {configurations} configurations at the rate "
+                  f"chosen on the validation split: {configurations * (len(config.seeds) - 1)} more runs")
         return 0
     previous = signal.signal(signal.SIGTERM, _interrupt)
     env = setup_env(config.train)

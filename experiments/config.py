@@ -51,6 +51,7 @@ class MQARConfig:
     test_seed: int = 1234
     train_num_pairs: Optional[list[int]] = None  # train on a mix of sizes (Zoology); None: num_pairs
     test_num_pairs: Optional[list[int]] = None  # also test at these sizes (accuracy_by_pairs)
+    rules: Optional[list[str]] = None  # the rules of the grid this task runs; None: all of them
     model: dict = field(default_factory=dict)  # overrides of `model` for this task
     train: dict = field(default_factory=dict)  # overrides of `train` for this task
 
@@ -65,6 +66,7 @@ class LMConfig:
     holdout_every: int = 10
     max_bytes: Optional[int] = None
     eval_windows: int = 64
+    rules: Optional[list[str]] = None
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
 
@@ -82,6 +84,9 @@ class AblateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     jobs: int = 1  # runs trained at once in separate processes (CPU only); 0: one per core, at most 8
+    # Learning rates swept per configuration at the first seed; the one scoring best on the task's
+    # validation split is then run at every seed. None: every run at train.lr.
+    lrs: Optional[list[float]] = None
 
 
 def _type_ok(value, hint) -> bool:
@@ -101,6 +106,23 @@ def _type_ok(value, hint) -> bool:
     if hint is dict or origin is dict:
         return isinstance(value, dict)
     return isinstance(value, hint)
+
+
+def _yaml_floats(value, hint):
+    """YAML 1.1 reads 3e-3 (no dot) as a string: read it as the float it means where one is expected."""
+    def as_float(v):
+        try:
+            return float(v) if isinstance(v, str) else v
+        except ValueError:
+            return v
+
+    floats = [a for a in typing.get_args(hint) if a is not type(None)]
+    if hint is float or floats == [float]:
+        return as_float(value)
+    list_hint = floats[0] if len(floats) == 1 else hint
+    if typing.get_origin(list_hint) is list and typing.get_args(list_hint) == (float,) and isinstance(value, list):
+        return [as_float(v) for v in value]
+    return value
 
 
 def _describe(hint) -> str:
@@ -125,11 +147,7 @@ def from_dict(cls, data, where: str):
         if dataclasses.is_dataclass(hint):
             value = from_dict(hint, value, path)
         else:
-            if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
+            value = _yaml_floats(value, hint)
             if not _type_ok(value, hint):
                 raise ValueError(f"{path}: expected {_describe(hint)}, got {value!r}")
             if hint is float:
@@ -184,8 +202,20 @@ def check_config(config: AblateConfig):
         except ValueError as e:
             raise ValueError(f"memories[{i}]: {e}") from None
     _positive(config.jobs, "jobs", zero_ok=True)
+    if config.lrs is not None:
+        if not config.lrs or len(set(config.lrs)) != len(config.lrs):
+            raise ValueError(f"lrs: expected distinct learning rates, got {config.lrs}")
+        for i, lr in enumerate(config.lrs):
+            _positive(lr, f"lrs[{i}]")
+        for task_name, task in config.tasks.items():
+            if "lr" in task.train:
+                raise ValueError(f"tasks.{task_name}.train.lr: the grid sweeps lrs {config.lrs}; a task's own lr "
+                                 f"would be overridden")
     for task_name, task in config.tasks.items():
         model, train = resolved(config, task_name)
+        for i, rule in enumerate(task.rules or ()):
+            if rule not in config.rules:
+                raise ValueError(f"tasks.{task_name}.rules[{i}]: {rule!r} is not one of the grid's rules {config.rules}")
         for name in ("steps", "batch_size", "lr"):
             _positive(getattr(train, name), _path(task_name, task, "train", name))
         for name in ("warmup", "min_lr_ratio", "weight_decay", "grad_clip", "threads"):

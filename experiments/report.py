@@ -10,6 +10,7 @@ import torch
 
 from .config import AblateConfig, resolved
 from .model import ModelConfig, parse_memory
+from .tasks import TASKS
 
 def read_results(path: Path) -> list[dict]:
     """The records of a results.jsonl; a line cut short by a killed run is skipped."""
@@ -61,6 +62,13 @@ def _fmt_int(n):
     return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e4 else str(n))
 
 
+def _rate(config: AblateConfig, train) -> str:
+    if config.lrs:
+        return (f"the learning rate of {config.lrs} that scores best on the validation split at seed "
+                f"{config.seeds[0]} (per configuration, below)")
+    return f"learning rate {train.lr:g}"
+
+
 def _blocks(model: ModelConfig) -> str:
     return f"{model.n_layers} blocks of memory" + (" + MLP" if model.mlp_ratio > 0 else " only")
 
@@ -82,7 +90,40 @@ def _matched(found, rule, budget_key, budget, metric_of):
     return memory, _result(rs, metric_of)
 
 
-def markdown_table(config: AblateConfig, records: list[dict]) -> str:
+def sweep_table(config: AblateConfig, task_name: str, sweep: list[dict]) -> list[str]:
+    """The validation metric of each configuration at each swept learning rate (first seed), the
+    chosen rate in bold."""
+    key, direction = TASKS[task_name].selection
+    found = [r for r in sweep if r["task"] == task_name]
+    if not found:
+        return []
+    lines = [f"Learning-rate sweep: validation {key.removeprefix('val_')} at seed {config.seeds[0]} (the "
+             f"{'highest' if direction == 'max' else 'lowest'} is chosen, in bold; every configuration gets the "
+             f"same rates).", "", "| rule | memory | " + " | ".join(f"lr {lr:g}" for lr in config.lrs) + " |",
+             "|---|---|" + "---|" * len(config.lrs)]
+    for rule in config.rules:
+        for memory in config.memories:
+            rs = {r["train"]["lr"]: r for r in found if r["rule"] == rule and r["memory"] == memory}
+            if not rs:
+                continue
+            scores = {lr: (None if r.get("diverged") else r.get(key)) for lr, r in rs.items()}
+            finite = {lr: v for lr, v in scores.items() if v is not None}
+            best = None
+            if finite and len(rs) == len(config.lrs):
+                best = (max if direction == "max" else min)(sorted(finite), key=lambda lr: finite[lr])
+            cells = []
+            for lr in config.lrs:
+                if lr not in rs:
+                    cells.append("—")
+                elif scores[lr] is None:
+                    cells.append("diverged")
+                else:
+                    cells.append(f"**{scores[lr]:.3f}**" if lr == best else f"{scores[lr]:.3f}")
+            lines.append(f"| {rule} | {memory} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def markdown_table(config: AblateConfig, records: list[dict], sweep: list[dict] = ()) -> str:
     by = {}
     for r in records:
         by.setdefault((r["task"], r["rule"], r["memory"]), []).append(r)
@@ -95,7 +136,7 @@ def markdown_table(config: AblateConfig, records: list[dict]) -> str:
         if task_name == "mqar":
             lines += ["## MQAR: accuracy on the queried values (higher is better)", "",
                       f"{task.num_pairs} key-value pairs in {task.seq_len} tokens, vocabulary {task.vocab_size}; "
-                      f"{train.steps} steps of {train.batch_size} sequences at learning rate {train.lr:g}; "
+                      f"{train.steps} steps of {train.batch_size} sequences at {_rate(config, train)}; "
                       f"{_blocks(model)}, d_model {model.d_model}, {model.num_heads} heads of "
                       f"{model.head_k_dim}x{model.head_v_dim} (backbone_xN: N times the value width); "
                       f"m = {model.num_slots}, R = {model.topk}; seeds {config.seeds}.", ""]
@@ -105,7 +146,7 @@ def markdown_table(config: AblateConfig, records: list[dict]) -> str:
             lines += [f"## Byte LM: held-out loss so far (nats/byte) at the training length L = {L} "
                       "(lower is better)", "",
                       f"Corpus: {found[0].get('corpus', {}).get('source', task.path)}; {train.steps} steps of "
-                      f"{train.batch_size} x {L} bytes at learning rate {train.lr:g}; {_blocks(model)}, d_model "
+                      f"{train.batch_size} x {L} bytes at {_rate(config, train)}; {_blocks(model)}, d_model "
                       f"{model.d_model}; m = {model.num_slots}, R = {model.topk}; seeds {config.seeds}.", ""]
             metric_of, metric_name = (lambda r: r["eval_loss"]), "loss at L"
         lines += ["State: numbers per sequence, all layers (total: every slot; active: the slots one token "
@@ -119,11 +160,13 @@ def markdown_table(config: AblateConfig, records: list[dict]) -> str:
                 if not rs:
                     continue
                 r0 = rs[0]
-                lines.append(f"| {rule} | {memory} | {_fmt_int(r0['state_numel'])} | "
+                lines.append(f"| {rule} | {memory}" + (f" (lr {r0['train']['lr']:g})" if config.lrs else "") +
+                             f" | {_fmt_int(r0['state_numel'])} | "
                              f"{_fmt_int(r0.get('active_state_numel', r0['state_numel']))} | "
                              f"{_fmt_int(r0.get('memory_params', 0))} | {_fmt_int(r0.get('memory_flops_per_token', 0))} | "
                              f"{_result(rs, metric_of)} |")
         lines.append("")
+        lines += sweep_table(config, task_name, list(sweep))
         routed = [m for m in config.memories if not is_backbone(m)]
         if routed and any(is_backbone(m) for m in config.memories):
             lines += ["Each routed memory against the plain backbone at equal budget: the smallest backbone of the "
@@ -199,6 +242,7 @@ def plot(config: AblateConfig, records: list[dict], out: Path) -> list[Path]:
         else:
             path = _plot_loss_by_position(plt, config, task_name, found, rules, out)
         written.append(path)
+        written.append(_plot_curves(plt, config, task_name, found, rules, out))
         if task_name == "mqar":
             path = _plot_by_pairs(plt, config, found, rules, out)
             if path is not None:
@@ -247,6 +291,35 @@ def _plot_against_state(plt, config, found, rules, colors, out):
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{config.name}: MQAR accuracy against\ntotal state (top) and active state (bottom)")
     path = out / "accuracy_vs_state.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_curves(plt, config, task_name, found, rules, out):
+    """The validation metric against training steps, one line per configuration (mean over seeds),
+    one panel per rule: whether a configuration learns later or stops learning shows here."""
+    key, direction = TASKS[task_name].selection
+    fig, axes = plt.subplots(1, len(rules), figsize=(3.6 * len(rules) + 1.6, 3.6), squeeze=False, sharey=True,
+                             constrained_layout=True)
+    for ax, rule in zip(axes[0], rules):
+        for i, memory in enumerate(config.memories):
+            rs = [r for r in found if r["rule"] == rule and r["memory"] == memory and r.get("curve")
+                  and not r.get("diverged")]
+            if not rs:
+                continue
+            steps = [point["step"] for point in rs[0]["curve"]]
+            means = [_mean_std([r["curve"][j][key] for r in rs if len(r["curve"]) > j])[0] for j in range(len(steps))]
+            ax.plot(steps, means, marker="o", markersize=3, color=f"C{i}", ls="--" if is_backbone(memory) else "-",
+                    label=memory)
+        ax.set_title(rule)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("training step")
+    axes[0][0].set_ylabel(f"validation {key.removeprefix('val_')}")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{config.name}: {'MQAR' if task_name == 'mqar' else 'byte LM'} validation "
+                 f"{key.removeprefix('val_')} during training")
+    path = out / f"{task_name}_training_curves.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

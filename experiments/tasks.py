@@ -81,9 +81,11 @@ def check_mqar(vocab_size, seq_len, num_pairs, where="tasks.mqar"):
 class MQAR:
     """`num_pairs` is the size the headline `accuracy` is measured at; `test_num_pairs` adds
     test sets of other sizes (`accuracy_by_pairs`), `train_num_pairs` trains on a mix of sizes
-    (each batch draws one), as Zoology does."""
+    (each batch draws one), as Zoology does. A validation set of `test_examples` sequences, drawn
+    apart from the test sets, is what runs are chosen on (`selection`)."""
 
     name = "mqar"
+    selection = ("val_accuracy", "max")  # the validation metric a learning-rate sweep picks by
 
     def __init__(self, vocab_size=256, seq_len=128, num_pairs=16, power_a=0.01, test_examples=1000,
                  test_seed=1234, random_fill=True, eval_batch_size=None, train_num_pairs=None,
@@ -98,6 +100,9 @@ class MQAR:
         self.tests = {p: mqar(test_examples, vocab_size, seq_len, p, power_a, random_fill,
                               torch.Generator().manual_seed(test_seed + p)) for p in sizes}
         self.test = self.tests[num_pairs]
+        # the validation split, for choosing among runs (learning rates): drawn apart from the tests
+        self.validation = mqar(test_examples, vocab_size, seq_len, num_pairs, power_a, random_fill,
+                               torch.Generator().manual_seed(test_seed - 1 - num_pairs))
 
     def train_batch(self, batch_size, generator):
         pick = torch.randint(len(self.train_num_pairs), (), generator=generator).item()
@@ -118,6 +123,16 @@ class MQAR:
             sums[2] += scored.sum().item()
         sums = _all_reduce(sums, device)
         return sums[0].item() / sums[2].item(), sums[1].item() / sums[2].item()
+
+    def probe_batch(self):
+        """Validation inputs to look at the routing with."""
+        return self.validation[0][:64]
+
+    @torch.no_grad()
+    def validate(self, model, device, rank=0, world_size=1):
+        """Loss and accuracy on the validation set."""
+        loss, accuracy = self._score(model, self.validation, device, rank, world_size)
+        return {"val_loss": loss, "val_accuracy": accuracy}
 
     @torch.no_grad()
     def evaluate(self, model, device, rank=0, world_size=1):
@@ -169,22 +184,30 @@ def load_corpus(path: Optional[str] = None, holdout_every: int = 10, max_bytes: 
 
 
 class ByteLM:
+    """Held-out text is split in two: its first half validates (what runs are chosen on), its
+    second half tests."""
+
     name = "lm"
     vocab_size = 256
+    selection = ("val_loss", "min")
 
     def __init__(self, path=None, seq_len=128, extrapolate=8, holdout_every=10, max_bytes=None,
                  eval_windows=64, eval_batch_size=16):
         self.seq_len, self.extrapolate = seq_len, extrapolate
         self.eval_windows, self.eval_batch_size = eval_windows, eval_batch_size
-        self.train, self.heldout, self.info = load_corpus(path, holdout_every, max_bytes)
+        self.train, heldout, self.info = load_corpus(path, holdout_every, max_bytes)
+        half = len(heldout) // 2
+        self.validation, self.heldout = heldout[:half], heldout[half:]
         self.eval_len = seq_len * extrapolate
-        for name, text, need in (("train", self.train, seq_len + 1), ("held-out", self.heldout, self.eval_len + 1)):
+        for name, text, need in (("train", self.train, seq_len + 1), ("validation", self.validation, seq_len + 1),
+                                 ("test", self.heldout, self.eval_len + 1)):
             if len(text) < need:
-                raise ValueError(f"tasks.lm.path: the {name} text has {len(text)} bytes, fewer than the "
-                                 f"{need} one window needs")
-        # evenly spaced held-out windows: the same for every run
-        last = len(self.heldout) - self.eval_len - 1
-        self.eval_starts = torch.linspace(0, last, eval_windows).long()
+                raise ValueError(f"tasks.lm.path: the {name} text (held-out text is split in halves for "
+                                 f"validation and test) has {len(text)} bytes, fewer than the {need} one window "
+                                 f"needs")
+        # evenly spaced windows: the same for every run
+        self.eval_starts = torch.linspace(0, len(self.heldout) - self.eval_len - 1, eval_windows).long()
+        self.val_starts = torch.linspace(0, len(self.validation) - seq_len - 1, eval_windows).long()
 
     def _windows(self, text, starts, length):
         idx = starts[:, None] + torch.arange(length + 1)
@@ -196,21 +219,35 @@ class ByteLM:
         return self._windows(self.train, starts, self.seq_len)
 
     @torch.no_grad()
-    def evaluate(self, model, device, rank=0, world_size=1):
-        """Held-out loss at each position 1 .. extrapolate * seq_len; `loss_by_position` is the
-        loss so far (cumulative mean), `loss` is it at the training length."""
-        sums = torch.zeros(2, self.eval_len, dtype=torch.float64)  # loss, correct; per position
-        starts = self.eval_starts
+    def _so_far(self, model, text, starts, length, device, rank, world_size):
+        """Loss and accuracy so far (cumulative mean over positions 1..t), `[2, length]`."""
+        sums = torch.zeros(2, length, dtype=torch.float64)  # loss, correct; per position
         mine = list(range(rank * self.eval_batch_size, len(starts), world_size * self.eval_batch_size))
         for start in mine:
-            x, y = self._windows(self.heldout, starts[start:start + self.eval_batch_size], self.eval_len)
+            x, y = self._windows(text, starts[start:start + self.eval_batch_size], length)
             x, y = x.to(device), y.to(device)
             logits = model(x)[0].float()
             loss = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
             sums[0] += loss.sum(0).double().cpu()
             sums[1] += (logits.argmax(-1) == y).sum(0).double().cpu()
         sums = _all_reduce(sums, device) / len(starts)
-        so_far = sums.cumsum(1) / torch.arange(1, self.eval_len + 1)
+        return sums.cumsum(1) / torch.arange(1, length + 1)
+
+    def probe_batch(self):
+        """Validation windows to look at the routing with."""
+        return self._windows(self.validation, self.val_starts[:16], self.seq_len)[0]
+
+    @torch.no_grad()
+    def validate(self, model, device, rank=0, world_size=1):
+        """Loss and accuracy on the validation text, at the training length."""
+        so_far = self._so_far(model, self.validation, self.val_starts, self.seq_len, device, rank, world_size)
+        return {"val_loss": so_far[0, -1].item(), "val_accuracy": so_far[1, -1].item()}
+
+    @torch.no_grad()
+    def evaluate(self, model, device, rank=0, world_size=1):
+        """Test loss at each position 1 .. extrapolate * seq_len; `loss_by_position` is the
+        loss so far (cumulative mean), `loss` is it at the training length."""
+        so_far = self._so_far(model, self.heldout, self.eval_starts, self.eval_len, device, rank, world_size)
         L = self.seq_len
         out = {"eval_loss": so_far[0, L - 1].item(), "accuracy": so_far[1, L - 1].item(),
                "loss_by_position": [round(v, 4) for v in so_far[0].tolist()]}
@@ -218,6 +255,9 @@ class ByteLM:
             if factor <= self.extrapolate:
                 out[f"loss@{factor}L"] = so_far[0, factor * L - 1].item()
         return out
+
+
+TASKS = {"mqar": MQAR, "lm": ByteLM}  # task name in configs -> its class
 
 
 def _all_reduce(t, device):

@@ -278,6 +278,9 @@ def _tiny(tmp_path, **changes):
     ({"tasks.mqar.power_a": -0.5}, "tasks.mqar.power_a"),
     ({"tasks.mqar.test_examples": 0}, "tasks.mqar.test_examples"),
     ({"memories": ["backbone", "backbone_x0"]}, "memories[1]"),
+    ({"tasks.lm.rules": ["gla"]}, "tasks.lm.rules[0]"),
+    ({"lrs": [1e-3, 1e-3]}, "lrs"),
+    ({"lrs": [1e-3, -1.0]}, "lrs[1]"),
     ({"model.layer": {"backend": "nope"}}, "model.layer"),
 ] + ([({"train.device": "cuda"}, "train.device")] if not torch.cuda.is_available() else []))
 def test_bad_configs_name_the_field_before_training(tmp_path, capsys, changes, field):
@@ -296,6 +299,14 @@ def test_a_backend_that_cannot_run_here_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the tests turn the interpreter on; a user's CPU has none
     with pytest.raises(ValueError, match=r"^model\.layer\.backend: cannot run rule 'fm' on cpu here .*not available"):
         load_config(str(_tiny(tmp_path, **{"model.layer": {"backend": "triton"}})))
+
+
+def test_yaml_exponents_without_a_dot_are_floats(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; where the config expects floats, it means the number."""
+    path = tmp_path / "c.yaml"
+    path.write_text(_tiny(tmp_path).read_text() + "lrs: [1e-3, 3e-2]\n")
+    config = load_config(str(path), overrides=["train.lr=5e-3"])
+    assert config.lrs == [1e-3, 3e-2] and config.train.lr == 5e-3
 
 
 def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
@@ -325,6 +336,51 @@ def test_import_makes_a_registered_rule_usable_in_a_grid(tmp_path, capsys, monke
     finally:
         if "my_retention" in memplug.available_rules():
             memplug.unregister_rule("my_retention")
+
+
+def test_learning_rates_are_chosen_on_the_validation_split_then_run_at_every_seed(tmp_path):
+    config = load_config(str(_tiny(tmp_path, **{"tasks.lm": None, "seeds": [0, 1], "lrs": [1e-3, 3e-2]})))
+    out = tmp_path / "run"
+    first = ablate.run_grid(config, out, quiet=True)
+    records = read_results(out / "results.jsonl")
+    assert len(first["trained"]) == len(records) == 2 * 2 + 2  # two rates at seed 0, then seed 1 at the best
+    for memory in config.memories:
+        sweep = {r["train"]["lr"]: r for r in records if r["memory"] == memory and r["seed"] == 0}
+        assert set(sweep) == {1e-3, 3e-2}
+        best = max(sorted(sweep), key=lambda lr: sweep[lr]["val_accuracy"])  # ties: the smaller rate
+        (final,) = [r for r in records if r["memory"] == memory and r["seed"] == 1]
+        assert final["train"]["lr"] == best and final["run"].endswith(f"/lr{best:g}/seed1")
+        chosen = [r for r in first["records"] if r["memory"] == memory]
+        assert sorted(r["seed"] for r in chosen) == [0, 1] and {r["train"]["lr"] for r in chosen} == {best}
+        assert all(0 <= r["val_accuracy"] <= 1 and r["curve"][-1]["step"] == 3 for r in chosen)
+    table = (out / "results.md").read_text()
+    assert "Learning-rate sweep" in table and "**" in table
+    assert (out / "mqar_training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    again = ablate.run_grid(config, out, quiet=True)
+    assert again["trained"] == [] and len(again["skipped"]) == 6
+
+
+def test_a_diverged_rate_is_never_chosen_and_ties_go_to_the_smaller_rate(tmp_path):
+    config = load_config(str(_tiny(tmp_path, **{"tasks.lm": None, "memories": ["backbone"],
+                                                 "lrs": [1e-3, 1e-2, 1e-1]})))
+    sweep = ablate.grid(config)
+    scores = {1e-3: 0.5, 1e-2: 0.5, 1e-1: None}
+    records = {(run.id, run.hash): {"val_accuracy": scores[run.train.lr], "diverged": scores[run.train.lr] is None}
+               for run in sweep}
+    assert ablate.best_rates(config, sweep, records) == {("mqar", "fm", "backbone"): 1e-3}
+    records[(sweep[1].id, sweep[1].hash)]["val_accuracy"] = 0.6
+    assert ablate.best_rates(config, sweep, records) == {("mqar", "fm", "backbone"): 1e-2}
+    del records[(sweep[0].id, sweep[0].hash)]  # not all rates trained yet: no choice
+    assert ablate.best_rates(config, sweep, records) == {}
+
+
+def test_byte_lm_validates_and_tests_on_disjoint_held_out_text(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i}: {'abcdefgh' * (i % 7)}\n" for i in range(3000)))
+    task = ByteLM(str(text), seq_len=8, extrapolate=2, eval_windows=4)
+    train, heldout, _ = load_corpus(str(text))
+    assert torch.equal(torch.cat([task.validation, task.heldout]), heldout)
+    assert len(task.validation) > 0 and len(task.heldout) > 0
 
 
 def test_two_grids_cannot_write_one_folder(tmp_path):
@@ -400,6 +456,13 @@ def test_presets_parse():
     assert len(ablate.grid(paper)) == 5 * 4 * 2 * 3
     quick = load_config(preset="quick")
     assert "mqar" in quick.tasks and "backbone" in quick.memories
+    study = load_config(preset="study")
+    assert study.rules == RULES and len(study.lrs) >= 3 and len(study.seeds) >= 3
+    assert {"backbone", "backbone_x3", "backbone_x9", "fm_dense", "fm_sparse", "mom"} <= set(study.memories)
+    assert study.tasks["lm"].rules == ["mamba2", "gated_deltanet"]
+    sweep = ablate.grid(study)  # every configuration at every rate, seed 0; the task's rules only for lm
+    assert len(sweep) == (5 + 2) * len(study.memories) * len(study.lrs)
+    assert {run.rule for run in sweep if run.task == "lm"} == {"mamba2", "gated_deltanet"}
     with pytest.raises(ValueError, match="--preset"):
         load_config(preset="nope")
 
