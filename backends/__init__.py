@@ -1,9 +1,9 @@
 """memplug's built-in backends, registered on import of `memplug`.
 
-- `reference`: SPEC section 3 one token at a time (every device, every rule, float64 oracle).
-- `chunked`: SPEC section 5 in PyTorch operations: packed routing, chunked scans per rule family
+- `reference`: docs/contract.md section 3 one token at a time (every device, every rule, float64 oracle).
+- `chunked`: docs/contract.md section 5 in PyTorch operations: packed routing, chunked scans per rule family
   (every rule of a family, every device; the default on CPU).
-- `triton`: SPEC section 5 with Triton kernels, forward and backward, and an O(R) decode step (every
+- `triton`: docs/contract.md section 5 with Triton kernels, forward and backward, and an O(R) decode step (every
   rule of a family; the default on CUDA; on CPU only in Triton's interpreter, never chosen by "auto").
 """
 from memplug.registry import register_backend

@@ -1,4 +1,4 @@
-"""Pack and combine (SPEC section 5, steps 2 and 5), shared by the fast backends.
+"""Pack and combine (docs/contract.md section 5, steps 2 and 5), shared by the fast backends.
 
 Vocabulary:
 

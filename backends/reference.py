@@ -1,4 +1,4 @@
-"""The reference backend: SPEC section 3 read literally, one token at a time.
+"""The reference backend: docs/contract.md section 3 read literally, one token at a time.
 
 Vectorised over batch, heads and routes; differentiable; float64 when the inputs are. Every other
 backend is tested against this one in float64.

@@ -1,6 +1,6 @@
 """memplug: routed sparse-state memory for linear RNNs.
 
-Functional core: `routed_scan`, `routed_step` (SPEC section 4). Registries: `register_rule`,
+Functional core: `routed_scan`, `routed_step` (docs/contract.md section 4). Registries: `register_rule`,
 `register_backend`, `available_backends`. Layers: `RoutedMemory` and its presets
 `FactorizationMemory`, `MixtureOfMemories`; routers in `memplug.routing`.
 """

@@ -1,4 +1,4 @@
-"""Argument checks of SPEC section 7, shared by every public entry point.
+"""Argument checks of docs/contract.md section 7, shared by every public entry point.
 
 `check_scan` validates the inputs of `routed_scan` / `routed_step` before any work; the small checks
 below it serve the constructors too. Every error names the argument, what it got and what it
@@ -110,7 +110,7 @@ def _finite(name, x):
 
 def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, read_w, coupling, scale,
                initial_state, cu_seqlens, state_name="initial_state", one_token=False) -> None:
-    """Validate `routed_scan` inputs (SPEC sections 2 and 7); `routed_step` passes its `state` as
+    """Validate `routed_scan` inputs (docs/contract.md sections 2 and 7); `routed_step` passes its `state` as
     the initial state, under `state_name`, and `one_token=True`."""
     _tensor("q", q)
     if q.dim() != 4:

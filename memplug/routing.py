@@ -1,4 +1,4 @@
-"""Routers: router logits -> slot indices and weights (step 1 of SPEC section 5).
+"""Routers: router logits -> slot indices and weights (step 1 of docs/contract.md section 5).
 
 Three ways to pick slots, all from the softmax of `logits / temperature` over the `m` slots:
 
@@ -6,7 +6,7 @@ Three ways to pick slots, all from the softmax of `logits / temperature` over th
 - `dense`: every slot (R = m), weighted by its probability (soft routing);
 - `threshold`: the slots whose probability is at least `threshold`, at most `R` and never none
   (the most probable slot always stays). Dropped routes get weight 0, which under coupling "dt"
-  is the same as no route (SPEC section 3); under coupling "none" they would still write, so
+  is the same as no route (docs/contract.md section 3); under coupling "none" they would still write, so
   `RoutedMemory` rejects that combination.
 
 `load_balancing_loss` is the Switch Transformer auxiliary loss and `routing_stats` the numbers an

@@ -1,4 +1,4 @@
-"""Update rules, each defined once by its single-token update (SPEC section 3).
+"""Update rules, each defined once by its single-token update (docs/contract.md section 3).
 
 A built-in rule is a *coupling* into one of three *families*. The family owns the single-token
 update in a canonical form; the coupling says how a rule's inputs (`k, v, g, beta`) and the routing
@@ -164,7 +164,7 @@ def available_rules() -> list[str]:
     return sorted(_RULES)
 
 
-# The five rules of SPEC section 3. `w` scales the step like Mamba's dt (coupling "dt").
+# The five rules of docs/contract.md section 3. `w` scales the step like Mamba's dt (coupling "dt").
 register_rule("mamba2", g="scalar", family=ADDITIVE_SCALAR,
               couple=lambda k, v, g, beta, w: Coupled(w[..., None] * k, v, w * g, None))
 register_rule("gla", g="vector", family=ADDITIVE_VECTOR,

@@ -1,4 +1,4 @@
-"""The functional core (SPEC section 4): `routed_scan` over a sequence, `routed_step` for decoding."""
+"""The functional core (docs/contract.md section 4): `routed_scan` over a sequence, `routed_step` for decoding."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +14,7 @@ def routed_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g=None, beta=No
     """Routed sparse-state scan: every head owns `num_slots` states; each token updates the `R` slots
     named by `route_idx` with `rule` and reads them back, mixed by `read_w` (default `route_w`).
 
-    Shapes (SPEC section 2): q `[B,T,H,K]`; k `[B,T,H,K]` or `[B,T,H,R,K]`; v `[B,T,H,V]` or
+    Shapes (docs/contract.md section 2): q `[B,T,H,K]`; k `[B,T,H,K]` or `[B,T,H,R,K]`; v `[B,T,H,V]` or
     `[B,T,H,R,V]`; g `[B,T,H]` / `[B,T,H,K]` (or per route); beta `[B,T,H]` (or per route);
     route_idx, route_w, read_w `[B,T,Hr,R]` with Hr 1 or H; initial_state `[N,H,m,K,V]`;
     cu_seqlens `[N+1]` with B = 1.

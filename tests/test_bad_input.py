@@ -1,4 +1,4 @@
-"""SPEC section 7: every class of bad input raises ValueError or TypeError naming the argument, before
+"""docs/contract.md section 7: every class of bad input raises ValueError or TypeError naming the argument, before
 any work, in `routed_scan` and in `routed_step`. The inputs go to a spy backend that fails the test if it
 is ever called."""
 import pytest

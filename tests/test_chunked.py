@@ -1,4 +1,4 @@
-"""The chunked backend against the float64 reference: every law of SPEC section 6, plus packing."""
+"""The chunked backend against the float64 reference: every law of docs/contract.md section 6, plus packing."""
 from __future__ import annotations
 
 from contextlib import contextmanager

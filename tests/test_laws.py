@@ -1,4 +1,4 @@
-"""The laws of SPEC section 6 through `memplug.testing`: the reference backend obeys every law (its
+"""The laws of docs/contract.md section 6 through `memplug.testing`: the reference backend obeys every law (its
 backbone reduction is checked against flash-linear-attention's naive references), and `check_rule`
 accepts user rules (a family rule and a free-form `update` rule) and rejects a rule that breaks a law."""
 import math
@@ -76,7 +76,7 @@ def test_check_rule_runs_other_backends_that_take_the_rule(user_rules):
 
 
 def test_check_rule_catches_a_rule_that_ignores_the_weight(user_rules):
-    def ignores_w(S, k, v, g, beta, w):  # a route of weight 0 still writes: breaks SPEC section 3
+    def ignores_w(S, k, v, g, beta, w):  # a route of weight 0 still writes: breaks docs/contract.md section 3
         return g.exp()[..., None, None] * S + k[..., :, None] * v[..., None, :]
     rule = user_rules("kit_ignores_w", g="scalar", update=ignores_w)
     with pytest.raises(AssertionError) as info:

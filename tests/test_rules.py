@@ -1,4 +1,4 @@
-"""Rules: each built-in rule's single-token update equals the SPEC section 3 table, written out."""
+"""Rules: each built-in rule's single-token update equals the docs/contract.md section 3 table, written out."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -8,7 +8,7 @@ from memplug.rules import Coupled, get_rule
 
 
 def _spec_update(rule, S, k, v, g, beta, w):
-    """SPEC section 3, one slot, literally (w = 1 under coupling "none")."""
+    """docs/contract.md section 3, one slot, literally (w = 1 under coupling "none")."""
     K = S.shape[0]
     I = torch.eye(K, dtype=S.dtype)
     kv = torch.outer(k, v)

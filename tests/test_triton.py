@@ -1,4 +1,4 @@
-"""The `triton` backend (backends/triton) against the laws of SPEC section 6 and the float64 reference.
+"""The `triton` backend (backends/triton) against the laws of docs/contract.md section 6 and the float64 reference.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 which is slow: the law checks draw few, small cases (`EXAMPLES`); on a GPU they draw more, and the
@@ -62,7 +62,7 @@ def chunk_size(size):
 @pytest.mark.parametrize("law", list(LAWS))
 @pytest.mark.parametrize("rule", RULES)
 def test_law_float32(rule, law):
-    """Every law of SPEC section 6 (through memplug.testing) in float32 against the float64 reference."""
+    """Every law of docs/contract.md section 6 (through memplug.testing) in float32 against the float64 reference."""
     report = check_backend("triton", rules=[rule], dtypes=["float32"], laws=[law], max_examples=EXAMPLES[law],
                            max_T=MAX_T.get(law), **KIT)
     assert all(r.status == "passed" for r in report.results), str(report)

@@ -1,4 +1,4 @@
-"""The chunked backend: SPEC section 5 in PyTorch operations, the default on CPU.
+"""The chunked backend: docs/contract.md section 5 in PyTorch operations, the default on CPU.
 
 1. pack: the route entries of each (sequence, head group, slot) become one packed sequence
    (`backends/packing.py`), laid out in chunks of `CHUNK_SIZE` rows, in blocks of about

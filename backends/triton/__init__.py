@@ -1,4 +1,4 @@
-"""The Triton backend: SPEC section 5 with Triton kernels, the default of `backend="auto"` on CUDA.
+"""The Triton backend: docs/contract.md section 5 with Triton kernels, the default of `backend="auto"` on CUDA.
 
 1. pack: `backends/packing.py` (one sort) groups the route entries of each (sequence, head group,
    slot) into one packed sequence; every per-route input is gathered into packed rows `[E, Hb, ...]`
