@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from memplug.modules import sequence_positions
 
@@ -150,6 +149,9 @@ def take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 # of them at a time) reads and writes only each part's entries: no tensor as large as all the
 # entries is made on the way, in the forward pass or the backward pass.
 
+# Their backward passes are torch operations that autograd records under `create_graph=True`, so the
+# chunked backend has gradients of every order.
+
 class _GatherParts(torch.autograd.Function):
     """`source` rows `index` for each index tensor; the backward adds every part's gradient into
     one gradient of `source` (indices may repeat: the routes of a token read the same row)."""
@@ -161,7 +163,6 @@ class _GatherParts(torch.autograd.Function):
         return tuple(source.index_select(0, index) for index in indices)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, *grads):
         grad_source = grads[0].new_zeros(ctx.source_shape)
         for index, grad in zip(ctx.saved_tensors, grads):
@@ -183,7 +184,6 @@ class _ScatterParts(torch.autograd.Function):
         return routes
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         return (None, None, *[grad.index_select(0, entries) for entries in ctx.parts])
 

@@ -21,6 +21,22 @@ def routed_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g=None, beta=No
 
     Returns `o [B,T,H,V]` in the dtype of q and, if `output_final_state`, the final states
     `[N,H,m,K,V]` in float32 (float64 for float64 inputs).
+
+    Non-finite values: g, beta, route_w and read_w are checked, and a NaN or inf there raises
+    ValueError. q, k and v are data and are not checked (that would cost a pass over them): a NaN or
+    inf in them is carried by the recurrence forward in time only, as the float64 reference carries
+    it. At token t of sequence n it never reaches the outputs of n's tokens before t, nor the outputs
+    or final states of other sequences (batch rows, or packed sequences of `cu_seqlens`), and a
+    non-finite q_t reaches o_t only. Nor is it dropped: o_t is non-finite, and for k or v so are the
+    final states of the slots token t writes and the outputs of later tokens that read them (NaN or
+    inf, which one is unspecified). The law `nonfinite_inputs` of `memplug.testing` checks the
+    causal part, and that o_t and n's final state are non-finite, on every backend. Gradients are
+    not covered: the reference's own autograd multiplies zero cotangents by NaN, so a non-finite q,
+    or a delta rule's k, makes gradients of earlier tokens NaN there too.
+
+    Gradients of every order (double backward: `torch.autograd.grad(..., create_graph=True)` then
+    differentiated again) on the `reference` and `chunked` backends; `triton` has first-order
+    gradients only, and a gradient taken with `create_graph=True` raises a RuntimeError that says so.
     """
     rule = get_rule(rule)
     check_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,

@@ -13,6 +13,8 @@ import memplug.backends.chunked as chunked
 from memplug import get_rule, routed_scan, routed_step
 from memplug.backends.chunked.chunking import chunk_layout
 from memplug.backends.packing import combine, pack
+from memplug.testing import CaseSpec, case_specs, check_backend, make_inputs, poisons
+from support.nonfinite import assert_bitwise_equal, nan_filled_memory, scan_with_grads
 
 RULES = ["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]
 CHUNK_SIZES = [1, 2, 3, 5, 8, 16, 64]
@@ -338,6 +340,114 @@ def test_relabeling_slots_and_routes(problem, seed):
     o_r, S_r = replace(problem, inputs=dict(x, **permuted)).run()
     assert_same(o_r, o, 1e-12, "o after permuting routes")
     assert_same(S_r, S, 1e-12, "final states after permuting routes")
+
+
+# Non-finite inputs: q, k, v are data; a non-finite one reaches its own and later tokens only.
+
+@pytest.mark.parametrize("rule", RULES)
+def test_nonfinite_inputs_stay_causal(rule):
+    """The kit's law (memplug.testing): outputs before a NaN or inf in q, k or v, and other sequences'
+    outputs and final states, are those without it, in every dtype."""
+    report = check_backend("chunked", rules=[rule], laws=["nonfinite_inputs"], max_examples=25)
+    assert {r.status for r in report.results} == {"passed"} and len(report.results) == 4
+
+
+@st.composite
+def nonfinite_key_or_value_cases(draw):
+    """A case with a non-finite v (any rule) or k (additive rules): those whose float64 reference
+    keeps the gradients of earlier tokens finite. (For a non-finite q, or k of a delta rule, the
+    reference's own autograd multiplies zero cotangents by NaN on the way back: NaN there too.)"""
+    rule = draw(st.sampled_from(RULES))
+    spec = draw(case_specs(rule, dtypes=["float64"], max_T=24))
+    delta = get_rule(rule).family.delta
+    poison = draw(poisons(spec).filter(lambda p: p.input == "v" or (p.input == "k" and not delta)))
+    return spec, poison
+
+
+@settings(max_examples=60, deadline=None)
+@given(nonfinite_key_or_value_cases(), st.sampled_from([1, 5, 32]))
+def test_gradients_before_a_nonfinite_key_or_value_are_unchanged(case, size):
+    """With v (or an additive rule's k) non-finite at token t of sequence n, the gradients, w.r.t.
+    every input, of a loss on the outputs of n's tokens before t and on the other sequences' outputs
+    and final states are those without it: at every input of those tokens, and every initial state."""
+    spec, poison = case
+    clean = make_inputs(spec)
+    b, start, end = poison.span(spec)
+    kept = torch.ones(clean["q"].shape[:2], dtype=torch.bool)  # [B,T]: tokens the loss reads
+    kept[b, start + poison.token:end] = False
+    others = [n for n in range(spec.N) if n != poison.sequence]
+
+    def grads(inputs):
+        leaves = {n: inputs[n].detach().clone().requires_grad_() for n in GRAD_INPUTS if inputs.get(n) is not None}
+        with chunk_size(size):
+            o, S = routed_scan(**dict(inputs, **leaves), output_final_state=True, backend="chunked")
+        gen = torch.Generator().manual_seed(spec.seed)
+        loss = (o[kept] * torch.randn(o[kept].shape, generator=gen, dtype=o.dtype)).sum() + \
+            (S[others] * torch.randn(S[others].shape, generator=gen, dtype=S.dtype)).sum()
+        got = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(leaves, got)}
+
+    expected, got = grads(clean), grads(poison.apply(clean, spec))
+    for name, g in got.items():
+        at = slice(None) if name == "initial_state" else kept
+        assert torch.isfinite(g[at]).all(), f"grad {name}: NaN or inf before the poisoned token, {poison}"
+        assert_same(g[at], expected[name][at], 1e-10, f"grad {name}, {poison}")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_memory_it_never_wrote_is_never_read(rule):
+    """With every uninitialized allocation filled with NaN, o, final states and every gradient are bit
+    for bit those of a normal run: no padding row of a chunk, no unused tail of a buffer is read.
+    Three packed sequences of 5, 40 and 12 tokens, each routed to both slots, in chunks of 5 rows and
+    blocks of 40: part-filled chunks, and lanes that run over several blocks."""
+    spec = CaseSpec(rule=rule, dtype="float32", B=1, T=57, H=2, K=12, V=6, m=2, R=2, seqlens=(5, 40, 12),
+                    initial_state=True, read_w=True, per_route=("v",), seed=2)
+    inputs = make_inputs(spec)
+    with chunk_size(5, block_rows=40):
+        expected = scan_with_grads(inputs, "chunked")
+        with nan_filled_memory():
+            got = scan_with_grads(inputs, "chunked")
+    assert_bitwise_equal(got, expected)
+
+
+# Second-order gradients.
+
+@pytest.mark.parametrize("rule", RULES)
+def test_second_order_gradients_pass_gradgradcheck(rule):
+    """Double backward through the chunked backend: torch.autograd.gradgradcheck in float64 w.r.t.
+    every float input, on a tiny case with chunks of 2 rows, blocks of 3, two packed sequences, two
+    routes per token and per-route keys and decays."""
+    spec = CaseSpec(rule=rule, dtype="float64", B=1, T=5, H=2, K=3, V=2, m=2, R=2, seqlens=(2, 3),
+                    initial_state=True, read_w=True, per_route=("k", "g"), seed=4)
+    inputs = make_inputs(spec)
+    names = [n for n in GRAD_INPUTS if inputs.get(n) is not None]
+
+    def scan(*tensors):
+        with chunk_size(2, block_rows=3):
+            return routed_scan(**dict(inputs, **dict(zip(names, tensors))), output_final_state=True,
+                               backend="chunked")
+
+    assert torch.autograd.gradgradcheck(scan, [inputs[n].clone().requires_grad_() for n in names])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_second_order_gradients_equal_the_reference(rule):
+    """The gradient of q (taken with create_graph=True) differentiated again w.r.t. every float input
+    equals the reference's, none missing."""
+    spec = CaseSpec(rule=rule, dtype="float64", B=2, T=9, H=1, K=4, V=4, m=3, R=1, initial_state=True, seed=3)
+    inputs = make_inputs(spec)
+
+    def second_order(backend):
+        leaves = {n: inputs[n].clone().requires_grad_() for n in GRAD_INPUTS if inputs.get(n) is not None}
+        with chunk_size(4):
+            o, S = routed_scan(**dict(inputs, **leaves), output_final_state=True, backend=backend)
+        grad_q, = torch.autograd.grad((o ** 2).sum() + (S ** 2).sum(), [leaves["q"]], create_graph=True)
+        return dict(zip(leaves, torch.autograd.grad((grad_q ** 2).sum(), list(leaves.values()), allow_unused=True)))
+
+    expected, got = second_order("reference"), second_order("chunked")
+    for name, g in expected.items():
+        assert g is not None and got[name] is not None, name
+        assert_same(got[name], g, 1e-10, f"second-order gradient of {name}")
 
 
 # Packing and selection.

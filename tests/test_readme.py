@@ -11,3 +11,18 @@ def test_readme_python_blocks_run():
     namespace = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"README.md python block {i + 1}", "exec"), namespace)
+
+
+def test_the_repository_stands_alone():
+    """No tracked file cites the contract it grew from outside the repository: docs/contract.md is
+    the contract."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    outside = re.compile(r"\.\./shared|SPEC\.md|\bSPEC (section|\d)")
+    found = [f"{name}:{i + 1}" for name in files if name.endswith((".py", ".md", ".yaml", ".toml"))
+             for i, line in enumerate((root / name).read_text(errors="replace").splitlines())
+             if outside.search(line) and name != "tests/test_readme.py"]
+    assert found == []
+    assert (root / "docs" / "contract.md").is_file()

@@ -22,6 +22,13 @@ Unrolling the additive form then gives, for the whole chunk,
 consecutive a's, never as differences of such sums: every exponent is <= 0 however strong the decay
 (no overflow, no cancellation), and a = -inf (a slot wiped clean) gives zeros, not NaN, as no -inf is
 ever subtracted.
+
+Non-finite q, k, v are data (see `memplug.routed_scan`): they must reach their own and later rows
+only. A causal mask is therefore applied by selecting (`torch.where`), never by multiplying: above the
+diagonal q_t.k_s may be NaN, and 0 * NaN is NaN. Products over the rows of a chunk whose factor is
+zero above the diagonal (the scores q k^T, the output pass's attn @ d) take finite operands
+(`finite_split`) and add the non-finite part separately, to the rows that may see it; so neither
+their forward nor their backward meets 0 * NaN.
 """
 from __future__ import annotations
 
@@ -44,12 +51,27 @@ class ChunkForm(NamedTuple):
     w: Optional[torch.Tensor]  # [n,h,C,K] effective values' dependence on S_0 (delta), or None
 
 
+def finite_split(x: torch.Tensor):
+    """`x` as `safe + bad`: `safe` is `x` with its NaN and infinite entries set to 0; `bad` holds those
+    entries and is 0 elsewhere. If `x` has none (its sum is finite), `(x, None)`: the common case
+    costs one sum. (A sum that overflows takes the split too, which is merely unneeded.)"""
+    if torch.isfinite(x.detach().sum()):
+        return x, None
+    safe = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return safe, x - safe
+
+
+def causal_mask(C: int, device) -> torch.Tensor:
+    """`[C, C]` bool, True on and below the diagonal (s <= t)."""
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril()
+
+
 def segsum(a: torch.Tensor) -> torch.Tensor:
     """`a [..., C]` -> `[..., C, C]` with entry (t, s) = a_{s+1} + ... + a_t for s <= t and -inf above
     the diagonal. Built by cumulative sums of masked copies, not as differences of prefix sums, so
     it is exact for strong decays and free of inf - inf."""
     C = a.shape[-1]
-    causal = torch.ones(C, C, dtype=torch.bool, device=a.device).tril()
+    causal = causal_mask(C, a.device)
     below = causal.tril(-1)
     x = a[..., :, None].expand(*a.shape, C).masked_fill(~below, 0)  # x[t, s] = a_t for t > s
     return x.cumsum(-2).masked_fill_(~causal, float("-inf"))
@@ -72,18 +94,31 @@ def _scalar_decay(q, k, a):
             prefix[..., -1:, None].exp(), gamma, prefix)
 
 
+def causal_scores(q, k, gamma):
+    """gamma * (q_t.k_s) for s <= t and exactly 0 above the diagonal, for `gamma [n,h,C,C]` zero
+    there. A non-finite key k_s makes column s non-finite; the product is taken with the finite part
+    of the keys and the non-finite part is added to its column, which the causal mask then cuts off
+    above the diagonal (so the gradient of q, dscores @ k, has no 0 * NaN either)."""
+    safe, bad = finite_split(k)
+    scores = q @ safe.transpose(-1, -2)
+    if bad is not None:
+        scores = scores + bad.sum(-1)[..., None, :]
+    return torch.where(causal_mask(q.shape[-2], q.device), gamma * scores, 0.0)
+
+
 def additive_scalar(q, k, v, a, b) -> ChunkForm:
     if a is None:
         a = q.new_zeros(q.shape[:-1])
     q_dec, k_dec, decay, gamma, _ = _scalar_decay(q, k, a)
-    return ChunkForm(q_dec, k_dec, decay, gamma * (q @ k.transpose(-1, -2)), v, None)
+    return ChunkForm(q_dec, k_dec, decay, causal_scores(q, k, gamma), v, None)
 
 
 def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
-    """`[..., nb, s, s]` -> `[..., nb*s, nb*s]` with the blocks on the diagonal."""
+    """`[..., nb, s, s]` -> `[..., nb*s, nb*s]` with the blocks on the diagonal and exact zeros elsewhere
+    (selected, not multiplied by 0: a block may hold NaN)."""
     nb = blocks.shape[-3]
-    eye = torch.eye(nb, dtype=blocks.dtype, device=blocks.device)[:, None, :, None]
-    return (blocks[..., :, :, None, :] * eye).flatten(-4, -3).flatten(-2, -1)
+    eye = torch.eye(nb, dtype=torch.bool, device=blocks.device)[:, None, :, None]
+    return torch.where(eye, blocks[..., :, :, None, :], 0.0).flatten(-4, -3).flatten(-2, -1)
 
 
 def _vector_attention(q, k, a) -> torch.Tensor:
@@ -126,7 +161,7 @@ def delta(q, k, v, a, b) -> ChunkForm:
     # (I + L) x = rhs; `unitriangular` takes the unit diagonal as given, so L itself is passed.
     u, w = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True).split(
         [v.shape[-1], k.shape[-1]], -1)
-    return ChunkForm(q_dec, k_dec, decay, gamma * (q @ k.transpose(-1, -2)), u, w)
+    return ChunkForm(q_dec, k_dec, decay, causal_scores(q, k, gamma), u, w)
 
 
 INTRA_CHUNK = {"additive_scalar": additive_scalar, "additive_vector": additive_vector, "delta": delta}

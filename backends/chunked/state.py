@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .families import ChunkForm
+from .families import ChunkForm, finite_split
 
 
 def pass_states(state: torch.Tensor, form: ChunkForm, active: list, following: int):
@@ -54,6 +54,12 @@ def pass_states(state: torch.Tensor, form: ChunkForm, active: list, following: i
 
 def chunk_outputs(form: ChunkForm, reads: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """o_t = (q_t exp(A_t))^T S_0 + sum_{s<=t} exp(A_t - A_s) (q_t.k_s) d_s, for every chunk at once:
-    `[Nc,h,C,V]`, from the reads of the entering states and the effective values."""
+    `[Nc,h,C,V]`, from the reads of the entering states and the effective values.
+
+    `attn @ d` would multiply a non-finite d_s by the zeros above the diagonal into every row t < s;
+    the product takes the finite part of d, and row t adds the non-finite entries of d_1 .. d_t (their
+    cumulative sum, NaN or inf in those columns from row s on, 0 elsewhere)."""
     flat = lambda x: x.flatten(0, 1)
-    return torch.baddbmm(flat(reads), flat(form.attn), flat(values)).unflatten(0, reads.shape[:2])
+    safe, bad = finite_split(values)
+    base = reads if bad is None else reads + bad.cumsum(-2)
+    return torch.baddbmm(flat(base), flat(form.attn), flat(safe)).unflatten(0, reads.shape[:2])

@@ -28,8 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, row_block,
-                     sequence_span, tile)
+from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, poison_from,
+                     row_block, sequence_span, split_finite, tile)
 
 # The first configuration of each list is the one the interpreter uses (small shapes).
 _STATE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
@@ -192,7 +192,8 @@ def state_bwd_kernel(q, k, w, A, do, dd_local, dht, dhs, dd, dh0, offsets, chunk
 def output_fwd_kernel(q, k, d, A, M, hs, o, chunk_indices, offsets, scale, Hb,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       DECAY: tl.constexpr):
-    """o = scale (Qd S_0 + M d), one program per (chunk, head, V block)."""
+    """o = scale (Qd S_0 + M d), one program per (chunk, head, V block). M d takes the finite part of
+    d; a non-finite d_s makes rows t >= s NaN (`common.split_finite`), never rows before it."""
     i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     o_t, rows, m_t = row_block(start, n, BT)
@@ -205,7 +206,7 @@ def output_fwd_kernel(q, k, d, A, M, hs, o, chunk_indices, offsets, scale, Hb,
     p_state, m_kv = tile(o_k, m_k, o_v, V)
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
     b_h = tl.load(hs + (i_c * Hb + i_h) * K * V + p_state, mask=m_kv, other=0.0).to(DT)
-    b_d = tl.load(d + p_v, mask=m_tv, other=0.0).to(DT)
+    b_d, first_bad = split_finite(tl.load(d + p_v, mask=m_tv, other=0.0).to(DT), o_t, BT)
     if DECAY == 2:
         b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
         b_o = mm((b_q.to(tl.float32) * tl.exp(b_a)).to(DT), b_h)
@@ -219,7 +220,7 @@ def output_fwd_kernel(q, k, d, A, M, hs, o, chunk_indices, offsets, scale, Hb,
             b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
             b_o = b_o * tl.exp(b_a)[:, None]
         b_M = scalar_attention(b_q, b_k, b_a, lower_mask(o_t, m_t, 0), DECAY)
-    b_o = mma(b_M.to(DT), b_d, b_o)
+    b_o = poison_from(mma(b_M.to(DT), b_d, b_o), o_t, first_bad)
     tl.store(o + p_v, b_o * scale, mask=m_tv)
 
 

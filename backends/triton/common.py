@@ -11,6 +11,11 @@
   minus an earlier one); on masked-out entries (above the causal diagonal, past a sequence's end)
   the difference can be positive, and clamping it at 0 keeps those entries finite, so a mask applied
   afterwards never meets an `inf * 0`.
+- `split_finite`, `poison_from`: products over a chunk's rows whose factor is zero above the causal
+  diagonal (M d, T (b v), ...) would carry a non-finite row s into every row, as 0 * NaN = NaN.
+  Non-finite q, k, v are data and must reach rows t >= s only (see `memplug.routed_scan`): the
+  product takes the finite part of the operand, and the rows from the first non-finite one of each
+  column on are then set to NaN.
 - `helper`: how those small device functions are declared.
 - `mm` / `mma`: `tl.dot` with fp32 accumulation; fp32 operands as "tf32x3" (about fp32 accuracy on
   tensor cores; the interpreter computes every product exactly); fp16/bf16 operands as they are.
@@ -118,6 +123,20 @@ def lower_mask(o_t, m_t, gap):
     """[BT, BT] mask of the pairs (t, s) of real rows with t - s >= gap: 0 for the causal mask with
     its diagonal, 1 for the strictly lower one."""
     return (o_t[:, None] - o_t[None, :] >= gap) & m_t[:, None] & m_t[None, :]
+
+
+@helper
+def split_finite(x, o_t, BT: tl.constexpr):
+    """A tile `x [BT, D]` over a chunk's rows `o_t` -> (x with its NaN and infinite entries set to 0,
+    [D] the first row holding a non-finite entry in each column, BT if none)."""
+    finite = tl.abs(x.to(tl.float32)) < float("inf")  # False for NaN too
+    return tl.where(finite, x, 0.0), tl.min(tl.where(finite, BT, o_t[:, None]), 0)
+
+
+@helper
+def poison_from(y, o_t, first):
+    """`y [BT, D]` with NaN in column c from row `first[c]` on (see `split_finite`)."""
+    return tl.where(o_t[:, None] >= first[None, :], float("nan"), y)
 
 
 @helper

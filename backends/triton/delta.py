@@ -18,7 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import autotune_or_first, chunk_rows, exp_nonpos, lower_mask, mm, mma, row_block, tile
+from .common import (autotune_or_first, chunk_rows, exp_nonpos, lower_mask, mm, mma, poison_from, row_block,
+                     split_finite, tile)
 
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (32, 64) for nw in (4, 8)]
 
@@ -28,7 +29,13 @@ _CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (32,
 def wy_fwd_kernel(k, v, b, A, T, u, w, chunk_indices, offsets, Hb,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DECAY: tl.constexpr, COMPUTE_T: tl.constexpr):
-    """u [E,Hb,V] and w [E,Hb,K] of a chunk; T [E,Hb,BT] is computed and stored, or read."""
+    """u [E,Hb,V] and w [E,Hb,K] of a chunk; T [E,Hb,BT] is computed and stored, or read.
+
+    A non-finite key k_s (q, k, v are data) makes row s and column s of L non-finite: T is formed from
+    the finite part of L, and its rows holding a non-finite entry of L are then set to NaN (every row
+    t >= s). The products T (b v) and T (b exp(A) k) take the finite part of their right operand and
+    set rows from its first non-finite one on to NaN (`common.split_finite`): no 0 * NaN reaches a
+    row before s."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     o_t, rows, m_t = row_block(start, n, BT)
@@ -45,6 +52,9 @@ def wy_fwd_kernel(k, v, b, A, T, u, w, chunk_indices, offsets, Hb,
         if DECAY == 1:
             b_L = b_L * exp_nonpos(b_a[:, None] - b_a[None, :])
         b_L = tl.where(lower_mask(o_t, m_t, 1), b_L, 0.0)
+        finite_L = tl.abs(b_L) < float("inf")
+        bad_row = tl.max(tl.where(finite_L, 0, 1), 1) > 0
+        b_L = tl.where(finite_L, b_L, 0.0)
         # L = D + N: D within the diagonal blocks of 16 rows, N below them. First (I + D)^-1 by forward
         # substitution, row r of every block at once (16 steps, each one product). Then, with
         # M = (I + D)^-1 N, strictly block-lower, so M^4 = 0 for up to 4 blocks (BT <= 64):
@@ -60,16 +70,18 @@ def wy_fwd_kernel(k, v, b, A, T, u, w, chunk_indices, offsets, Hb,
             b_M = mm(b_T, b_L - b_D)
             b_T = b_T + mm(mm(b_M, b_M), b_T)
             b_T = b_T - mm(b_M, b_T)
+        b_T = tl.where(bad_row[:, None], float("nan"), b_T)
         tl.store(T + p_T, b_T, mask=m_T)
     else:
         b_T = tl.load(T + p_T, mask=m_T, other=0.0)
     b_Td = b_T.to(DT)
-    b_xk = b_k.to(tl.float32) * (b_b * tl.exp(b_a))[:, None]
-    tl.store(w + p_k, mm(b_Td, b_xk.to(DT)).to(w.dtype.element_ty), mask=m_tk)
+    b_xk, first_bad_k = split_finite(b_k.to(tl.float32) * (b_b * tl.exp(b_a))[:, None], o_t, BT)
+    tl.store(w + p_k, poison_from(mm(b_Td, b_xk.to(DT)), o_t, first_bad_k).to(w.dtype.element_ty), mask=m_tk)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_tv = tile(rows * Hb + i_h, m_t, i_v * BV + tl.arange(0, BV), V)
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        tl.store(u + p_v, mm(b_Td, (b_v * b_b[:, None]).to(DT)).to(u.dtype.element_ty), mask=m_tv)
+        b_xv, first_bad_v = split_finite(b_v * b_b[:, None], o_t, BT)
+        tl.store(u + p_v, poison_from(mm(b_Td, b_xv.to(DT)), o_t, first_bad_v).to(u.dtype.element_ty), mask=m_tv)
 
 
 @autotune_or_first(_CONFIGS, key=["K", "V", "BT", "DECAY"])

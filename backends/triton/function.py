@@ -10,7 +10,9 @@ Forward: chunk-local cumulative decays -> (per-channel decay: intra-chunk attent
 transform) -> state pass -> output pass. Backward recomputes the states entering each chunk (and,
 for the delta family, u and w from the stored T) instead of storing them, then runs the output pass
 backward (dd_local), the state pass backward, the shared gradient kernel, the family's intra-chunk
-backward (attention or WY) and the reverse chunk-local cumulative sum for the decays.
+backward (attention or WY) and the reverse chunk-local cumulative sum for the decays. That backward is
+not differentiable again: asked for a graph of the gradients (`create_graph=True`), it raises
+`HIGHER_ORDER_ERROR`.
 """
 from __future__ import annotations
 
@@ -85,6 +87,11 @@ def _states(k, v, w, A, h0, layout: ChunkLayout, decay: int, is_delta: bool, sto
     return hs, d, ht
 
 
+HIGHER_ORDER_ERROR = ("memplug: backend 'triton' has first-order gradients only: its backward runs Triton kernels, "
+                      "which autograd cannot differentiate again, so it cannot build the graph that create_graph=True "
+                      "asks for. For higher-order gradients use backend='chunked' or backend='reference'")
+
+
 class ChunkScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, a, b, h0, layout: ChunkLayout, scale: float, output_final_state: bool):
@@ -116,6 +123,13 @@ class ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
+        # Autograd enables grad mode in a backward only under create_graph=True. Raising here, rather
+        # than marking the backward `once_differentiable`, is what makes every attempt fail loudly:
+        # `once_differentiable` hangs its error on detached copies of the gradients, which have no path
+        # to the inputs, so a second torch.autograd.grad returns None (or, where the coupling and
+        # combine in PyTorch give another path, a partial sum) without an error.
+        if torch.is_grad_enabled():
+            raise RuntimeError(HIGHER_ORDER_ERROR)
         q, k, v, A, b, h0, T, M = ctx.saved_tensors
         layout, scale, decay, is_delta = ctx.layout, ctx.scale, ctx.decay, ctx.is_delta
         E, Hb, K = q.shape

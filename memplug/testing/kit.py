@@ -1,4 +1,4 @@
-"""`check_backend` and `check_rule`: every law of SPEC section 6 on hypothesis-drawn cases."""
+"""`check_backend` and `check_rule`: every law of docs/contract.md section 6 on hypothesis-drawn cases."""
 from __future__ import annotations
 
 import time
@@ -203,7 +203,7 @@ def check_backend(name: str, rules: Optional[Iterable[str]] = None, dtypes: Opti
                   max_examples: Optional[int] = None, *, laws: Optional[Iterable[str]] = None, device=None,
                   tolerances: Optional[dict] = None, max_T: Optional[int] = None, dims: Optional[Sequence[int]] = None,
                   verbose: bool = False) -> Report:
-    """Check that backend `name` obeys every law of SPEC section 6 (see docs/testing.md).
+    """Check that backend `name` obeys every law of docs/contract.md section 6 (see docs/testing.md).
 
     rules: the rules to check (default: every registered rule the backend supports). dtypes: the
     input dtypes (default: every dtype the backend declares). max_examples: hypothesis cases per law,

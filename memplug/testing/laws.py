@@ -1,4 +1,4 @@
-"""The laws of SPEC section 6, one function each, on one drawn case.
+"""The laws of docs/contract.md section 6, one function each, on one drawn case.
 
 Every law takes a `Context` (backend name, device, tolerances) and a drawn case, and raises
 `LawViolation` (an `AssertionError`) saying what differs. `memplug.testing.kit` draws the cases with
@@ -21,7 +21,7 @@ from memplug.registry import _BACKENDS, Backend
 from memplug.rules import get_rule
 from memplug.scan import routed_scan, routed_step
 
-from .strategies import CaseSpec, case_specs, make_inputs
+from .strategies import CaseSpec, Poison, case_specs, make_inputs, poisons
 from .tolerances import Tol, tolerance
 
 TOKEN_INPUTS = ("q", "k", "v", "g", "beta", "route_idx", "route_w", "read_w")
@@ -30,7 +30,7 @@ DEFAULT_CHUNK_SIZES = (16, 32, 64)
 
 
 class LawViolation(AssertionError):
-    """A law of SPEC section 6 does not hold on one case."""
+    """A law of docs/contract.md section 6 does not hold on one case."""
 
 
 @dataclass
@@ -154,7 +154,7 @@ def _grad_leaves(inputs: dict, dtype=None) -> dict:
 
 
 def reference_equality(ctx: Context, spec: CaseSpec) -> None:
-    """SPEC 6.1: o, final states and the gradients w.r.t. every float input equal the float64
+    """contract law 6.1: o, final states and the gradients w.r.t. every float input equal the float64
     reference (run on the same values, upcast); without final states, o is the same and the
     final state None."""
     inputs = make_inputs(spec, ctx.device)
@@ -181,7 +181,7 @@ def reference_equality(ctx: Context, spec: CaseSpec) -> None:
 
 
 def state_passing(ctx: Context, spec: CaseSpec, split: int) -> None:
-    """SPEC 6.2: tokens [0, split) then [split, T) from the first part's final state equal one scan."""
+    """contract law 6.2: tokens [0, split) then [split, T) from the first part's final state equal one scan."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
     o, S = scan(ctx, inputs)
@@ -219,7 +219,7 @@ def _scan_with_chunk_size(ctx: Context, inputs: dict, chunk_size):
 
 
 def chunk_size(ctx: Context, spec: CaseSpec) -> None:
-    """SPEC 6.2: every chunk size the backend offers gives the result of its default chunk size: o,
+    """contract law 6.2: every chunk size the backend offers gives the result of its default chunk size: o,
     final states and the gradients w.r.t. every float input."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
@@ -238,7 +238,7 @@ def chunk_size(ctx: Context, spec: CaseSpec) -> None:
 
 
 def decode(ctx: Context, spec: CaseSpec) -> None:
-    """SPEC 6.3 (and section 4): `routed_step` token by token equals `routed_scan`, and each step leaves
+    """contract law 6.3 (and section 4): `routed_step` token by token equals `routed_scan`, and each step leaves
     the slots it does not route to bit for bit unchanged."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
@@ -273,7 +273,7 @@ def decode(ctx: Context, spec: CaseSpec) -> None:
 
 
 def varlen(ctx: Context, spec: CaseSpec) -> None:
-    """SPEC 6.4: packed sequences (`cu_seqlens`) equal the same sequences run one by one."""
+    """contract law 6.4: packed sequences (`cu_seqlens`) equal the same sequences run one by one."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
     o, S = scan(ctx, inputs)
@@ -286,7 +286,7 @@ def varlen(ctx: Context, spec: CaseSpec) -> None:
 
 
 def frozen_slots(ctx: Context, spec: CaseSpec) -> None:
-    """SPEC 6.5: a slot that no token of a sequence routes to keeps its initial state bit for bit."""
+    """contract law 6.5: a slot that no token of a sequence routes to keeps its initial state bit for bit."""
     inputs = make_inputs(spec, ctx.device)
     o, S = scan(ctx, inputs)
     _check_result(inputs, o, S)
@@ -306,8 +306,8 @@ def frozen_slots(ctx: Context, spec: CaseSpec) -> None:
 
 
 def zero_weight(ctx: Context, spec: CaseSpec) -> None:
-    """SPEC 3: with coupling "dt", a route of weight 0 is the same as no route; a slot that only gets
-    routes of weight 0 keeps its initial state (within tolerance)."""
+    """Contract law 6.8: with coupling "dt", a route of weight 0 is the same as no route; a slot that
+    only gets routes of weight 0 keeps its initial state (within tolerance)."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
     idx = inputs["route_idx"]
@@ -320,7 +320,7 @@ def zero_weight(ctx: Context, spec: CaseSpec) -> None:
 
 
 def relabeling(ctx: Context, spec: CaseSpec) -> None:
-    """SPEC 6.7: permuting slot labels (route_idx and initial states together) permutes the final
+    """contract law 6.7: permuting slot labels (route_idx and initial states together) permutes the final
     states and leaves o unchanged; permuting the routes of each token changes nothing."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
@@ -358,6 +358,41 @@ def relabeling(ctx: Context, spec: CaseSpec) -> None:
     o3, S3 = scan(ctx, inputs, **changes)
     assert_close("o after permuting the routes of each token", o3, o, ctx.tol(dt, "output"))
     assert_close("final_state after permuting the routes of each token", S3, S, ctx.tol(dt, "state"))
+
+
+def nonfinite_inputs(ctx: Context, spec: CaseSpec, poison: Poison) -> None:
+    """q, k, v are data, and a non-finite one stays causal: with the entry `poison` (token t of
+    sequence n) made NaN or infinite, the outputs of n's tokens before t, and the outputs and final
+    states of every other sequence, are those of the same case without it; a non-finite q_t reaches
+    o_t only. The value is carried, not dropped: o_t is non-finite, and for k or v so is a part of
+    n's final state (as in the float64 reference, which propagates it forward in time)."""
+    inputs = make_inputs(spec, ctx.device)
+    dt = spec.torch_dtype
+    o, S = scan(ctx, inputs)
+    o_p, S_p = scan(ctx, poison.apply(inputs, spec))
+    _check_result(inputs, o_p, S_p)
+    b, start, end = poison.span(spec)
+    t = start + poison.token
+    what = f"with {poison.input} = {poison.value} at token {poison.token} of sequence {poison.sequence}"
+
+    others = torch.ones(o.shape[:2], dtype=torch.bool, device=o.device)  # [B,T]: tokens of other sequences
+    others[b, start:end] = False
+    assert_close(f"o of the other sequences, {what}", o_p[others], o[others], ctx.tol(dt, "output"))
+    other_states = [i for i in range(spec.N) if i != poison.sequence]
+    assert_close(f"final states of the other sequences, {what}", S_p[other_states], S[other_states],
+                 ctx.tol(dt, "state"))
+    assert_close(f"o of the tokens before it, {what}", o_p[b, start:t], o[b, start:t], ctx.tol(dt, "output"))
+    if torch.isfinite(o_p[b, t]).all():
+        raise LawViolation(f"o at the poisoned token is finite, {what}: the non-finite value was dropped, not "
+                           f"carried")
+    if poison.input == "q":  # q is read, never written: nothing else may change
+        assert_close(f"o of the tokens after it, {what}", o_p[b, t + 1:end], o[b, t + 1:end],
+                     ctx.tol(dt, "output"))
+        assert_close(f"final state of the poisoned sequence, {what}", S_p[poison.sequence], S[poison.sequence],
+                     ctx.tol(dt, "state"))
+    elif torch.isfinite(S_p[poison.sequence]).all():
+        raise LawViolation(f"final state of the poisoned sequence is finite, {what}: the non-finite value was "
+                           f"dropped, not carried into the state")
 
 
 # ------------------------------------------------------------------------------------ backbone reduction
@@ -450,7 +485,7 @@ def plain_reference(rule_name, q, k, v, g, beta, initial_state):
 
 
 def backbone_reduction(ctx: Context, spec: CaseSpec) -> None:
-    """SPEC 6.6: m = 1, R = 1, w = 1, coupling "none" equals the plain rule (fla's naive reference,
+    """contract law 6.6: m = 1, R = 1, w = 1, coupling "none" equals the plain rule (fla's naive reference,
     float32, so compared at float32 tolerance or the dtype's, whichever is looser)."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
@@ -488,6 +523,12 @@ def _split_cases(draw, ctx, rule, dtypes, **limits):
     return spec, split
 
 
+@st.composite
+def _poison_cases(draw, ctx, rule, dtypes, **limits):
+    spec = draw(case_specs(rule, dtypes=dtypes, **limits))
+    return spec, draw(poisons(spec))
+
+
 CHUNK_T_RANGE = 16  # the chunk-size law draws T from 2 c + 1 to 2 c + 16 (c: the largest chunk size)
 
 
@@ -507,17 +548,18 @@ def _needs_chunk_size(ctx, rule):
 
 
 LAWS: dict[str, Law] = {law.name: law for law in (
-    Law("reference_equality", "reference equality (SPEC 6.1)", reference_equality, _one()),
-    Law("state_passing", "state passing (SPEC 6.2)", state_passing, _split_cases),
-    Law("chunk_size", "state passing: chunk size changes nothing (SPEC 6.2)", chunk_size, _chunk_cases,
+    Law("reference_equality", "reference equality (contract law 6.1)", reference_equality, _one()),
+    Law("state_passing", "state passing (contract law 6.2)", state_passing, _split_cases),
+    Law("chunk_size", "state passing: chunk size changes nothing (contract law 6.2)", chunk_size, _chunk_cases,
         _needs_chunk_size),
-    Law("decode", "decode (SPEC 6.3)", decode, _one(varlen=False)),
-    Law("varlen", "varlen (SPEC 6.4)", varlen, _one(varlen=True)),
-    Law("frozen_slots", "frozen slots (SPEC 6.5)", frozen_slots, _one(min_unused_slots=1, initial_state=True)),
-    Law("backbone_reduction", "backbone reduction (SPEC 6.6)", backbone_reduction, _one(backbone=True)),
-    Law("relabeling", "relabeling (SPEC 6.7)", relabeling, _one(min_m=2)),
-    Law("zero_weight", "zero weight is no route (SPEC 3, coupling dt)", zero_weight,
+    Law("decode", "decode (contract law 6.3)", decode, _one(varlen=False)),
+    Law("varlen", "varlen (contract law 6.4)", varlen, _one(varlen=True)),
+    Law("frozen_slots", "frozen slots (contract law 6.5)", frozen_slots, _one(min_unused_slots=1, initial_state=True)),
+    Law("backbone_reduction", "backbone reduction (contract law 6.6)", backbone_reduction, _one(backbone=True)),
+    Law("relabeling", "relabeling (contract law 6.7)", relabeling, _one(min_m=2)),
+    Law("zero_weight", "zero weight is no route (contract law 6.8, coupling dt)", zero_weight,
         _one(coupling="dt", initial_state=True)),
+    Law("nonfinite_inputs", "non-finite q, k, v stay causal (contract law 6.9)", nonfinite_inputs, _poison_cases),
 )}
 
 # The laws that hold for any rule given its single-token update (`check_rule`).

@@ -12,7 +12,7 @@ import importlib
 
 
 def pytest_addoption(parser):
-    group = parser.getgroup("memplug", "memplug.testing: check backends and rules against SPEC section 6")
+    group = parser.getgroup("memplug", "memplug.testing: check backends and rules against docs/contract.md section 6")
     group.addoption("--memplug-backend", action="append", default=[], metavar="NAME",
                     help="check this registered backend (repeatable)")
     group.addoption("--memplug-check-rule", action="append", default=[], metavar="NAME",

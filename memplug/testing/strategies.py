@@ -17,6 +17,9 @@ L2-normalised for delta-family and free-form rules (as layers do, so states stay
 normal with std 0.5. Side inputs (`g, beta, route_w, read_w`) have the dtype of `q`, or float32
 for half-precision `q` when `side_float32`; initial states are float32 (float64 for float64 `q`).
 `scale` is None (the default `K**-0.5`), 1.0 or a value drawn in [0.1, 2].
+
+`poisons(spec)` draws a `Poison`: one entry of q, k or v of a case made NaN, inf or -inf (the
+non-finite-inputs law); `Poison.apply` writes it into the inputs.
 """
 from __future__ import annotations
 
@@ -252,6 +255,61 @@ def case_specs(draw, rule: str, *, dtypes: Sequence = ("float64",), min_T: int =
                     per_route=per_route, read_w=read_w, zero_weights=zero_weights, unit_weights=backbone,
                     unused_slots=unused, unused_by_head=unused_by_head, initial_state=init, seqlens=seqlens,
                     side_float32=side_float32, scale=scale, seed=seed)
+
+
+NONFINITE_VALUES = ("nan", "inf", "-inf")
+
+
+@dataclass(frozen=True)
+class Poison:
+    """One entry of q, k or v made non-finite: `value` ("nan", "inf" or "-inf", a string so that the
+    record's repr is valid Python) at channel `channel` of head `head`, and of route `route` when the
+    input is given per route, of token `token` of sequence `sequence` (counted from the sequence's
+    first token; a sequence is a batch row, or a packed sequence of `cu_seqlens`)."""
+
+    input: str
+    sequence: int
+    token: int
+    head: int
+    channel: int
+    value: str
+    route: int = 0
+
+    def __post_init__(self):
+        if self.input not in ("q", "k", "v"):
+            raise ValueError(f"Poison: input must be 'q', 'k' or 'v', got {self.input!r}")
+        if self.value not in NONFINITE_VALUES:
+            raise ValueError(f"Poison: value must be one of {NONFINITE_VALUES}, got {self.value!r}")
+
+    def span(self, spec: CaseSpec) -> tuple:
+        """(batch row, first token, end) of the poisoned sequence in the inputs of `spec`."""
+        if spec.seqlens is None:
+            return self.sequence, 0, spec.T
+        start = sum(spec.seqlens[:self.sequence])
+        return 0, start, start + spec.seqlens[self.sequence]
+
+    def apply(self, inputs: dict, spec: CaseSpec) -> dict:
+        """`inputs` (of `make_inputs(spec)`) with the entry replaced, on a copy of the tensor."""
+        b, start, _ = self.span(spec)
+        x = inputs[self.input].clone()
+        route = (self.route,) if x.dim() == 5 else ()  # k, v given per route: [B,T,H,R,...]
+        x[(b, start + self.token, self.head, *route, self.channel)] = float(self.value)
+        return dict(inputs, **{self.input: x})
+
+
+@st.composite
+def poisons(draw, spec: CaseSpec) -> Poison:
+    """A strategy of `Poison` for the inputs of `spec`. The token is drawn as a distance from the
+    sequence's end, so that hypothesis favours, and shrinks towards, late tokens: the most earlier
+    tokens for a leak to reach."""
+    name = draw(st.sampled_from(["q", "k", "v"]))
+    sequence = draw(st.integers(0, spec.N - 1))
+    length = spec.T if spec.seqlens is None else spec.seqlens[sequence]
+    token = length - 1 - draw(st.integers(0, length - 1))
+    head = draw(st.integers(0, spec.H - 1))
+    channel = draw(st.integers(0, (spec.V if name == "v" else spec.K) - 1))
+    route = draw(st.integers(0, spec.R - 1)) if name in spec.per_route else 0
+    return Poison(name, sequence, token, head, channel, draw(st.sampled_from(NONFINITE_VALUES)), route)
 
 
 def scan_inputs(rule: str, device="cpu", **kwargs):
