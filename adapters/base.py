@@ -35,7 +35,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from memplug.checks import check_cache_tensor, check_cu_seqlens, compute_dtype
+from memplug.checks import check_cache_tensor, check_conv_histories, check_cu_seqlens, compute_dtype
 from memplug.layers import check_memory_options, select_routes
 from memplug.routing import Router, RouterConfig, Routing, load_balancing_loss
 from memplug.rules import get_rule
@@ -392,16 +392,11 @@ class RoutedAdapter(nn.Module):
         for what, t, slots in states:
             check_cache_tensor(what, t, dict(batch=rows, heads=self.state_heads, num_slots=slots,
                                              head_k_dim=self.state_k_dim, head_v_dim=self.state_v_dim), dtype, device)
-        convs = self._conv_entries()
-        held = dict(conv_cache or {})
-        if set(held) != set(convs):
-            raise ValueError(f"cache: holds convolution histories {sorted(held)}, but this layer keeps "
-                             f"{sorted(convs)}; the cache was made by another layer")
+        convs = {name: dict(batch=rows, channels=channels, taps=width)
+                 for name, (channels, width) in self._conv_entries().items()}
         conv_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                       else hidden_states.dtype)
-        for name, (channels, width) in convs.items():
-            check_cache_tensor(f"conv_state[{name!r}]", held[name], dict(batch=rows, channels=channels, taps=width),
-                               conv_dtype, device)
+        check_conv_histories("conv_state", dict(conv_cache or {}), convs, conv_dtype, device)
 
     def _route(self, x) -> Routing:
         if self.router is not None:

@@ -116,11 +116,12 @@ def _yaml_floats(value, hint):
         except ValueError:
             return v
 
-    floats = [a for a in typing.get_args(hint) if a is not type(None)]
-    if hint is float or floats == [float]:
+    present = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(present) == 1:
+        hint = present[0]  # Optional[X]: X
+    if hint is float:
         return as_float(value)
-    list_hint = floats[0] if len(floats) == 1 else hint
-    if typing.get_origin(list_hint) is list and typing.get_args(list_hint) == (float,) and isinstance(value, list):
+    if hint == list[float] and isinstance(value, list):
         return [as_float(v) for v in value]
     return value
 

@@ -250,12 +250,23 @@ def plot(config: AblateConfig, records: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def _rule_panels(plt, rules, rows=1):
+    """A figure with one panel per rule (columns) and `rows` rows sharing the y axis."""
+    return plt.subplots(rows, len(rules), figsize=(3.6 * len(rules) + 1.6, 3.6 * rows), squeeze=False, sharey=True,
+                        constrained_layout=True)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plot_against_state(plt, config, found, rules, colors, out):
     """MQAR accuracy against total state (top) and active state (bottom), one panel per rule: the
     backbone frontier as a line, the routed memories as points (mean ± std over seeds; diverged
     runs marked x at 0)."""
-    fig, axes = plt.subplots(2, len(rules), figsize=(3.6 * len(rules) + 1.6, 7.2), squeeze=False, sharey=True,
-                             constrained_layout=True)
+    fig, axes = _rule_panels(plt, rules, rows=2)
     for row, key in enumerate(("state_numel", "active_state_numel")):
         for ax, rule in zip(axes[row], rules):
             frontier = []
@@ -290,18 +301,14 @@ def _plot_against_state(plt, config, found, rules, colors, out):
         axes[row][0].set_ylabel("MQAR accuracy")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{config.name}: MQAR accuracy against\ntotal state (top) and active state (bottom)")
-    path = out / "accuracy_vs_state.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "accuracy_vs_state.png")
 
 
 def _plot_curves(plt, config, task_name, found, rules, out):
     """The validation metric against training steps, one line per configuration (mean over seeds),
     one panel per rule: whether a configuration learns later or stops learning shows here."""
     key, direction = TASKS[task_name].selection
-    fig, axes = plt.subplots(1, len(rules), figsize=(3.6 * len(rules) + 1.6, 3.6), squeeze=False, sharey=True,
-                             constrained_layout=True)
+    fig, axes = _rule_panels(plt, rules)
     for ax, rule in zip(axes[0], rules):
         for i, memory in enumerate(config.memories):
             rs = [r for r in found if r["rule"] == rule and r["memory"] == memory and r.get("curve")
@@ -319,15 +326,11 @@ def _plot_curves(plt, config, task_name, found, rules, out):
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{config.name}: {'MQAR' if task_name == 'mqar' else 'byte LM'} validation "
                  f"{key.removeprefix('val_')} during training")
-    path = out / f"{task_name}_training_curves.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"{task_name}_training_curves.png")
 
 
 def _plot_loss_by_position(plt, config, task_name, found, rules, out):
-    fig, axes = plt.subplots(1, len(rules), figsize=(3.6 * len(rules) + 1.6, 3.6), squeeze=False, sharey=True,
-                             constrained_layout=True)
+    fig, axes = _rule_panels(plt, rules)
     L = config.tasks[task_name].seq_len
     for ax, rule in zip(axes[0], rules):
         for i, memory in enumerate(config.memories):
@@ -344,10 +347,7 @@ def _plot_loss_by_position(plt, config, task_name, found, rules, out):
     axes[0][0].set_ylabel("held-out loss so far (nats/byte)")
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.suptitle(f"{config.name}: byte LM loss by position")
-    path = out / "lm_loss_by_position.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "lm_loss_by_position.png")
 
 
 def _plot_by_pairs(plt, config, found, rules, out):
@@ -355,8 +355,7 @@ def _plot_by_pairs(plt, config, found, rules, out):
     sizes = sorted({int(p) for r in found for p in (r.get("accuracy_by_pairs") or {})})
     if len(sizes) < 2:
         return None
-    fig, axes = plt.subplots(1, len(rules), figsize=(3.6 * len(rules) + 1.6, 3.6), squeeze=False, sharey=True,
-                             constrained_layout=True)
+    fig, axes = _rule_panels(plt, rules)
     for ax, rule in zip(axes[0], rules):
         for memory in config.memories:
             rs = [r for r in found if r["rule"] == rule and r["memory"] == memory]
@@ -374,7 +373,4 @@ def _plot_by_pairs(plt, config, found, rules, out):
     axes[0][0].set_ylabel("MQAR accuracy")
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.suptitle(f"{config.name}: MQAR accuracy by number of pairs")
-    path = out / "mqar_accuracy_by_pairs.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "mqar_accuracy_by_pairs.png")

@@ -76,6 +76,17 @@ def check_cache_tensor(what: str, t, dims: dict, dtype: torch.dtype, device: tor
         raise ValueError(f"cache: {what} is on {t.device}, but the inputs are on {device}")
 
 
+def check_conv_histories(label: str, held: dict, expected: dict, dtype: torch.dtype, device: torch.device) -> None:
+    """A cache's short-convolution histories (`held`, by name) are exactly those this layer keeps:
+    `expected` maps each name to its dims (as `check_cache_tensor` takes them); `label` names the
+    cache entry in errors (e.g. `conv_state`)."""
+    if set(held) != set(expected):
+        raise ValueError(f"cache: holds convolution histories {sorted(held)}, but this layer keeps "
+                         f"{sorted(expected)}; the cache was made by another layer")
+    for name, dims in expected.items():
+        check_cache_tensor(f"{label}[{name!r}]", held[name], dims, dtype, device)
+
+
 def _shape(x) -> str:
     return "[" + ", ".join(str(s) for s in x.shape) + "]"
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 from .backends.layout import routes_per_head
 from .cache import MemoryCache
-from .checks import (COUPLINGS, check_bool, check_cache_tensor, check_cu_seqlens, check_finite_number,
-                     check_positive_int, compute_dtype)
+from .checks import (COUPLINGS, check_bool, check_cache_tensor, check_conv_histories, check_cu_seqlens,
+                     check_finite_number, check_positive_int, compute_dtype)
 from .modules import RMSNorm, ShortConv, at_least_float32
 from .registry import check_backend_name
 from .routing import Router, RouterConfig, Routing, load_balancing_loss
@@ -262,13 +262,9 @@ class RoutedMemory(nn.Module):
         if cache.shared_state is not None:
             check_cache_tensor("shared_state", cache.shared_state, dict(batch=rows, heads=H, num_slots=1,
                                                                         head_k_dim=K, head_v_dim=V), dtype, x.device)
-        convs = self._conv_streams()
-        if set(cache.conv) != set(convs):
-            raise ValueError(f"cache: holds convolution histories {sorted(cache.conv)}, but this layer keeps "
-                             f"{sorted(convs)}; the cache was made by another layer")
-        for name, conv in convs.items():
-            check_cache_tensor(f"conv[{name!r}]", cache.conv[name],
-                               dict(batch=rows, taps=conv.kernel_size - 1, channels=conv.channels), x.dtype, x.device)
+        convs = {name: dict(batch=rows, taps=conv.kernel_size - 1, channels=conv.channels)
+                 for name, conv in self._conv_streams().items()}
+        check_conv_histories("conv", cache.conv, convs, x.dtype, x.device)
 
     def forward(self, x, cache: Optional[MemoryCache] = None, cu_seqlens=None, use_cache: bool = False):
         self._check_forward(x, cache, cu_seqlens, use_cache)
