@@ -406,8 +406,10 @@ class RoutedAdapter(nn.Module):
         return Routing(torch.zeros(B, T, 1, 1, dtype=torch.long, device=x.device), ones, ones)
 
     def _memory(self, q, k, v, g, beta, idx, weight, num_slots, coupling, state, cu_seqlens, use_cache):
+        # As in RoutedMemory: the router's indices and weights, and the layer's decays and write
+        # strengths, are valid by construction, so no value is read back to the host.
         kw = dict(rule=self._rule, route_idx=idx, route_w=weight, g=g, beta=beta, coupling=coupling,
-                  scale=self.scale, backend=self.memory_config.backend)
+                  scale=self.scale, backend=self.memory_config.backend, check_values=False)
         if state is not None and use_cache and q.shape[1] == 1 and cu_seqlens is None:
             return routed_step(q, k, v, state=state, **kw)
         return routed_scan(q, k, v, num_slots=num_slots, initial_state=state, output_final_state=bool(use_cache),
@@ -422,7 +424,7 @@ class RoutedAdapter(nn.Module):
             return t.squeeze(3)
         return select_routes(t, routes)
 
-    def _unpad(self, hidden_states, attention_mask, cu_seqlens, q_len):
+    def _unpad(self, hidden_states, attention_mask, cu_seqlens, q_len, decoding):
         if cu_seqlens is not None:
             if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.is_floating_point():
                 raise TypeError(f"cu_seqlens: expected an integer tensor, got {cu_seqlens!r}")
@@ -437,6 +439,12 @@ class RoutedAdapter(nn.Module):
             raise ValueError(f"attention_mask: expected a 0-1 padding mask of shape [batch_size, seq_len] = "
                              f"[{hidden_states.shape[0]}, >= {q_len}] (0 marks padding), "
                              f"got {list(attention_mask.shape)}")
+        if decoding:
+            # One new token per sequence, as generate decodes: it is never padding, and a check on
+            # the device (no host sync) says so if it is.
+            torch._assert_async(attention_mask[:, -1].bool().all(),
+                                "attention_mask: a decoded token (q_len = 1, with a cache) is marked as padding")
+            return hidden_states, None, None
         if bool(attention_mask[:, -q_len:].bool().all()):
             return hidden_states, None, None
         from fla.layers.utils import unpad_hidden_states
@@ -461,7 +469,8 @@ class RoutedAdapter(nn.Module):
         if q_len == 0:
             return hidden_states, None, past_key_values
         last_state = get_layer_cache(self, past_key_values)
-        x, indices, cu_seqlens = self._unpad(hidden_states, attention_mask, kwargs.get("cu_seqlens"), q_len)
+        decoding = last_state is not None and q_len == 1
+        x, indices, cu_seqlens = self._unpad(hidden_states, attention_mask, kwargs.get("cu_seqlens"), q_len, decoding)
         conv_cache = state = shared_state = None
         if last_state is not None:
             conv_cache, state = last_state.get("conv_state"), last_state.get("recurrent_state")

@@ -120,9 +120,12 @@ def _finite(name, x):
 
 
 def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, read_w, coupling, scale,
-               initial_state, cu_seqlens, state_name="initial_state", one_token=False) -> None:
+               initial_state, cu_seqlens, check_values=True, state_name="initial_state", one_token=False) -> None:
     """Validate `routed_scan` inputs (docs/contract.md sections 2 and 7); `routed_step` passes its `state` as
-    the initial state, under `state_name`, and `one_token=True`."""
+    the initial state, under `state_name`, and `one_token=True`.
+
+    Types, shapes, dtypes and devices are always checked: that reads no tensor value. With
+    `check_values`, so are the values (`check_scan_values`), which costs host syncs on a GPU."""
     _tensor("q", q)
     if q.dim() != 4:
         raise ValueError(f"q: expected shape [B, T, H, K], got {_shape(q)}")
@@ -133,6 +136,7 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
             raise ValueError(f"q: expected at least {meaning} ({dim} >= 1), got {dim} = {size} in {_shape(q)}")
     if one_token and T != 1:
         raise ValueError(f"q: routed_step takes one token, expected shape [B, 1, H, K], got {_shape(q)}")
+    check_bool("check_values", check_values)
 
     check_positive_int("num_slots", num_slots)
     m = num_slots
@@ -150,16 +154,6 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
     R = route_idx.shape[3]
     if not 1 <= R <= m:
         raise ValueError(f"route_idx: expected 1 <= R <= num_slots = {m} routes per token, got R = {R}")
-    if route_idx.numel() and (route_idx.min() < 0 or route_idx.max() >= m):
-        raise ValueError(f"route_idx: expected slot indices in [0, num_slots) = [0, {m}), "
-                         f"got values in [{int(route_idx.min())}, {int(route_idx.max())}]")
-    if R > 1:
-        ordered = route_idx.sort(dim=-1).values
-        repeats = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
-        if repeats.any():
-            b, t, h = (int(i) for i in repeats.nonzero()[0])
-            raise ValueError(f"route_idx: slots must be distinct within a token, got "
-                             f"{route_idx[b, t, h].tolist()} at [b={b}, t={t}, head group={h}]")
     for name, w in (("route_w", route_w), ("read_w", read_w)):
         if name == "read_w" and w is None:
             continue
@@ -167,9 +161,6 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
         if tuple(w.shape) != tuple(route_idx.shape):
             raise ValueError(f"{name}: expected the shape of route_idx {_shape(route_idx)}, got {_shape(w)}")
         _no_precision_loss(name, w, q)
-        _finite(name, w)
-        if w.numel() and w.min() < 0:
-            raise ValueError(f"{name}: expected weights >= 0, got a minimum of {w.min().item():.4g}")
 
     # Keys, values, decays, write strengths: shared [B,T,H,...] or per route [B,T,H,R,...].
     _tensor("k", k, device=device)
@@ -196,9 +187,6 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
             _expect_shape("g", g, ((B, T, H), ("B", "T", "H")), ((B, T, H, R), ("B", "T", "H", "R")))
         else:
             _expect_shape("g", g, ((B, T, H, K), ("B", "T", "H", "K")), ((B, T, H, R, K), ("B", "T", "H", "R", "K")))
-        _finite("g", g)
-        if g.numel() and g.max() > 0:
-            raise ValueError(f"g: expected log-decays g <= 0, got a maximum of {g.max().item():.4g}")
     if not rule.beta and beta is not None:
         raise ValueError(f"beta: rule {rule.name!r} takes no write strength beta, got a tensor of shape {_shape(beta)}")
     if rule.beta:
@@ -207,18 +195,50 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
         _tensor("beta", beta, device=device)
         _no_precision_loss("beta", beta, q)
         _expect_shape("beta", beta, ((B, T, H), ("B", "T", "H")), ((B, T, H, R), ("B", "T", "H", "R")))
-        _finite("beta", beta)
-        if beta.numel() and (beta.min() < 0 or beta.max() > 1):
-            raise ValueError(f"beta: expected values in [0, 1], got values in "
-                             f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
 
-    # Sequences and states.
+    # Sequences and states. Packed sequences' offsets are read by every backend anyway.
     N = B if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, T, device)
     if initial_state is not None:
         _tensor(state_name, initial_state, device=device)
         _expect_shape(state_name, initial_state, ((N, H, m, K, V), ("N", "H", "m", "K", "V")))
         _no_precision_loss(state_name, initial_state, q)
 
+    if check_values:
+        check_scan_values(rule=rule, route_idx=route_idx, route_w=route_w, num_slots=m, g=g, beta=beta,
+                          read_w=read_w, coupling=coupling)
+
+
+def check_scan_values(*, rule: Rule, route_idx, route_w, num_slots, g, beta, read_w, coupling) -> None:
+    """The value checks of `check_scan`, on inputs whose shapes it has checked: slot indices in
+    range and distinct within a token, routing weights finite and >= 0, `g` finite and <= 0, `beta`
+    finite in [0, 1], and the rule's own `check` (fm: `route_w * beta <= 1`). Each reads values
+    back to the host."""
+    m = num_slots
+    if route_idx.numel() and (route_idx.min() < 0 or route_idx.max() >= m):
+        raise ValueError(f"route_idx: expected slot indices in [0, num_slots) = [0, {m}), "
+                         f"got values in [{int(route_idx.min())}, {int(route_idx.max())}]")
+    if route_idx.shape[-1] > 1:
+        ordered = route_idx.sort(dim=-1).values
+        repeats = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+        if repeats.any():
+            b, t, h = (int(i) for i in repeats.nonzero()[0])
+            raise ValueError(f"route_idx: slots must be distinct within a token, got "
+                             f"{route_idx[b, t, h].tolist()} at [b={b}, t={t}, head group={h}]")
+    for name, w in (("route_w", route_w), ("read_w", read_w)):
+        if w is None:
+            continue
+        _finite(name, w)
+        if w.numel() and w.min() < 0:
+            raise ValueError(f"{name}: expected weights >= 0, got a minimum of {w.min().item():.4g}")
+    if g is not None:
+        _finite("g", g)
+        if g.numel() and g.max() > 0:
+            raise ValueError(f"g: expected log-decays g <= 0, got a maximum of {g.max().item():.4g}")
+    if beta is not None:
+        _finite("beta", beta)
+        if beta.numel() and (beta.min() < 0 or beta.max() > 1):
+            raise ValueError(f"beta: expected values in [0, 1], got values in "
+                             f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
     if rule.check is not None:
         w = route_w if coupling == "dt" else torch.ones_like(route_w)
         b = None

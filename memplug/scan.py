@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 
 from .checks import check_scan, compute_dtype
-from .registry import resolve_backend
+from .registry import Backend, check_backend_name, resolve_backend
 from .rules import get_rule
 
 
 def routed_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g=None, beta=None, read_w=None,
                 coupling="dt", scale=None, initial_state=None, output_final_state=False,
-                cu_seqlens=None, backend="auto"):
+                cu_seqlens=None, backend="auto", check_values=True):
     """Routed sparse-state scan: every head owns `num_slots` states; each token updates the `R` slots
     named by `route_idx` with `rule` and reads them back, mixed by `read_w` (default `route_w`).
 
@@ -22,8 +22,15 @@ def routed_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g=None, beta=No
     Returns `o [B,T,H,V]` in the dtype of q and, if `output_final_state`, the final states
     `[N,H,m,K,V]` in float32 (float64 for float64 inputs).
 
-    Non-finite values: g, beta, route_w and read_w are checked, and a NaN or inf there raises
-    ValueError. q, k and v are data and are not checked (that would cost a pass over them): a NaN or
+    Argument checks (docs/contract.md section 7): types, shapes, dtypes and devices always; with
+    `check_values` (the default) also the values: slot indices in range and distinct within a
+    token, weights finite and >= 0, g finite and <= 0, beta finite in [0, 1], and the rule's own
+    check (fm: route_w * beta <= 1). Value checks read tensors back to the host (a sync on a GPU);
+    a caller whose inputs satisfy them by construction, as the layers' do, passes
+    `check_values=False`, and then breaking them is undefined (no error, no guarantee).
+
+    Non-finite values: a NaN or inf in g, beta, route_w or read_w raises ValueError (with
+    `check_values`). q, k and v are data and are not checked (that would cost a pass over them): a NaN or
     inf in them is carried by the recurrence forward in time only, as the float64 reference carries
     it. At token t of sequence n it never reaches the outputs of n's tokens before t, nor the outputs
     or final states of other sequences (batch rows, or packed sequences of `cu_seqlens`), and a
@@ -41,37 +48,61 @@ def routed_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g=None, beta=No
     rule = get_rule(rule)
     check_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
                beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=initial_state,
-               cu_seqlens=cu_seqlens)
+               cu_seqlens=cu_seqlens, check_values=check_values)
     if not isinstance(output_final_state, bool):
         raise TypeError(f"output_final_state: expected a bool, got {output_final_state!r}")
+    read_w = route_w if read_w is None else read_w
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.compiler.is_compiling():  # one opaque op in the graph; the backend is resolved when it runs
+        from .ops import scan_op
+        check_backend_name(backend)
+        o, final = scan_op(q, k, v, route_idx, route_w, read_w, g, beta, initial_state, cu_seqlens, rule.name,
+                           num_slots, coupling, scale, output_final_state, backend)
+        return o, (final if output_final_state else None)
     impl = resolve_backend(backend, q.device, q.dtype, rule)
     return impl.scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
-                     beta=beta, read_w=route_w if read_w is None else read_w, coupling=coupling,
-                     scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
-                     initial_state=initial_state, output_final_state=output_final_state,
-                     cu_seqlens=cu_seqlens)
+                     beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=initial_state,
+                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
 def routed_step(q, k, v, *, rule, route_idx, route_w, state, g=None, beta=None, read_w=None,
-                coupling="dt", scale=None, backend="auto"):
+                coupling="dt", scale=None, backend="auto", check_values=True):
     """One decoding step: the inputs of `routed_scan` with T = 1 and `state [B,H,m,K,V]`
     (float32, or float64 for float64 inputs). Updates only the routed slots, in place where the
-    backend can; returns `(o [B,1,H,V], state)`."""
+    backend can; returns `(o [B,1,H,V], state)`. With `check_values=False` it reads no tensor value
+    back to the host (on the built-in backends), so a decode loop runs without host syncs."""
     rule = get_rule(rule)
     _check_tensor_state(state)
     check_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=state.shape[2], g=g,
                beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=state,
-               cu_seqlens=None, state_name="state", one_token=True)
+               cu_seqlens=None, check_values=check_values, state_name="state", one_token=True)
     wanted = compute_dtype(q)
     if state.dtype != wanted:
         raise TypeError(f"state: expected dtype {wanted} for q of dtype {q.dtype}, got {state.dtype}")
-    impl = resolve_backend(backend, q.device, q.dtype, rule)
-    step = impl.step
-    if step is None:
-        from memplug.backends.reference import reference_step as step
+    read_w = route_w if read_w is None else read_w
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.compiler.is_compiling():
+        check_backend_name(backend)
+        inputs = (q, k, v, g, beta, route_w, read_w, state)
+        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+            # Recorded by autograd: the functional scan over one token, which returns a new state.
+            return routed_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=state.shape[2],
+                               g=g, beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=state,
+                               output_final_state=True, backend=backend, check_values=False)
+        from .ops import step_op
+        return step_op(q, k, v, route_idx, route_w, read_w, g, beta, state, rule.name, coupling, scale,
+                       backend), state
+    step = backend_step(resolve_backend(backend, q.device, q.dtype, rule))
     return step(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, state=state, g=g, beta=beta,
-                read_w=route_w if read_w is None else read_w, coupling=coupling,
-                scale=q.shape[-1] ** -0.5 if scale is None else float(scale))
+                read_w=read_w, coupling=coupling, scale=scale)
+
+
+def backend_step(backend: Backend):
+    """A backend's decode step; the reference step (which touches only the routed slots) if it has none."""
+    if backend.step is not None:
+        return backend.step
+    from memplug.backends.reference import reference_step
+    return reference_step
 
 
 def _check_tensor_state(state):

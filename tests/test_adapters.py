@@ -267,6 +267,17 @@ def test_padding_row_without_tokens_is_an_error():
         routed(torch.randn(2, 4, D), attention_mask=mask)
 
 
+def test_a_decoded_token_marked_as_padding_is_an_error():
+    """Decoding checks the mask on the device (no host sync): on the CPU the check raises at once."""
+    routed = wrap(build("gla"), num_slots=2, topk=1)
+    x, mask = torch.randn(2, 5, D), torch.ones(2, 5, dtype=torch.long)
+    cache = Cache()
+    routed(x[:, :4], attention_mask=mask[:, :4], past_key_values=cache, use_cache=True)
+    mask[1, 4] = 0
+    with pytest.raises(RuntimeError, match="attention_mask: a decoded token"):
+        routed(x[:, 4:], attention_mask=mask, past_key_values=cache, use_cache=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # A cache belongs to its layer
 
@@ -540,4 +551,6 @@ def test_one_slot_model_reproduces_fla(reference, name):
     model.load_state_dict(ref["state_dict"])
     wrap_model(model, num_slots=1, topk=1)
     with torch.no_grad():
-        _close(model(token_ids()).logits, ref["logits"])
+        # Logits of order 1-3 after two layers at unit-scale activations: float32 rounding of two
+        # different computations (fla's kernels in the interpreter, ours) differs by up to ~3e-5.
+        _close(model(token_ids()).logits, ref["logits"], atol=1e-4)

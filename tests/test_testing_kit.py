@@ -13,7 +13,7 @@ import torch
 import memplug
 from memplug.backends.chunked import chunked_scan
 from memplug.backends.reference import reference_scan, reference_step
-from memplug.testing import CaseSpec, LAWS, check_backend, check_case, make_inputs
+from memplug.testing import CaseSpec, LAWS, check_backend, check_case, check_rule, make_inputs
 from memplug.testing.laws import DEFAULT_CHUNK_SIZES, LawViolation, routed_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,6 +249,53 @@ def test_wrong_gradient_past_two_chunks_is_caught(backend_name):
     _caught(backend_name, "chunk_size", laws=["chunk_size"], match=rf"grad q, chunk_size={largest} vs default")
 
 
+def test_a_state_lost_at_a_block_boundary_is_caught(backend_name):
+    """A kernel whose second block of 64 tokens starts from zero instead of the first block's state:
+    invisible in short cases, caught by the long case every law runs by default."""
+    def blocks_of_64(q, k, v, **kw):
+        if kw["cu_seqlens"] is not None or q.shape[1] <= 64:
+            return reference_scan(q, k, v, **kw)
+        first, rest = slice(None, 64), slice(64, None)
+        part = lambda x, s: None if x is None else x[:, s]
+        names = ("route_idx", "route_w", "read_w", "g", "beta")
+        o1, _ = reference_scan(q[:, first], part(k, first), part(v, first),
+                               **dict(kw, **{n: part(kw[n], first) for n in names}))
+        o2, S = reference_scan(q[:, rest], part(k, rest), part(v, rest),
+                               **dict(kw, initial_state=None, **{n: part(kw[n], rest) for n in names}))
+        return torch.cat([o1, o2], 1), S
+    _register(backend_name, blocks_of_64)
+    _caught(backend_name, "reference_equality")
+
+
+def test_a_drift_that_starts_late_is_caught(backend_name):
+    """Outputs 0.1 % off from token 100 on: caught by the long case, in float32 too."""
+    def drifting(q, k, v, **kw):
+        o, S = reference_scan(q, k, v, **kw)
+        return torch.cat([o[:, :100], o[:, 100:] * 1.001], 1), S
+    _register(backend_name, drifting)
+    _caught(backend_name, "reference_equality")
+
+
+@pytest.mark.parametrize("law", list(LAWS))
+def test_every_law_runs_a_long_case_by_default(monkeypatch, law):
+    # The chunk-size law needs a backend with chunk sizes; its cases are all longer than two chunks.
+    backend, longest = ("chunked", 2 * 64 + 1) if law == "chunk_size" else ("reference", 2 * 64 + 2)
+    lengths = [s.T for s in _cases_drawn(monkeypatch, law, backend=backend, rules=["mamba2"], dtypes=["float32"],
+                                         max_examples=4)]
+    assert len(lengths) == 4 and max(lengths) >= longest, lengths
+
+
+def test_long_cases_straddle_declared_block_sizes(monkeypatch, backend_name):
+    """A backend declaring blocks of 100 rows gets a case longer than two of them."""
+    def blocky(q, k, v, **kw):
+        return reference_scan(q, k, v, **kw)
+    blocky.block_sizes = (100,)
+    _register(backend_name, blocky)
+    lengths = [s.T for s in _cases_drawn(monkeypatch, "decode", backend=backend_name, rules=["mamba2"],
+                                         dtypes=["float32"], max_examples=4)]
+    assert max(lengths) >= 2 * 100 + 2 and min(lengths) <= 40, lengths
+
+
 def test_mask_applied_by_multiplication_is_caught(backend_name):
     def picks_tokens_by_product(q, k, v, **kw):
         # The bug: each token's output is picked out of all of them with a one-hot mask over time applied
@@ -334,6 +381,60 @@ def test_check_backend_rejects_bad_arguments():
         check_backend("reference", laws=["no_such_law"])
     with pytest.raises(ValueError, match="rule"):
         check_backend("reference", rules=["no_such_rule"])
+
+
+@pytest.mark.parametrize("call, argument", [
+    (lambda: check_backend("reference", rules="fm"), "rules"),
+    (lambda: check_backend("reference", laws="decode"), "laws"),
+    (lambda: check_backend("reference", dtypes="float64"), "dtypes"),
+    (lambda: check_backend("reference", dtypes=torch.float64), "dtypes"),
+    (lambda: check_rule("fm", backends="chunked"), "backends"),
+    (lambda: check_rule("fm", dtypes="float64"), "dtypes"),
+    (lambda: check_rule("fm", laws="decode"), "laws"),
+])
+def test_a_single_name_where_a_list_is_expected_is_an_error(call, argument):
+    with pytest.raises(TypeError, match=f"^{argument}: expected a list, got the single value"):
+        call()
+
+
+@pytest.mark.parametrize("max_examples", [0, -1, 2.5, True])
+def test_max_examples_must_be_a_positive_int(max_examples):
+    for call in (lambda: check_backend("reference", max_examples=max_examples),
+                 lambda: check_rule("fm", max_examples=max_examples)):
+        with pytest.raises(ValueError, match="max_examples: expected an int >= 1"):
+            call()
+
+
+def test_check_rule_reports_a_backend_that_does_not_run_the_rule():
+    def leaky(S, k, v, g, beta, w):
+        return S + w[..., None, None] * (k[..., :, None] * v[..., None, :] - S) * 0.5
+
+    memplug.register_rule("leaky_for_report", update=leaky)
+    try:
+        reports = check_rule("leaky_for_report", backends=("reference", "chunked"), max_examples=1,
+                             laws=["decode"], dtypes=["float64"])
+    finally:
+        memplug.unregister_rule("leaky_for_report")
+    assert [r.backend for r in reports] == ["reference", "chunked"]
+    assert reports[0].results[0].status == "passed"
+    status = reports[1].results[0].status
+    assert status.startswith("not applicable") and "no family" in status and "only the reference" in status
+    assert "chunked" in str(reports) and "not applicable" in str(reports)
+
+
+def test_a_rule_that_breaks_a_law_is_named_as_the_culprit():
+    def forgetful(S, k, v, g, beta, w):  # the update depends on how often it ran: decode differs from scan
+        forgetful.calls += 1
+        return S * (0.5 if forgetful.calls % 2 else 1.0) + w[..., None, None] * k[..., :, None] * v[..., None, :]
+
+    forgetful.calls = 0
+    memplug.register_rule("forgetful", update=forgetful)
+    try:
+        with pytest.raises(AssertionError) as info:
+            check_rule("forgetful", max_examples=5, laws=["decode"], dtypes=["float64"])
+    finally:
+        memplug.unregister_rule("forgetful")
+    assert "rule 'forgetful' breaks the law" in str(info.value)
 
 
 def test_check_case_reproduces_a_case():

@@ -53,9 +53,11 @@ class ChunkForm(NamedTuple):
 
 def finite_split(x: torch.Tensor):
     """`x` as `safe + bad`: `safe` is `x` with its NaN and infinite entries set to 0; `bad` holds those
-    entries and is 0 elsewhere. If `x` has none (its sum is finite), `(x, None)`: the common case
-    costs one sum. (A sum that overflows takes the split too, which is merely unneeded.)"""
-    if torch.isfinite(x.detach().sum()):
+    entries and is 0 elsewhere. On the CPU, if `x` has none (its sum is finite), `(x, None)`: the
+    common case costs one sum, and reading it back is no sync there. On other devices the split is
+    always taken, so that no value is read back to the host. (A sum that overflows takes the split
+    too, which is merely unneeded.)"""
+    if x.device.type == "cpu" and torch.isfinite(x.detach().sum()):
         return x, None
     safe = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     return safe, x - safe

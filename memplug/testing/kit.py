@@ -14,7 +14,8 @@ from memplug.checks import check_scan
 from memplug.registry import _BACKENDS, Backend
 from memplug.rules import available_rules, get_rule
 
-from .laws import LAWS, RULE_LAWS, Context, LawViolation, backend_chunk_sizes
+from .laws import (DEFAULT_BLOCK_SIZES, LAWS, RULE_LAWS, Context, LawViolation, backend_block_sizes,
+                   backend_chunk_sizes)
 from .strategies import DTYPES, CaseSpec, dtype_name, make_inputs
 from .tolerances import merge_tolerances
 
@@ -95,17 +96,32 @@ def _valid(spec: CaseSpec, device) -> bool:
 def _explain(ctx: Context, law, rule: str, args, error) -> str:
     spec, extra = args[0], args[1:]
     extra_txt = "".join(f", {x!r}" for x in extra)
-    return (f"memplug.testing: backend {ctx.backend!r} breaks the law '{law.title}' [{law.name}] "
-            f"on rule {rule!r}, dtype {spec.dtype}, device {ctx.device}:\n  {error}\n"
+    who = ctx.subject or f"backend {ctx.backend!r}"
+    return (f"memplug.testing: {who} breaks the law '{law.title}' [{law.name}] "
+            f"on rule {rule!r}, backend {ctx.backend!r}, dtype {spec.dtype}, device {ctx.device}:\n  {error}\n"
             f"Minimal failing example (shrunk by hypothesis):\n  {spec!r}{extra_txt}\n"
             f"Reproduce: memplug.testing.check_case({ctx.backend!r}, {law.name!r}, {spec!r}{extra_txt})")
+
+
+LONG_T_RANGE = 16  # long cases draw T from 2 b + 2 to 2 b + 17, b the largest block size
+
+
+def long_limits(block_sizes: Sequence[int], limits: dict) -> Optional[dict]:
+    """Limits that draw a long case: longer than two blocks of the largest block size, one or two
+    slots (so that a slot's packed tokens cross the block boundaries), one batch row. None if the
+    caller's `max_T` is shorter."""
+    longest = 2 * max(block_sizes) + 2
+    if limits.get("max_T", longest + LONG_T_RANGE - 1) < longest:
+        return None
+    return dict(limits, min_T=longest, max_T=longest + LONG_T_RANGE - 1, max_m=2, max_B=1)
 
 
 def run_law(ctx: Context, law_name: str, rule: str, dtypes: Sequence, max_examples: int, **limits) -> int:
     """Run one law on `max_examples` drawn cases; returns the number of cases run, raises
     AssertionError naming the law, the rule and the minimal failing case. `limits`: keywords of
-    `case_specs` that bound the cases (max_T, max_B, max_H, max_m, dims); without max_T, each law's
-    default (see `check_backend`)."""
+    `case_specs` that bound the cases (min_T, max_T, max_B, max_H, max_m, dims); without max_T, each
+    law's default (see `check_backend`)."""
+    __tracebackhide__ = True
     law = LAWS[law_name]
     failing = {}
     count = [0]
@@ -151,6 +167,7 @@ def check_case(backend: str, law: str, spec: CaseSpec, *extra, device=None, tole
 
 
 def _dtypes(backend: Backend, dtypes) -> list:
+    dtypes = _names("dtypes", dtypes)
     if dtypes is None:  # every declared dtype, the most precise first (its failures are the clearest)
         return [n for n in DTYPES if DTYPES[n] in backend.dtypes]
     names = [dtype_name(d) for d in dtypes]
@@ -161,16 +178,24 @@ def _dtypes(backend: Backend, dtypes) -> list:
     return names
 
 
-def _run_laws(ctx, report, rule, laws, dtypes, max_examples, limits, verbose):
+def _run_laws(ctx, report, rule, laws, dtypes, max_examples, limits, verbose, block_sizes=DEFAULT_BLOCK_SIZES):
+    """Each law on each dtype. Of the first (most precise) dtype's cases, one is long (`long_limits`),
+    so that every law sees a state carried across the blocks a kernel may split a sequence into."""
+    __tracebackhide__ = True
+    long = long_limits(block_sizes, limits)
     for name in laws:
         law = LAWS[name]
         why_not = law.applies(ctx, rule)
         if why_not is not None:
             report.results.append(LawResult(rule, name, None, f"not applicable: {why_not}"))
             continue
-        for dtype in dtypes:
+        for i, dtype in enumerate(dtypes):
             start = time.perf_counter()
-            n = run_law(ctx, name, rule, [dtype], max_examples, **limits)
+            n = 0
+            if i == 0 and long is not None:
+                n = run_law(ctx, name, rule, [dtype], 1, **long)
+            if max_examples - n > 0:
+                n += run_law(ctx, name, rule, [dtype], max_examples - n, **limits)
             report.results.append(LawResult(rule, name, dtype, "passed", time.perf_counter() - start, n))
             if verbose:
                 print(report.results[-1])
@@ -185,11 +210,29 @@ def _limits(max_T, dims) -> dict:
     return limits
 
 
+def _names(argument: str, value) -> Optional[list]:
+    """A list from an iterable of names; a single string is an error (iterating it would give its
+    characters)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, torch.dtype)):
+        raise TypeError(f"{argument}: expected a list, got the single value {value!r}; pass [{value!r}]")
+    return list(value)
+
+
+def _max_examples(max_examples) -> int:
+    if max_examples is None:
+        return DEFAULT_MAX_EXAMPLES
+    if not isinstance(max_examples, int) or isinstance(max_examples, bool) or max_examples < 1:
+        raise ValueError(f"max_examples: expected an int >= 1 (cases per law, rule and dtype), got {max_examples!r}")
+    return max_examples
+
+
 def _law_names(laws, allowed: Sequence[str], caller: str) -> list:
     """`laws` (default: all of `allowed`, in order), each checked to be one of `allowed`."""
+    laws = _names("laws", laws)
     if laws is None:
         return list(allowed)
-    laws = list(laws)
     unknown = [law for law in laws if law not in LAWS]
     if unknown:
         raise ValueError(f"laws: unknown law(s) {unknown}; known: {list(LAWS)}")
@@ -211,13 +254,18 @@ def check_backend(name: str, rules: Optional[Iterable[str]] = None, dtypes: Opti
     device: default cuda if the backend runs there and it is present, else cpu. tolerances:
     overrides of `memplug.testing.TOLERANCES`, `{dtype: {"output"|"state"|"grad": Tol}}`.
     max_T: the longest sequence drawn by every law (default: 40, and for the chunk-size law 2 c + 16
-    with c the largest chunk size offered; see docs/testing.md). dims: the values K and V are drawn
-    from (default 8, 4, 16, 6, 12; a kernel that compiles per shape may want fewer).
+    with c the largest chunk size offered; see docs/testing.md). Unless max_T is shorter, one case
+    of each law (in the first dtype) is long: 2 b + 2 to 2 b + 17 tokens, b the largest block size
+    (64, the backend's chunk sizes, and its `scan.block_sizes` if it declares them), so that a state
+    lost or a drift starting at a block boundary shows. dims: the values K and V are drawn from
+    (default 8, 4, 16, 6, 12; a kernel that compiles per shape may want fewer).
 
     Returns a `Report`; raises AssertionError naming the law, the rule and a minimal failing case.
     """
+    __tracebackhide__ = True  # under pytest, a failure shows the law's message, not the kit's source
     backend = _backend(name)
     ctx = Context(name, _device(backend, device), merge_tolerances(tolerances), backend_chunk_sizes(backend))
+    rules = _names("rules", rules)
     if rules is None:
         rules = [r for r in available_rules() if backend.supports_rule(get_rule(r))]
     else:
@@ -227,11 +275,27 @@ def check_backend(name: str, rules: Optional[Iterable[str]] = None, dtypes: Opti
                 raise ValueError(f"rules: backend {name!r} does not run rule {r!r}")
     laws = _law_names(laws, list(LAWS), "check_backend")
     dtypes = _dtypes(backend, dtypes)
-    n = DEFAULT_MAX_EXAMPLES if max_examples is None else max_examples
+    n = _max_examples(max_examples)
     report = Report(name)
     for rule in rules:
-        _run_laws(ctx, report, rule, laws, dtypes, n, _limits(max_T, dims), verbose)
+        _run_laws(ctx, report, rule, laws, dtypes, n, _limits(max_T, dims), verbose, backend_block_sizes(backend))
     return report
+
+
+class Reports(list):
+    """The `Report`s of `check_rule`, one per backend; `str()` prints them as one table each."""
+
+    def __str__(self):
+        return "\n".join(map(str, self))
+
+
+def not_run_reason(backend: Backend, rule: str) -> str:
+    """Why `backend` does not run `rule` (it declined it in `supports_rule`)."""
+    r = get_rule(rule)
+    if r.family is None:
+        return (f"backend {backend.name!r} does not run rule {rule!r}: the rule has its own update and no "
+                f"family, and only the reference backend runs such rules")
+    return f"backend {backend.name!r} does not run rule {rule!r} (family {r.family.name!r})"
 
 
 def check_rule(name: str, *, backends: Sequence[str] = ("reference",), dtypes: Iterable = ("float64", "float32"),
@@ -245,23 +309,34 @@ def check_rule(name: str, *, backends: Sequence[str] = ("reference",), dtypes: I
     gets the full `check_backend(backend, rules=[name])`, which adds reference equality, chunk size
     and backbone reduction (for a user rule: against its own update run densely, see
     `backbone_reference`). `laws`: a subset of `RULE_LAWS`, for every backend checked (default: all
-    of them on the reference backend, all of `LAWS` on the others). Returns one `Report` per backend.
+    of them on the reference backend, all of `LAWS` on the others). A backend that does not run the
+    rule gets a report saying so ("not applicable", with the reason). Returns one `Report` per
+    backend, in a list that prints as tables (`Reports`).
     """
+    __tracebackhide__ = True
     rule = get_rule(name).name
+    backends = _names("backends", backends)
+    dtypes = _names("dtypes", dtypes)
     rule_laws = _law_names(laws, RULE_LAWS, "check_rule (the laws of any rule, RULE_LAWS)")
-    reports = []
+    n = _max_examples(max_examples)
+    for b in backends:
+        _backend(b)
+    reports = Reports()
     if "reference" in backends:
         ref = _backend("reference")
-        ctx = Context("reference", _device(ref, None), merge_tolerances(None), None)
+        # On the reference backend, which reads a rule literally, a broken law is the rule's.
+        ctx = Context("reference", _device(ref, None), merge_tolerances(None), None, subject=f"rule {rule!r}")
         report = Report("reference")
-        _run_laws(ctx, report, rule, rule_laws, [dtype_name(d) for d in dtypes],
-                  DEFAULT_MAX_EXAMPLES if max_examples is None else max_examples, _limits(max_T, None), verbose)
+        _run_laws(ctx, report, rule, rule_laws, [dtype_name(d) for d in dtypes], n, _limits(max_T, None), verbose)
         reports.append(report)
     for b in backends:
         if b == "reference":
             continue
         backend = _backend(b)
         if not backend.supports_rule(get_rule(rule)):
+            report = Report(b)
+            report.results.append(LawResult(rule, "(every law)", None, f"not applicable: {not_run_reason(backend, rule)}"))
+            reports.append(report)
             continue
         declared = [dtype_name(d) for d in backend.dtypes if d in DTYPES.values()]
         reports.append(check_backend(b, rules=[rule], dtypes=[d for d in map(dtype_name, dtypes) if d in declared]
@@ -269,4 +344,4 @@ def check_rule(name: str, *, backends: Sequence[str] = ("reference",), dtypes: I
     return reports
 
 
-__all__ = ["check_backend", "check_rule", "check_case", "run_law", "Report", "LawResult", "kit_settings"]
+__all__ = ["check_backend", "check_rule", "check_case", "run_law", "Report", "Reports", "LawResult", "kit_settings"]

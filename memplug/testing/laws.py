@@ -39,6 +39,7 @@ class Context:
     device: torch.device
     tolerances: dict
     chunk_sizes: Optional[tuple] = None  # None: the backend exposes no chunk size
+    subject: Optional[str] = None  # who breaks a law in failure messages; default: the backend
 
     def tol(self, dtype, what) -> Tol:
         return tolerance(dtype, what, self.tolerances)
@@ -189,6 +190,16 @@ def state_passing(ctx: Context, spec: CaseSpec, split: int) -> None:
     o2, S2 = scan(ctx, slice_tokens(inputs, split, spec.T), initial_state=S1)
     assert_close(f"o, split at t={split}", torch.cat([o1, o2], 1), o, ctx.tol(dt, "output"))
     assert_close(f"final_state, split at t={split}", S2, S, ctx.tol(dt, "state"))
+
+
+DEFAULT_BLOCK_SIZES = (64,)  # rows per kernel block the kit straddles unless a backend declares its own
+
+
+def backend_block_sizes(backend: Backend) -> tuple:
+    """The block sizes whose boundaries the kit's long cases cross: `scan.block_sizes` if the backend
+    declares them, its chunk sizes, and 64 (a common kernel block)."""
+    declared = tuple(getattr(backend.scan, "block_sizes", ()))
+    return DEFAULT_BLOCK_SIZES + declared + (backend_chunk_sizes(backend) or ())
 
 
 def backend_chunk_sizes(backend: Backend) -> Optional[tuple]:
@@ -518,7 +529,8 @@ def _one(**kw):
 
 @st.composite
 def _split_cases(draw, ctx, rule, dtypes, **limits):
-    spec = draw(case_specs(rule, dtypes=dtypes, min_T=2, varlen=False, **limits))
+    limits["min_T"] = max(2, limits.get("min_T", 2))
+    spec = draw(case_specs(rule, dtypes=dtypes, varlen=False, **limits))
     split = draw(st.integers(1, spec.T - 1))
     return spec, split
 
@@ -536,7 +548,8 @@ def _chunk_cases(ctx, rule, dtypes, max_T=None, **limits):
     # Longer than two chunks of the largest size offered, so that forward and backward cross chunk
     # boundaries at every size (with max_T, as long as it allows), and one or two slots, so that a
     # slot's tokens span several chunks.
-    limits.pop("max_m", None)
+    for always_long in ("max_m", "min_T", "max_B"):
+        limits.pop(always_long, None)
     longer = 2 * max(ctx.chunk_sizes) + 1
     min_T, max_T = (longer, longer + CHUNK_T_RANGE - 1) if max_T is None else (min(longer, max_T), max_T)
     return case_specs(rule, dtypes=dtypes, min_T=min_T, max_T=max_T, max_m=2, varlen=False,
