@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from memplug.routing import routing_stats
+from memplug.routing import routing_stats, update_balance_biases
 
 from .config import AblateConfig, ModelConfig, TrainConfig, load_config, presets, resolved
 from .model import LM
@@ -218,6 +218,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
             if train.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
             opt.step()
+            update_balance_biases(model)  # routers with an auxiliary-loss-free balancing bias
             losses.append(loss.detach())  # no .item() here: on a GPU that would wait for every step
             if step + 1 in checkpoints:
                 model.eval()

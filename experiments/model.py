@@ -30,6 +30,11 @@ MEMORIES = {
                   "Factorization Memory, top-R of m slots (R < m)"),
     "mom": (MixtureOfMemories, lambda m, R: dict(num_slots=m, topk=R),
             "Mixture-of-Memories: per-slot k/v, top-R of m slots, plus a shared always-on slot"),
+    "raven": (RoutedMemory, lambda m, R: dict(num_slots=m, topk=R, coupling="dt",
+                                              router=dict(per_head=True, score="sigmoid", gumbel_noise=True,
+                                                          balance_rate=1e-3)),
+              "Raven-style routing: per-head top-R of m slots by sigmoid scores, Gumbel noise in training, "
+              "auxiliary-loss-free balancing bias"),
 }
 # The backbone frontier: "backbone_xN" is the plain rule with N times the value width (head_v_dim),
 # hence N times the backbone's state (and more parameters in its value, gate and output maps).

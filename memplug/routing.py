@@ -1,6 +1,7 @@
 """Routers: router logits -> slot indices and weights (step 1 of docs/contract.md section 5).
 
-Three ways to pick slots, all from the softmax of `logits / temperature` over the `m` slots:
+Three ways to pick slots, all from the scores of `logits / temperature` over the `m` slots (a
+softmax, or independent sigmoids as in Raven):
 
 - `topk`: the `R` most probable slots; weights renormalised to sum to 1 (optional);
 - `dense`: every slot (R = m), weighted by its probability (soft routing);
@@ -8,6 +9,14 @@ Three ways to pick slots, all from the softmax of `logits / temperature` over th
   (the most probable slot always stays). Dropped routes get weight 0, which under coupling "dt"
   is the same as no route (docs/contract.md section 3); under coupling "none" they would still write, so
   `RoutedMemory` rejects that combination.
+
+Options used in the field (`RouterConfig`): sigmoid scores (`score="sigmoid"`, Raven); Gumbel noise
+on the logits in training (`gumbel_noise`, Raven), drawn from torch's generator, so that activation
+checkpointing, which restores the generator's state before it recomputes, routes identically; and
+auxiliary-loss-free balancing (`balance_rate`, DeepSeek-V3): a per-slot bias, added to the scores
+only to pick the slots (never to the weights), that `update_balance_biases(model)` moves by
+`balance_rate` towards the slots the last training forward underused. Call it after each optimizer
+step (`memplug ablate` does).
 
 `load_balancing_loss` is the Switch Transformer auxiliary loss and `routing_stats` the numbers an
 experiment logs per step.
@@ -24,6 +33,7 @@ from .checks import check_bool, check_finite_number
 from .modules import RMSNorm, at_least_float32
 
 ROUTER_KINDS = ("topk", "dense", "threshold")
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -37,6 +47,11 @@ class RouterConfig:
     per_head: each head routes on its own (Hr = H) instead of all heads alike (Hr = 1).
     rms_norm_input: RMS-normalise the router's input (Factorization Memory's router).
     load_balance_coef: weight of the Switch load-balancing loss in `aux["aux_loss"]`.
+    score: "softmax" (the scores sum to 1 over the slots) or "sigmoid" (each slot scored on its own;
+        `Routing.probs` holds them normalised to sum to 1, for the loss and the statistics).
+    gumbel_noise: add Gumbel(0, 1) noise to the logits while the module is training.
+    balance_rate: step of the auxiliary-loss-free balancing bias (0: no bias); top-k and threshold
+        routing only (dense routing uses every slot).
     """
 
     kind: str = "topk"
@@ -46,14 +61,24 @@ class RouterConfig:
     per_head: bool = False
     rms_norm_input: bool = False
     load_balance_coef: float = 0.0
+    score: str = "softmax"
+    gumbel_noise: bool = False
+    balance_rate: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ROUTER_KINDS:
             raise ValueError(f"router.kind: expected one of {ROUTER_KINDS}, got {self.kind!r}")
-        for name in ("temperature", "threshold", "load_balance_coef"):
+        if self.score not in ROUTER_SCORES:
+            raise ValueError(f"router.score: expected one of {ROUTER_SCORES}, got {self.score!r}")
+        for name in ("temperature", "threshold", "load_balance_coef", "balance_rate"):
             check_finite_number("router." + name, getattr(self, name))
-        for name in ("renormalize", "per_head", "rms_norm_input"):
+        for name in ("renormalize", "per_head", "rms_norm_input", "gumbel_noise"):
             check_bool("router." + name, getattr(self, name))
+        if not self.balance_rate >= 0:
+            raise ValueError(f"router.balance_rate: expected a value >= 0, got {self.balance_rate!r}")
+        if self.balance_rate > 0 and self.kind == "dense":
+            raise ValueError("router.balance_rate: dense routing uses every slot, so a balancing bias would "
+                             "change nothing; use kind 'topk' or 'threshold'")
         if not self.temperature > 0:
             raise ValueError(f"router.temperature: expected a value > 0, got {self.temperature!r}")
         if not 0 <= self.threshold <= 1:
@@ -85,23 +110,42 @@ class Routing(NamedTuple):
     probs: torch.Tensor  # [B,T,Hr,m] router probabilities
 
 
-def topk_routing(logits, topk: int, temperature=1.0, renormalize=True) -> Routing:
-    probs = torch.softmax(at_least_float32(logits) / temperature, dim=-1)
-    weight, idx = probs.topk(topk, dim=-1)
+def _scores(logits, temperature, score):
+    """Per-slot scores `[..., m]` in float32 or wider, and their normalisation to a distribution."""
+    logits = at_least_float32(logits) / temperature
+    if score == "sigmoid":
+        scores = torch.sigmoid(logits)
+        return scores, scores / scores.sum(-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)
+    return probs, probs
+
+
+def _pick(scores, topk, bias):
+    """The `topk` best slots by `scores + bias` (the bias only picks), and their scores."""
+    idx = (scores if bias is None else scores + bias).topk(topk, dim=-1).indices
+    return scores.gather(-1, idx), idx
+
+
+def topk_routing(logits, topk: int, temperature=1.0, renormalize=True, score="softmax", bias=None) -> Routing:
+    scores, probs = _scores(logits, temperature, score)
+    weight, idx = _pick(scores, topk, bias)
     if renormalize:
         weight = weight / weight.sum(-1, keepdim=True)
     return Routing(idx, weight, probs)
 
 
-def dense_routing(logits, temperature=1.0) -> Routing:
-    probs = torch.softmax(at_least_float32(logits) / temperature, dim=-1)
+def dense_routing(logits, temperature=1.0, score="softmax") -> Routing:
+    _, probs = _scores(logits, temperature, score)
     idx = torch.arange(probs.shape[-1], device=probs.device).expand(probs.shape)
     return Routing(idx, probs, probs)
 
 
-def threshold_routing(logits, topk: int, threshold: float, temperature=1.0, renormalize=True) -> Routing:
-    probs = torch.softmax(at_least_float32(logits) / temperature, dim=-1)
-    weight, idx = probs.topk(topk, dim=-1)
+def threshold_routing(logits, topk: int, threshold: float, temperature=1.0, renormalize=True, score="softmax",
+                      bias=None) -> Routing:
+    """Keeps the picked slots whose normalised score is at least `threshold` (and always the first)."""
+    scores, probs = _scores(logits, temperature, score)
+    _, idx = _pick(scores, topk, bias)
+    weight = probs.gather(-1, idx)
     keep = weight >= threshold
     keep[..., 0] = True  # never drop every route of a token
     weight = weight * keep
@@ -134,7 +178,9 @@ def routing_stats(routing: Routing) -> dict:
 
 class Router(nn.Module):
     """Linear router over the hidden state: `forward(x [B,T,D]) -> Routing` with Hr = H if
-    `config.per_head` else 1."""
+    `config.per_head` else 1. With `config.balance_rate`, it keeps a balancing bias per (head group,
+    slot) in the buffer `balance_bias` (saved with the model) and the load of its last training
+    forward, which `update_balance_bias` consumes."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_slots: int, topk: int, config: RouterConfig):
         super().__init__()
@@ -142,12 +188,46 @@ class Router(nn.Module):
         self.groups = num_heads if config.per_head else 1
         self.norm = RMSNorm(hidden_size) if config.rms_norm_input else nn.Identity()
         self.proj = nn.Linear(hidden_size, self.groups * num_slots, bias=False)
+        if config.balance_rate > 0:
+            self.register_buffer("balance_bias", torch.zeros(self.groups, num_slots, dtype=torch.float32))
+        else:
+            self.balance_bias = None
+        self.last_load = None  # routes per (head group, slot) in the last training forward
 
     def forward(self, x) -> Routing:
         logits = self.proj(self.norm(x)).unflatten(-1, (self.groups, self.num_slots))
         c = self.config
+        if c.gumbel_noise and self.training:
+            # -log(E), E ~ Exponential(1), is Gumbel(0, 1); torch's generator makes it replayable.
+            logits = logits - torch.empty_like(logits, dtype=torch.float32).exponential_().log()
         if c.kind == "dense":
-            return dense_routing(logits, c.temperature)
+            return dense_routing(logits, c.temperature, c.score)
         if c.kind == "threshold":
-            return threshold_routing(logits, self.topk, c.threshold, c.temperature, c.renormalize)
-        return topk_routing(logits, self.topk, c.temperature, c.renormalize)
+            routing = threshold_routing(logits, self.topk, c.threshold, c.temperature, c.renormalize, c.score,
+                                        self.balance_bias)
+        else:
+            routing = topk_routing(logits, self.topk, c.temperature, c.renormalize, c.score, self.balance_bias)
+        if self.balance_bias is not None and self.training:
+            # Overwritten, not accumulated: a recomputation under checkpointing leaves it as it was.
+            with torch.no_grad():
+                sent = (routing.weight > 0).to(torch.float32)
+                self.last_load = torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, routing.idx, sent) \
+                    .flatten(0, -3).sum(0)  # [groups, m]
+        return routing
+
+    @torch.no_grad()
+    def update_balance_bias(self) -> None:
+        """Move the bias by `balance_rate` up for the slots the last training forward loaded below the
+        mean, down for those above it (its sign only, as DeepSeek-V3), then forget that load."""
+        if self.balance_bias is None or self.last_load is None:
+            return
+        load = self.last_load
+        self.balance_bias += self.config.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load)
+        self.last_load = None
+
+
+def update_balance_biases(model: nn.Module) -> None:
+    """`Router.update_balance_bias` for every router of `model` (call after each optimizer step)."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.update_balance_bias()

@@ -211,9 +211,25 @@ def test_memory_configurations_differ_as_described():
     state = {m: LM(32, config, m, "gla").state_numel() for m in MEMORIES}
     per_slot = 2 * 2 * 4 * 6
     assert state == {"backbone": per_slot, "fm_dense": 4 * per_slot, "fm_sparse": 4 * per_slot,
-                     "mom": 5 * per_slot}
+                     "mom": 5 * per_slot, "raven": 4 * per_slot}
     layer = LM(32, config, "fm_dense", "gla").blocks[0].memory
     assert layer.topk == layer.num_slots == 4 and layer.rule.name == "gla"
+    raven = LM(32, config, "raven", "gla").blocks[0].memory.router.config
+    assert raven.per_head and raven.score == "sigmoid" and raven.gumbel_noise and raven.balance_rate > 0
+
+
+def test_training_updates_the_balancing_biases(tmp_path, monkeypatch):
+    """`memplug ablate` moves a Raven router's bias after each optimizer step."""
+    biases = []
+    update = ablate.update_balance_biases
+
+    def recorded(model):
+        update(model)
+        biases.append(model.blocks[0].memory.router.balance_bias.clone())
+    monkeypatch.setattr(ablate, "update_balance_biases", recorded)
+    config = load_config(str(_tiny(tmp_path, memories=["raven"], **{"tasks.lm": None})))
+    ablate.run_grid(config, tmp_path / "run", quiet=True)
+    assert len(biases) == config.train.steps and biases[-1].abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------- configs
@@ -451,9 +467,10 @@ def test_ctrl_c_exits_cleanly(tmp_path):
 def test_presets_parse():
     assert {"quick", "paper"} <= set(presets())
     paper = load_config(preset="paper")
-    assert paper.rules == RULES and set(paper.memories) == set(MEMORIES)
-    assert set(paper.tasks) == {"mqar", "lm"} and len(paper.seeds) == 3
-    assert len(ablate.grid(paper)) == 5 * 4 * 2 * 3
+    assert paper.rules == RULES and set(MEMORIES) <= set(paper.memories)
+    assert {"backbone_x3", "backbone_x9"} <= set(paper.memories)
+    assert set(paper.tasks) == {"mqar", "lm"} and len(paper.seeds) == 3 and len(paper.lrs) == 3
+    assert len(ablate.grid(paper)) == 5 * 7 * 2 * 3  # the sweep; then 2 more seeds per configuration
     quick = load_config(preset="quick")
     assert "mqar" in quick.tasks and "backbone" in quick.memories
     study = load_config(preset="study")

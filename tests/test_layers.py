@@ -27,13 +27,15 @@ CONFIGS = [
     dict(num_slots=4, topk=2, router={"kind": "threshold", "threshold": 0.3, "per_head": True}),
     dict(num_slots=3, topk=2, coupling="none", per_slot_kv=True, shared_slot=True),
     dict(num_slots=2, topk=1, short_conv=False, output_gate=False),
+    dict(num_slots=4, topk=2, router={"score": "sigmoid", "gumbel_noise": True, "balance_rate": 0.01,
+                                      "per_head": True}),
 ]
 
 
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 def test_cached_decoding_equals_full_forward(rule, config):
-    layer, x = _layer(rule, **config), _x()
+    layer, x = _layer(rule, **config).eval(), _x()  # eval: no Gumbel noise in routing
     with torch.no_grad():
         y, cache, _ = layer(x)
         assert y.shape == x.shape and cache is None

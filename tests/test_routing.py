@@ -3,6 +3,10 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
+
+import memplug
+import memplug.routing
 from hypothesis import given, settings, strategies as st
 
 from memplug.routing import (Router, RouterConfig, Routing, dense_routing, load_balancing_loss,
@@ -106,3 +110,94 @@ def test_router_keeps_float64():
     router = Router(8, 1, 4, 2, RouterConfig()).double()
     r = router(torch.randn(2, 3, 8, dtype=torch.float64))
     assert r.weight.dtype == torch.float64 and r.probs.dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------------------
+# Routers used in the field: sigmoid scores, Gumbel noise, auxiliary-loss-free balancing
+
+
+def test_sigmoid_scores_pick_by_logit_and_weight_by_sigmoid():
+    logits = torch.randn(3, 5, 2, 6, dtype=torch.float64)
+    r = topk_routing(logits, 2, score="sigmoid")
+    assert torch.equal(r.idx, logits.topk(2, dim=-1).indices)
+    picked = torch.sigmoid(logits).gather(-1, r.idx)
+    torch.testing.assert_close(r.weight, picked / picked.sum(-1, keepdim=True))
+    torch.testing.assert_close(r.probs.sum(-1), torch.ones(3, 5, 2, dtype=torch.float64))
+    raw = topk_routing(logits, 2, score="sigmoid", renormalize=False)
+    torch.testing.assert_close(raw.weight, picked)
+
+
+def test_a_balancing_bias_picks_but_does_not_weight():
+    logits = torch.tensor([[[[2.0, 1.0, 0.0]]]])
+    bias = torch.tensor([[0.0, 0.0, 5.0]])
+    r = topk_routing(logits, 1, renormalize=False, bias=bias)
+    assert r.idx.item() == 2
+    torch.testing.assert_close(r.weight, torch.softmax(logits, -1)[..., 2:])
+
+
+def _router(**config):
+    torch.manual_seed(0)
+    return Router(8, 2, 4, 2, RouterConfig(**config))
+
+
+def test_gumbel_noise_in_training_only():
+    router = _router(gumbel_noise=True)
+    x = torch.randn(2, 50, 8)
+    router.eval()
+    assert torch.equal(router(x).idx, router(x).idx)
+    router.train()
+    assert not torch.equal(router(x).idx, router(x).idx)
+
+
+@pytest.mark.parametrize("preserve_rng_state, same", [(True, True), (False, False)])
+def test_gumbel_routes_are_replayed_by_activation_checkpointing(preserve_rng_state, same):
+    """Recomputation under checkpointing routes as the forward did, because checkpointing restores
+    the generator's state (its default); without that, the noise and the routes would differ."""
+    torch.manual_seed(0)
+    layer = memplug.RoutedMemory(8, 2, 4, 4, num_slots=4, topk=2,
+                                 router=dict(gumbel_noise=True, score="sigmoid", per_head=True)).train()
+    seen = []
+    layer.router.register_forward_hook(lambda module, args, routing: seen.append(routing.idx.clone()))
+    x = torch.randn(2, 40, 8, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(lambda x: layer(x)[0], x, use_reentrant=False,
+                                          preserve_rng_state=preserve_rng_state)
+    y.sum().backward()
+    assert len(seen) == 2
+    assert torch.equal(seen[0], seen[1]) == same
+
+
+def test_balancing_bias_evens_a_skewed_load():
+    router = _router(balance_rate=0.005).train()
+    with torch.no_grad():
+        router.proj.weight[0] += 0.3  # with inputs of mean 0.5, slot 0 is picked far more than the others
+    x = torch.randn(4, 64, 8, generator=torch.Generator().manual_seed(1)) + 0.5
+    router(x)
+    skewed = router.last_load.sum(0)
+    loads = []
+    for _ in range(500):
+        router(x)
+        loads.append(router.last_load.sum(0))
+        router.update_balance_bias()
+    balanced = torch.stack(loads[-50:]).mean(0)  # the sign steps leave the load oscillating about the mean
+    spread = lambda load: float((load.max() - load.min()) / load.mean())
+    assert spread(skewed) > 1 and spread(balanced) < 0.1, (skewed, balanced)
+    assert router.balance_bias[0, 0] < 0  # the favoured slot's bias went down
+    assert "balance_bias" in router.state_dict()  # saved with the model, so decoding picks as training ended
+
+
+def test_update_balance_biases_reaches_every_router():
+    layer = memplug.RoutedMemory(8, 2, 4, 4, num_slots=4, topk=1, router=dict(balance_rate=0.1)).train()
+    layer(torch.randn(1, 9, 8))
+    memplug.routing.update_balance_biases(nn.Sequential(layer))
+    assert layer.router.balance_bias.abs().sum() > 0 and layer.router.last_load is None
+
+
+@pytest.mark.parametrize("config, field", [
+    (dict(score="tanh"), "router.score"),
+    (dict(balance_rate=-1.0), "router.balance_rate"),
+    (dict(kind="dense", balance_rate=0.1), "router.balance_rate"),
+    (dict(gumbel_noise=1), "router.gumbel_noise"),
+])
+def test_bad_router_options_are_named(config, field):
+    with pytest.raises((ValueError, TypeError), match=field):
+        RouterConfig(**config)
