@@ -7,13 +7,15 @@
   rule of a family; the default on CUDA; on CPU only in Triton's interpreter, never chosen by "auto").
 """
 from memplug.registry import register_backend
+from memplug.rules import ADDITIVE_SCALAR, ADDITIVE_VECTOR, DELTA
 
-from .chunked import chunked_scan, supports_rule as _chunked_rules
+from .chunked import chunked_scan
 from .reference import reference_scan, reference_step
 from .triton import DTYPES as _TRITON_DTYPES, triton_available, triton_priority, triton_scan, triton_step
 
+_BUILT_IN_FAMILIES = (ADDITIVE_SCALAR, ADDITIVE_VECTOR, DELTA)
 register_backend("reference", reference_scan, reference_step, priority={"cpu": 0, "cuda": 0},
                  supports_rule=lambda rule: True)
-register_backend("chunked", chunked_scan, priority={"cpu": 10, "cuda": 5}, supports_rule=_chunked_rules)
+register_backend("chunked", chunked_scan, priority={"cpu": 10, "cuda": 5}, families=_BUILT_IN_FAMILIES)
 register_backend("triton", triton_scan, triton_step, priority=triton_priority(), dtypes=_TRITON_DTYPES,
-                 available=triton_available)
+                 families=_BUILT_IN_FAMILIES, available=triton_available)

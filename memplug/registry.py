@@ -11,11 +11,7 @@ from typing import Callable, Mapping, Optional
 import torch
 
 from .checks import FLOAT_DTYPES
-from .rules import Rule
-
-
-def _family_rules(rule: Rule) -> bool:
-    return rule.family is not None
+from .rules import FAMILIES, Family, Rule
 
 
 @dataclass(frozen=True)
@@ -27,6 +23,7 @@ class Backend:
     dtypes: tuple
     supports_rule: Callable[[Rule], bool]
     available: Callable[[], bool]
+    families: Optional[tuple] = None  # the rule families it runs, if it declared them
 
     def why_not(self, device: torch.device, dtype: torch.dtype, rule: Rule) -> Optional[str]:
         """None if this backend takes these inputs, else the reason it does not."""
@@ -37,8 +34,15 @@ class Backend:
         if dtype not in self.dtypes:
             return f"backend {self.name!r} takes dtypes {self.dtypes}, not {dtype}"
         if not self.supports_rule(rule):
-            return f"backend {self.name!r} does not run rule {rule.name!r}"
+            return self.rule_refusal(rule)
         return None
+
+    def rule_refusal(self, rule: Rule) -> str:
+        """Why this backend does not run `rule`, naming the families it runs if it declared them."""
+        what = ("its own update and no family: only the reference backend runs such rules" if rule.family is None
+                else f"family {rule.family.name!r}")
+        runs = "" if self.families is None else f"; it runs the families {[f.name for f in self.families]}"
+        return f"backend {self.name!r} does not run rule {rule.name!r} ({what}){runs}"
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -46,7 +50,7 @@ _BACKENDS: dict[str, Backend] = {}
 
 def register_backend(name: str, scan: Callable, step: Optional[Callable] = None, *,
                      priority: Optional[Mapping[str, int]] = None, dtypes=FLOAT_DTYPES,
-                     supports_rule: Callable[[Rule], bool] = _family_rules,
+                     families=None, supports_rule: Optional[Callable[[Rule], bool]] = None,
                      available: Callable[[], bool] = lambda: True, replace: bool = False) -> Backend:
     """Register a backend.
 
@@ -58,8 +62,11 @@ def register_backend(name: str, scan: Callable, step: Optional[Callable] = None,
     priority: device type -> priority under `backend="auto"` (higher wins). Its keys are the device
         types the backend runs on. Default: cpu and cuda at -1, below the built-in `reference` (0),
         `chunked` and, on CUDA, `triton`; on CPU it ranks above `triton` (-10, its interpreter).
-    dtypes: input dtypes the backend takes. supports_rule: which rules it runs (default: every rule
-        of a family, see `memplug.rules`). available: whether it can run on this machine.
+    dtypes: input dtypes the backend takes. families: the rule families (`memplug.rules.Family`
+        objects) it runs; then it runs every rule of those families, and errors list them.
+        supports_rule: which rules it runs, for a backend that decides otherwise (default: the rules
+        of `families`, or, without them, of the built-in families). available: whether it can run
+        on this machine.
     """
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"register_backend: name must be a non-empty string other than 'auto', got {name!r}")
@@ -69,6 +76,15 @@ def register_backend(name: str, scan: Callable, step: Optional[Callable] = None,
         raise TypeError(f"register_backend: scan must be callable, got {type(scan).__name__}")
     if step is not None and not callable(step):
         raise TypeError(f"register_backend: step must be callable or None, got {type(step).__name__}")
+    if families is not None:
+        if isinstance(families, Family) or not hasattr(families, "__iter__"):
+            raise TypeError(f"register_backend: families must be an iterable of Family, got {families!r}")
+        families = tuple(families)
+        if not all(isinstance(f, Family) for f in families):
+            raise TypeError(f"register_backend: families must be an iterable of Family, got {families!r}")
+    if supports_rule is None:
+        runs = families if families is not None else tuple(FAMILIES.values())
+        supports_rule = lambda rule: rule.family in runs  # noqa: E731 (a closure over `runs`)
     for arg, fn in (("supports_rule", supports_rule), ("available", available)):
         if not callable(fn):
             raise TypeError(f"register_backend: {arg} must be callable, got {fn!r}")
@@ -83,7 +99,7 @@ def register_backend(name: str, scan: Callable, step: Optional[Callable] = None,
     dtypes = tuple(dtypes)
     if not dtypes or not all(isinstance(d, torch.dtype) for d in dtypes):
         raise TypeError(f"register_backend: dtypes must be a non-empty iterable of torch.dtype, got {dtypes!r}")
-    backend = Backend(name, scan, step, dict(priority), dtypes, supports_rule, available)
+    backend = Backend(name, scan, step, dict(priority), dtypes, supports_rule, available, families)
     _BACKENDS[name] = backend
     return backend
 
@@ -92,6 +108,16 @@ def unregister_backend(name: str) -> None:
     if name not in _BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; registered: {sorted(_BACKENDS)}")
     del _BACKENDS[name]
+
+
+def fast_backends() -> list[Backend]:
+    """The registered backends other than `reference`."""
+    return [b for n, b in _BACKENDS.items() if n != "reference"]
+
+
+def fast_backends_for(rule: Rule) -> list[str]:
+    """The registered backends other than `reference` that run `rule`."""
+    return [b.name for b in fast_backends() if b.supports_rule(rule)]
 
 
 def available_backends() -> list[str]:
@@ -111,9 +137,14 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, rule
     if backend == "auto":
         fits = [b for b in _BACKENDS.values() if b.why_not(device, dtype, rule) is None]
         if not fits:
+            reasons = "; ".join(b.why_not(device, dtype, rule) for b in _BACKENDS.values())
             raise ValueError(f"backend: no available backend runs rule {rule.name!r} on {device.type} "
-                             f"with dtype {dtype}; available: {available_backends()}")
-        return max(fits, key=lambda b: b.priority[device.type])
+                             f"with dtype {dtype} ({reasons})")
+        best = fits[0]
+        for b in fits[1:]:  # a plain loop: torch.compile traces it
+            if b.priority[device.type] > best.priority[device.type]:
+                best = b
+        return best
     reason = _BACKENDS[backend].why_not(device, dtype, rule)
     if reason is not None:
         raise ValueError(f"backend: {reason}")

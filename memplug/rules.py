@@ -16,6 +16,7 @@ backend runs it (the fast backends run family rules).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -72,7 +73,8 @@ class Rule:
     """An update rule.
 
     `g` says which log-decay input the rule takes (None, "scalar" `[..]` or "vector" `[..,K]`);
-    `beta` whether it takes a write strength. Exactly one of (`family`, `couple`) or `update`
+    `beta` whether it takes a write strength. A family's decay may come from any input (Longhorn's
+    per-channel decay is computed from `k` and `beta`), so `g` need not match the family's decay. Exactly one of (`family`, `couple`) or `update`
     defines the single-token update:
 
     - `couple(k, v, g, beta, w) -> Coupled` maps the inputs of one route, with coupling weight `w`
@@ -105,8 +107,6 @@ class Rule:
         by_family = self.family is not None and self.couple is not None
         if by_family == (self.update is not None) or (self.family is None) != (self.couple is None):
             raise ValueError(f"rule {self.name!r}: give either family and couple, or update")
-        if self.family is not None and self.family.decay == "vector" and self.g != "vector":
-            raise ValueError(f"rule {self.name!r}: family {self.family.name!r} needs g='vector'")
 
     def step(self, S, k, v, g, beta, w):
         """One token's update of the routed slots `S [..., K, V]`; every other input is per route."""
@@ -141,7 +141,20 @@ def register_rule(name: str, *, g=None, beta=False, family=None, couple=None, up
         family = FAMILIES[family]
     rule = Rule(name, g=g, beta=beta, family=family, couple=couple, update=update, check=check)
     _RULES[name] = rule
+    if family is not None and family not in FAMILIES.values():
+        _warn_if_no_fast_backend(rule)
     return rule
+
+
+def _warn_if_no_fast_backend(rule: Rule) -> None:
+    """A rule of a family no fast backend runs (a new `Family`) runs on the reference backend only: say so."""
+    from .registry import fast_backends, fast_backends_for
+
+    others = fast_backends()
+    if others and not fast_backends_for(rule):
+        refusals = "; ".join(b.rule_refusal(rule) for b in others)
+        warnings.warn(f"register_rule: no fast backend runs rule {rule.name!r} of the new family "
+                      f"{rule.family.name!r}, so it runs on the reference backend only ({refusals})", stacklevel=3)
 
 
 def unregister_rule(name: str) -> None:

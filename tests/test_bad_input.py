@@ -243,7 +243,9 @@ def test_scan_arguments_of_the_wrong_kind():
     (dict(priority={"cpu": 1.5}), "priority"),
     (dict(priority={}), "priority"),
     (dict(available=True), "available"),
-    (dict(supports_rule=None), "supports_rule"),
+    (dict(supports_rule=True), "supports_rule"),
+    (dict(families="delta"), "families"),
+    (dict(families=["delta"]), "families"),
 ])
 def test_register_backend_rejects_bad_arguments(kwargs, argument):
     with pytest.raises(TypeError) as info:

@@ -64,7 +64,6 @@ def test_register_rule_by_family_and_by_update():
     (dict(family="additive_scalar"), "either family and couple, or update"),
     (dict(family="additive_scalar", couple=lambda *a: None, update=lambda *a: None), "either"),
     (dict(family="ternary", couple=lambda *a: None), "unknown family"),
-    (dict(family="additive_vector", couple=lambda *a: None), "needs g='vector'"),
     (dict(g="matrix", update=lambda *a: None), "g must be"),
 ])
 def test_register_rule_rejects_incomplete_definitions(kwargs, message):
@@ -95,3 +94,42 @@ def test_get_rule_takes_a_name_or_a_rule():
 def test_unknown_rule_lists_the_registered_ones():
     with pytest.raises(ValueError, match=r"^rule: unknown rule 'nope'; registered rules: \[.*'gla'"):
         get_rule("nope")
+
+
+def test_a_new_family_is_explicit_about_where_it_runs():
+    """A rule of a family no fast backend runs says so when registered, and routed_scan's error lists
+    the families each backend runs."""
+    from memplug.registry import _BACKENDS
+    from memplug.rules import Coupled, Family
+
+    kda_like = Family("delta_vector_decay", decay="vector", delta=True,
+                      step=lambda S, c: S * c.a.exp()[..., :, None] + c.b[..., None, None] * c.k[..., :, None]
+                      * (c.v - torch.einsum("...kv,...k->...v", S * c.a.exp()[..., :, None], c.k))[..., None, :])
+    with pytest.warns(UserWarning, match="reference backend only") as record:
+        memplug.register_rule("kda_like", g="vector", beta=True, family=kda_like,
+                              couple=lambda k, v, g, beta, w: Coupled(k, v, w[..., None] * g, w * beta))
+    try:
+        message = str(record[0].message)
+        assert "'chunked'" in message and "'triton'" in message and "additive_scalar" in message
+        for name in ("chunked", "triton"):  # triton would otherwise run it as a family it is not
+            assert not _BACKENDS[name].supports_rule(memplug.get_rule("kda_like"))
+        q = torch.randn(1, 3, 1, 4)
+        kw = dict(rule="kda_like", route_idx=torch.zeros(1, 3, 1, 1, dtype=torch.long), route_w=torch.ones(1, 3, 1, 1),
+                  num_slots=1, g=-torch.rand(1, 3, 1, 4), beta=torch.rand(1, 3, 1))
+        with pytest.raises(ValueError, match=r"does not run rule 'kda_like' \(family 'delta_vector_decay'\); "
+                                             r"it runs the families \['additive_scalar'"):
+            memplug.routed_scan(q, q, q, backend="chunked", **kw)
+        o, _ = memplug.routed_scan(q, q, q, **kw)  # "auto" falls back to the reference backend
+        assert torch.isfinite(o).all()
+    finally:
+        memplug.unregister_rule("kda_like")
+
+
+def test_a_rule_of_a_built_in_family_registers_silently():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        memplug.register_rule("mamba2_copy", g="scalar", family="additive_scalar",
+                              couple=memplug.get_rule("mamba2").couple)
+    memplug.unregister_rule("mamba2_copy")

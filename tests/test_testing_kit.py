@@ -463,7 +463,7 @@ def test_docs_examples_run_as_written(capsys):
         for backend in ("dense",):
             if backend in memplug.available_backends():
                 memplug.unregister_backend(backend)
-        for rule in ("retention", "leaky_tanh"):
+        for rule in ("retention", "hgrn2", "longhorn", "leaky_tanh"):
             if rule in memplug.available_rules():
                 memplug.unregister_rule(rule)
     report = namespace["report"]

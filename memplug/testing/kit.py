@@ -289,15 +289,6 @@ class Reports(list):
         return "\n".join(map(str, self))
 
 
-def not_run_reason(backend: Backend, rule: str) -> str:
-    """Why `backend` does not run `rule` (it declined it in `supports_rule`)."""
-    r = get_rule(rule)
-    if r.family is None:
-        return (f"backend {backend.name!r} does not run rule {rule!r}: the rule has its own update and no "
-                f"family, and only the reference backend runs such rules")
-    return f"backend {backend.name!r} does not run rule {rule!r} (family {r.family.name!r})"
-
-
 def check_rule(name: str, *, backends: Sequence[str] = ("reference",), dtypes: Iterable = ("float64", "float32"),
                max_examples: Optional[int] = None, laws: Optional[Iterable[str]] = None,
                max_T: Optional[int] = None, verbose: bool = False) -> list:
@@ -335,7 +326,8 @@ def check_rule(name: str, *, backends: Sequence[str] = ("reference",), dtypes: I
         backend = _backend(b)
         if not backend.supports_rule(get_rule(rule)):
             report = Report(b)
-            report.results.append(LawResult(rule, "(every law)", None, f"not applicable: {not_run_reason(backend, rule)}"))
+            why = backend.rule_refusal(get_rule(rule))
+            report.results.append(LawResult(rule, "(every law)", None, f"not applicable: {why}"))
             reports.append(report)
             continue
         declared = [dtype_name(d) for d in backend.dtypes if d in DTYPES.values()]
