@@ -194,7 +194,8 @@ def train_run(run: Run, task, env, progress=None) -> dict:
     params = sum(p.numel() for p in model.parameters())
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     opt = optimizer(model, train)
     generator = torch.Generator().manual_seed(run.seed * 1_000_003 + rank)
     per_rank = train.batch_size // world

@@ -202,7 +202,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"memplug bench: backend {args.backend} on {args.device}"
-          + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else f" ({torch.cuda.get_device_name(device)})"))
+          + (f", {torch.get_num_threads()} threads" if device.type == "cpu"
+             else f" ({torch.cuda.get_device_name(device)})"))
     print(f"shape: B={args.B} H={args.H} K={args.K} V={args.V}, {'shared' if args.shared_routing else 'per-head'} "
           f"routing, R={args.R}, coupling dt, {args.dtype}; base T={args.T}, m={args.m}")
     print(f"times: best of {args.repeats} rounds after a warm-up, shapes interleaved; peak memory: "

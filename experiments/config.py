@@ -216,7 +216,8 @@ def check_config(config: AblateConfig):
         model, train = resolved(config, task_name)
         for i, rule in enumerate(task.rules or ()):
             if rule not in config.rules:
-                raise ValueError(f"tasks.{task_name}.rules[{i}]: {rule!r} is not one of the grid's rules {config.rules}")
+                raise ValueError(f"tasks.{task_name}.rules[{i}]: {rule!r} is not one of the grid's rules "
+                                 f"{config.rules}")
         for name in ("steps", "batch_size", "lr"):
             _positive(getattr(train, name), _path(task_name, task, "train", name))
         for name in ("warmup", "min_lr_ratio", "weight_decay", "grad_clip", "threads"):

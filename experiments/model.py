@@ -24,7 +24,8 @@ from memplug.routing import Router
 MEMORIES = {
     "backbone": (RoutedMemory, lambda m, R: dict(num_slots=1, topk=1, coupling="none"),
                  "the plain rule: one state per head (m = 1, R = 1, w = 1)"),
-    "fm_dense": (FactorizationMemory, lambda m, R: dict(num_slots=m, topk=m, router={"kind": "dense", "rms_norm_input": True}),
+    "fm_dense": (FactorizationMemory,
+                 lambda m, R: dict(num_slots=m, topk=m, router={"kind": "dense", "rms_norm_input": True}),
                  "Factorization Memory, every slot updated with its softmax weight (R = m)"),
     "fm_sparse": (FactorizationMemory, lambda m, R: dict(num_slots=m, topk=R),
                   "Factorization Memory, top-R of m slots (R < m)"),

@@ -163,7 +163,8 @@ def markdown_table(config: AblateConfig, records: list[dict], sweep: list[dict] 
                 lines.append(f"| {rule} | {memory}" + (f" (lr {r0['train']['lr']:g})" if config.lrs else "") +
                              f" | {_fmt_int(r0['state_numel'])} | "
                              f"{_fmt_int(r0.get('active_state_numel', r0['state_numel']))} | "
-                             f"{_fmt_int(r0.get('memory_params', 0))} | {_fmt_int(r0.get('memory_flops_per_token', 0))} | "
+                             f"{_fmt_int(r0.get('memory_params', 0))} | "
+                             f"{_fmt_int(r0.get('memory_flops_per_token', 0))} | "
                              f"{_result(rs, metric_of)} |")
         lines.append("")
         lines += sweep_table(config, task_name, list(sweep))

@@ -96,7 +96,8 @@ class RouterConfig:
         if isinstance(router, dict):
             unknown = set(router) - set(cls.__dataclass_fields__)
             if unknown:
-                raise ValueError(f"router: unknown options {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+                raise ValueError(f"router: unknown options {sorted(unknown)}; "
+                                 f"known: {sorted(cls.__dataclass_fields__)}")
             return cls(**router)
         raise TypeError(f"router: expected a RouterConfig, a dict or None, got {type(router).__name__}")
 

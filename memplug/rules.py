@@ -74,8 +74,8 @@ class Rule:
 
     `g` says which log-decay input the rule takes (None, "scalar" `[..]` or "vector" `[..,K]`);
     `beta` whether it takes a write strength. A family's decay may come from any input (Longhorn's
-    per-channel decay is computed from `k` and `beta`), so `g` need not match the family's decay. Exactly one of (`family`, `couple`) or `update`
-    defines the single-token update:
+    per-channel decay is computed from `k` and `beta`), so `g` need not match the family's decay.
+    Exactly one of (`family`, `couple`) or `update` defines the single-token update:
 
     - `couple(k, v, g, beta, w) -> Coupled` maps the inputs of one route, with coupling weight `w`
       (the routing weight under coupling "dt", ones under "none"), to the family's form;

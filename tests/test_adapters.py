@@ -178,7 +178,8 @@ def test_rejected_options():
     with pytest.raises(TypeError, match="unknown options"):
         MemoryConfig.make(num_slots=2, topk=1, slots=3)
     with pytest.raises(ValueError, match="^cu_seqlens: expected strictly increasing offsets from 0 to T = 5"):
-        wrap(build("gla"), num_slots=2, topk=1)(torch.randn(1, 5, D), cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
+        wrap(build("gla"), num_slots=2, topk=1)(torch.randn(1, 5, D),
+                                                cu_seqlens=torch.tensor([0, 2, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="backend: unknown backend 'no_such_backend'"):
         wrap(build("gla"), num_slots=2, topk=1, backend="no_such_backend")
     with pytest.raises(TypeError, match="shared_slot: expected a bool"):
@@ -306,7 +307,8 @@ MISMATCHES = {  # what made the cache, what it is given to, what the error names
                   "head_k_dim"),
     "conv_size": (lambda: wrap(_gla(), num_slots=4, topk=2), lambda: wrap(_gla(conv_size=2), num_slots=4, topk=2),
                   "taps"),
-    "no_conv": (lambda: wrap(_gla(use_short_conv=False), num_slots=4, topk=2), lambda: wrap(_gla(), num_slots=4, topk=2),
+    "no_conv": (lambda: wrap(_gla(use_short_conv=False), num_slots=4, topk=2),
+                lambda: wrap(_gla(), num_slots=4, topk=2),
                 "convolution histories"),
     "fm_into_mom": (lambda: wrap(_gla(), num_slots=4, topk=2),
                     lambda: wrap(_gla(), num_slots=4, topk=2, shared_slot=True, per_slot_kv=True), "shared_slot"),

@@ -260,7 +260,8 @@ def test_integer_input_is_named():
 
 
 @settings(max_examples=25, deadline=None)
-@given(T=st.integers(1, 9), split=st.integers(0, 9), width=st.integers(1, 4), lengths=st.lists(st.integers(1, 5), min_size=1, max_size=3))
+@given(T=st.integers(1, 9), split=st.integers(0, 9), width=st.integers(1, 4),
+       lengths=st.lists(st.integers(1, 5), min_size=1, max_size=3))
 def test_short_conv_is_causal_resumable_and_packable(T, split, width, lengths):
     torch.manual_seed(T)
     conv = ShortConv(3, width).double()

@@ -24,7 +24,8 @@ def test_minimal_scan_equals_the_reference(rule, coupling, per_route, T, m, chun
               g=None if r.g is None else -2 * rand(B, T, H, *route, *((K,) if r.g == "vector" else ())),
               beta=rand(B, T, H, *route) if r.beta else None,
               initial_state=rand(B, H, m, K, V) if with_state else None)
-    q, k, v = rand(B, T, H, K), torch.nn.functional.normalize(rand(B, T, H, *route, K), dim=-1), rand(B, T, H, *route, V)
+    q, v = rand(B, T, H, K), rand(B, T, H, *route, V)
+    k = torch.nn.functional.normalize(rand(B, T, H, *route, K), dim=-1)
     o, S = minimal_scan(q, k, v, rule=rule, chunk_size=chunk_size, **kw)
     o_ref, S_ref = reference_scan(q, k, v, rule=r, output_final_state=True, cu_seqlens=None, **kw)
     torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
@@ -42,7 +43,8 @@ def test_a_token_leaves_the_slots_it_does_not_route_to_alone():
         rand = lambda *s: torch.rand(*s, generator=gen, dtype=torch.float64)
         B, T, H, K, V, m = 1, 9, 2, 3, 2, 3
         kw = dict(route_idx=torch.randint(0, m, (B, T, 1, 1), generator=gen), route_w=rand(B, T, 1, 1),
-                  num_slots=m, g=-rand(B, T, H), beta=None, read_w=None, coupling="none", scale=1.0, initial_state=rand(B, H, m, K, V))
+                  num_slots=m, g=-rand(B, T, H), beta=None, read_w=None, coupling="none", scale=1.0,
+                  initial_state=rand(B, H, m, K, V))
         q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
         rule = memplug.get_rule("offset_writes")
         o, S = minimal_scan(q, k, v, rule=rule, chunk_size=4, **kw)

@@ -10,7 +10,7 @@ from memplug.rules import Coupled, get_rule
 def _spec_update(rule, S, k, v, g, beta, w):
     """docs/contract.md section 3, one slot, literally (w = 1 under coupling "none")."""
     K = S.shape[0]
-    I = torch.eye(K, dtype=S.dtype)
+    eye = torch.eye(K, dtype=S.dtype)
     kv = torch.outer(k, v)
     kk = torch.outer(k, k)
     if rule == "mamba2":
@@ -18,9 +18,9 @@ def _spec_update(rule, S, k, v, g, beta, w):
     if rule == "gla":
         return torch.diag(torch.exp(w * g)) @ S + w * kv
     if rule == "deltanet":
-        return (I - w * beta * kk) @ S + w * beta * kv
+        return (eye - w * beta * kk) @ S + w * beta * kv
     if rule == "gated_deltanet":
-        return torch.exp(w * g) * (I - w * beta * kk) @ S + w * beta * kv
+        return torch.exp(w * g) * (eye - w * beta * kk) @ S + w * beta * kv
     if rule == "fm":
         return (1 - w * beta) * S + w * beta * kv
     raise AssertionError(rule)
@@ -47,7 +47,8 @@ def test_register_rule_by_family_and_by_update():
     try:
         scaled = memplug.register_rule("test_half_mamba2", g="scalar", family="additive_scalar",
                                        couple=lambda k, v, g, beta, w: Coupled(0.5 * w[..., None] * k, v, w * g, None))
-        free = memplug.register_rule("test_free", update=lambda S, k, v, g, beta, w: 0.9 * S + k[..., :, None] * v[..., None, :])
+        free = memplug.register_rule("test_free",
+                                     update=lambda S, k, v, g, beta, w: 0.9 * S + k[..., :, None] * v[..., None, :])
         assert memplug.get_rule("test_half_mamba2") is scaled and scaled.family.name == "additive_scalar"
         assert free.family is None
         assert {"test_half_mamba2", "test_free"} <= set(memplug.available_rules())

@@ -99,7 +99,8 @@ class CaseSpec:
             raise ValueError(f"CaseSpec: unused_by_head needs per-head routing (Hr >= 2) and unused_slots >= 1, "
                              f"got Hr = {self.Hr}, unused_slots = {self.unused_slots}")
         if self.seqlens is not None and (self.B != 1 or sum(self.seqlens) != self.T or min(self.seqlens) < 1):
-            raise ValueError(f"CaseSpec: seqlens {self.seqlens} need B = 1 and positive lengths summing to T = {self.T}")
+            raise ValueError(f"CaseSpec: seqlens {self.seqlens} need B = 1 and positive lengths summing to "
+                             f"T = {self.T}")
         if set(self.per_route) - set(PER_ROUTE_INPUTS):
             raise ValueError(f"CaseSpec: per_route must name inputs among {PER_ROUTE_INPUTS}, got {self.per_route}")
         dtype_name(self.dtype)

@@ -1,9 +1,10 @@
 """Run the comparisons of `memplug bench --device cuda` (`experiments.bench.triton_against_fla`) on
 the CPU: memplug's Triton kernels and fla's in Triton's interpreter (patched for fla by
 `memplug.adapters.enable_triton_interpreter`), float16 (bfloat16 products are wrong in the
-interpreter, and fla's chunk_delta_rule refuses float32), the `--smoke` shapes, each time one call. This checks that every comparison of the GPU benchmark runs, fla's calls
-included; the times it prints say nothing about a GPU. Run as a script in its own process, since the
-interpreter must be on before fla is imported:
+interpreter, and fla's chunk_delta_rule refuses float32), the `--smoke` shapes, each time one call.
+This checks that every comparison of the GPU benchmark runs, fla's calls included; the times it
+prints say nothing about a GPU. Run as a script in its own process, since the interpreter must be on
+before fla is imported:
 
     python tests/support/bench_interpret.py
 """

@@ -25,8 +25,8 @@ enable_triton_interpreter()
 
 import torch  # noqa: E402
 
-from support.fla_cases import (CASES, DECODE_ONLY, MODELS, PADDED_DECODE, PREFILL, build, build_model, inputs,
-                               token_ids)  # noqa: E402
+from support.fla_cases import (CASES, DECODE_ONLY, MODELS, PADDED_DECODE, PREFILL, build, build_model,  # noqa: E402
+                               inputs, token_ids)
 
 
 def _kernel_check():

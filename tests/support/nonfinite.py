@@ -17,7 +17,8 @@ def nan_filled_memory():
     deterministic mode with `fill_uninitialized_memory`), so that a backend that reads memory it
     never wrote (a padding row, the unused tail of a buffer) shows it as NaN. `warn_only`: an op
     without a deterministic CUDA implementation warns instead of raising; the fill is the point."""
-    was_on, was_warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_on = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     was_filling = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
