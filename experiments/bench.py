@@ -176,6 +176,9 @@ def bench_rule(case: Case, args) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--peers" in argv:
+        from .peers import main as bench_peers
+        return bench_peers(argv)
     if _cuda_requested(argv):
         return bench_cuda(argv)  # the CUDA section at the end of this file
     parser = argparse.ArgumentParser(prog="memplug bench", description=__doc__.split("\n\n")[0])

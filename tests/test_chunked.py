@@ -545,3 +545,33 @@ def test_bench_runs_on_small_shapes(capsys):
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert printed.count("goal") == 6 and "rule deltanet" in printed
+
+
+@pytest.mark.parametrize("rule", ["mamba2", "deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("m, R", [(1, 1), (3, 2)])
+def test_bench_peers_compute_what_chunked_computes(rule, m, R):
+    """The CPU peers of `memplug bench --peers` (fla's chunk references, and a MoM-style loop over
+    them) give chunked's outputs: the comparison is between equal computations."""
+    pytest.importorskip("fla")
+    from memplug.experiments.peers import _inputs, mom_loop, plain_peer
+
+    x = _inputs(rule, 37, 2, 8, 4, m, R, False)
+    ours = memplug.routed_scan(rule=rule, num_slots=m, coupling="none", backend="chunked", **x)[0]
+    if m == 1:
+        peer = plain_peer(rule, x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), 8 ** -0.5)
+    else:
+        peer = mom_loop(rule, x, m, 8 ** -0.5)
+    torch.testing.assert_close(ours, peer, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_peers_runs_on_small_shapes(capsys):
+    pytest.importorskip("fla")
+    from memplug.experiments.bench import main
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--peers", "--rule", "mamba2", "--T", "64", "--H", "1", "--K", "8", "--V", "8",
+                     "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert printed.count("mamba2") == 3 and "worst ratio" in printed and "quick-preset shapes" in printed
