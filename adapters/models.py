@@ -4,7 +4,6 @@ fused Triton modules and losses of flash-linear-attention models (so a wrapped f
 and trains on a CPU)."""
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 from typing import Iterable, Optional
@@ -14,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from memplug.checks import check_bool
+from memplug.imports import import_object
 
 from .base import MemoryConfig, RoutedAdapter, _type_name, adapter_for, check_not_unsupported, supported_layers
 from .torch_ops import rms_norm
@@ -139,10 +139,7 @@ def _model_class(qualified: str, path, trust_model_class: bool) -> type:
         raise ValueError(f"load_pretrained: {path} names the model class {qualified!r}, outside "
                          f"{' and '.join(TRUSTED_PACKAGES)}; importing it runs that module's code. Pass "
                          f"model_class= the class to build, or trust_model_class=True if you trust this checkpoint")
-    module, _, name = qualified.rpartition(".")
-    obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
+    obj = import_object(qualified)
     if not isinstance(obj, type):
         raise ValueError(f"load_pretrained: {qualified!r} in {path} is not a class")
     return obj

@@ -27,6 +27,7 @@ import torch
 
 import memplug
 from memplug import routed_scan
+from memplug.imports import import_object
 
 GOALS = {  # name -> (comparison, goal)
     "vs_reference": (">=", 20.0),
@@ -260,12 +261,6 @@ def cuda_verdict(name: str, value: float) -> str:
     return f"goal {comparison} {goal:g}  {'PASS' if ok else 'MISS'}"
 
 
-def _fla_op(path: str):
-    import importlib
-    module, name = path.rsplit(".", 1)
-    return getattr(importlib.import_module(module), name)
-
-
 def cuda_inputs(rule: str, B: int, T: int, H: int, K: int, V: int, m: int, R: int, dtype, device,
                 requires_grad: bool = True, seed: int = 0) -> dict:
     """`routed_scan` keywords for a MoM-like layer: `draw_inputs` with one routing shared by the
@@ -438,7 +433,7 @@ def triton_against_fla(args, dev, time_ms) -> None:
         if rule == "deltanet" and dtype == torch.float32:  # fla's chunk_delta_rule asserts this
             print("  deltanet: fla's chunk_delta_rule takes no float32 inputs: no comparison in float32")
             continue
-        op = _fla_op(FLA_PLAIN[rule])
+        op = import_object(FLA_PLAIN[rule])
         fla_kw = {n: x[n] for n in ("g", "beta") if n in x}
         if rule == "deltanet":
             fla_run = lambda: op(x["q"], x["k"], x["v"], x["beta"])[0]
@@ -473,7 +468,7 @@ def triton_against_fla(args, dev, time_ms) -> None:
 
     # 4. decode
     print(f"\ndecode, one token, B={args.decode_B}: triton routed_step vs fla fused_recurrent_gated_delta_rule (m = 1)")
-    fused = _fla_op("fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule")
+    fused = import_object("fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule")
     for m, R in ((1, 1), (16, 2)):
         x = cuda_inputs("gated_deltanet", args.decode_B, 1, H, K, V, m, R, dtype, dev, requires_grad=False)
         state = torch.zeros(args.decode_B, H, m, K, V, device=dev)

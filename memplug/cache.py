@@ -34,7 +34,13 @@ class MemoryCache:
                            None if self.shared_state is None else self.shared_state.clone())
 
     def reorder(self, index: torch.Tensor) -> "MemoryCache":
-        """The cache of the sequences `index` (beam search reorders the batch)."""
+        """The cache of the sequences `index` (beam search reorders, drops and repeats the batch's
+        sequences): a new cache whose row i is row `index[i]` of this one."""
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype != torch.int64:
+            got = f"{index.dtype} of shape {list(index.shape)}" if isinstance(index, torch.Tensor) else repr(index)
+            raise ValueError(f"index: expected a 1-d int64 tensor of sequence indices, got {got}")
+        if index.device != self.state.device:
+            raise ValueError(f"index: expected a tensor on {self.state.device}, got one on {index.device}")
         return MemoryCache(self.state.index_select(0, index),
                            {name: s.index_select(0, index) for name, s in self.conv.items()},
                            None if self.shared_state is None else self.shared_state.index_select(0, index))

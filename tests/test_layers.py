@@ -329,3 +329,21 @@ def test_a_cache_for_another_batch_is_refused():
     cu = torch.tensor([0, 1, 2, 3])  # three packed sequences
     with pytest.raises(ValueError, match=r"cache: .*batch 2 here 3"):
         layer(_x(B=1, T=3), cache=cache, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4]], ids=str)
+def test_a_reordered_cache_decodes_the_reordered_batch(config):
+    """Beam search's reordering: decoding from `cache.reorder(index)` equals decoding each sequence
+    from its own cache, rows dropped and repeated as `index` says."""
+    layer, x = _layer("gated_deltanet", **config).eval(), _x(B=3, T=7)
+    index = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        _, cache, _ = layer(x[:, :6], use_cache=True)
+        reordered = cache.reorder(index)
+        y, _, _ = layer(x[index, 6:], cache=reordered)
+        expected, expected_cache, _ = layer(x[:, 6:], cache=cache)
+    torch.testing.assert_close(y, expected[index])
+    torch.testing.assert_close(reordered.state, expected_cache.state[index])
+    for bad in (torch.tensor([[0]]), torch.tensor([0.0]), [0, 1]):
+        with pytest.raises(ValueError, match="index"):
+            cache.reorder(bad)

@@ -5,6 +5,8 @@ Dimensions are tiny and pick K != V, so that a transposed state or a swapped hea
 """
 from __future__ import annotations
 
+from memplug.imports import import_object
+
 D = 32  # hidden size
 
 # name -> (fla layer class, constructor kwargs, layout of fla's recurrent state: "vk" = [N,H,V,K])
@@ -61,19 +63,12 @@ B, T, PREFILL = 2, 10, 7
 PAD = (3, 0)  # left padding of each row in the padded batch
 
 
-def import_class(qualified: str):
-    import importlib
-
-    module, _, name = qualified.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
 def build(name: str, seed: int = 0):
     import torch
 
     cls, kwargs, _ = CASES[name]
     torch.manual_seed(seed)
-    layer = import_class(cls)(layer_idx=0, **kwargs)
+    layer = import_object(cls)(layer_idx=0, **kwargs)
     # Non-trivial norm weights and biases, so that a dropped weight shows.
     with torch.no_grad():
         for pname, p in layer.named_parameters():
@@ -121,8 +116,8 @@ def build_model(name: str, seed: int = 0, **config):
 
     config_cls, model_cls, kwargs = MODELS[name]
     torch.manual_seed(seed)
-    config = import_class(config_cls)(**{**LM, **kwargs, **config})
-    model = import_class(model_cls)(config)
+    config = import_object(config_cls)(**{**LM, **kwargs, **config})
+    model = import_object(model_cls)(config)
     if name.startswith("simple_gla"):
         from fla.layers.simple_gla import SimpleGatedLinearAttention
 
