@@ -15,13 +15,13 @@ import torch
 import yaml
 
 from memplug.registry import resolve_backend
-from memplug.rules import get_rule
+from memplug.rules import BUILT_IN_RULES, get_rule
 
 from .model import MEMORIES, ModelConfig, build_memory, parse_memory
 from .tasks import check_mqar
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-RULES = ("mamba2", "gla", "deltanet", "gated_deltanet", "fm")
+RULES = BUILT_IN_RULES
 
 @dataclass
 class TrainConfig:

@@ -9,7 +9,7 @@ from .routing import RouterConfig
 from .cache import MemoryCache
 from .layers import FactorizationMemory, MixtureOfMemories, RoutedMemory
 from .registry import available_backends, register_backend, unregister_backend
-from .rules import Rule, available_rules, get_rule, register_rule, unregister_rule
+from .rules import BUILT_IN_RULES, Rule, available_rules, get_rule, register_rule, unregister_rule
 from .scan import routed_scan, routed_step
 
 from . import backends  # noqa: E402,F401  (registers the built-in backends)
@@ -17,6 +17,6 @@ from . import backends  # noqa: E402,F401  (registers the built-in backends)
 __all__ = [
     "RoutedMemory", "FactorizationMemory", "MixtureOfMemories", "MemoryCache", "RouterConfig", "routing",
     "routed_scan", "routed_step", "register_backend", "unregister_backend", "available_backends",
-    "register_rule", "unregister_rule", "get_rule", "available_rules", "Rule",
+    "register_rule", "unregister_rule", "get_rule", "available_rules", "Rule", "BUILT_IN_RULES",
 ]
 __version__ = "0.1.0"

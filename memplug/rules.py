@@ -178,6 +178,7 @@ def available_rules() -> list[str]:
 
 
 # The five rules of docs/contract.md section 3. `w` scales the step like Mamba's dt (coupling "dt").
+BUILT_IN_RULES = ("mamba2", "gla", "deltanet", "gated_deltanet", "fm")
 register_rule("mamba2", g="scalar", family=ADDITIVE_SCALAR,
               couple=lambda k, v, g, beta, w: Coupled(w[..., None] * k, v, w * g, None))
 register_rule("gla", g="vector", family=ADDITIVE_VECTOR,

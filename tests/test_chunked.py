@@ -10,22 +10,16 @@ from hypothesis import given, settings, strategies as st
 
 import memplug
 import memplug.backends.chunked as chunked
-from memplug import get_rule, routed_scan, routed_step
+from memplug import get_rule, routed_scan
 from memplug.backends.chunked.chunking import chunk_layout
 from memplug.backends.packing import combine, pack
 from memplug.testing import CaseSpec, case_specs, check_backend, make_inputs, poisons
 from support.nonfinite import assert_bitwise_equal, nan_filled_memory, scan_with_grads
 
-RULES = ["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]
+RULES = memplug.BUILT_IN_RULES
 CHUNK_SIZES = [1, 2, 3, 5, 8, 16, 64]
 BLOCK_ROWS = [1, 7, 40, 1 << 15]  # blocks of one lane each, a few lanes, one block
 GRAD_INPUTS = ("q", "k", "v", "g", "beta", "route_w", "read_w", "initial_state")
-TOKEN_INPUTS = ("q", "k", "v", "g", "beta", "route_idx", "route_w", "read_w")
-
-
-def tokens(inputs: dict, part: slice) -> dict:
-    """The inputs of the tokens `part` (initial state unchanged)."""
-    return {n: x[:, part] if n in TOKEN_INPUTS and x is not None else x for n, x in inputs.items()}
 
 
 @contextmanager
@@ -81,24 +75,6 @@ def make_problem(*, rule, coupling, B, T, H, Hr, m, R, used, K, V, per_route, wi
     return Problem(rule, coupling, inputs, frozenset(per_route))
 
 
-@st.composite
-def problem_params(draw, max_T=20, **fixed):
-    H = draw(st.sampled_from([1, 2]))
-    m = draw(st.integers(1, 6))
-    R = draw(st.integers(1, min(m, 3)))
-    kw = dict(rule=draw(st.sampled_from(RULES)), coupling=draw(st.sampled_from(["dt", "none"])),
-              B=draw(st.integers(1, 2)), T=draw(st.integers(1, max_T)), H=H,
-              Hr=draw(st.sampled_from([1, H])), m=m, R=R, used=draw(st.integers(R, m)),
-              K=draw(st.integers(1, 4)), V=draw(st.integers(1, 3)),
-              per_route=draw(st.sets(st.sampled_from(["k", "v", "g", "beta"]))),
-              with_state=draw(st.booleans()), read_w=draw(st.booleans()), seed=draw(st.integers(0, 2**31)))
-    kw.update(fixed)
-    return kw
-
-
-problems = lambda **kw: problem_params(**kw).map(lambda params: make_problem(**params))
-
-
 def with_grads(problem: Problem, backend: str, seed=0):
     """Outputs, final states and the gradients of every tensor input of a fixed random loss."""
     inputs = {name: x.detach().clone().requires_grad_() if name in GRAD_INPUTS and x is not None else x
@@ -119,34 +95,24 @@ def assert_same(a, b, tol, what=""):
     torch.testing.assert_close(a.to(b.dtype), b, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
 
 
-# Law 1: reference equality.
+# The laws, through the kit (memplug.testing), as any backend's author would check theirs.
 
-@settings(max_examples=150, deadline=None)
-@given(problems(), st.sampled_from(CHUNK_SIZES), st.sampled_from(BLOCK_ROWS))
-def test_equals_reference_float64_with_gradients(problem, size, block_rows):
-    expected = with_grads(problem, "reference")
+@pytest.mark.parametrize("rule", RULES)
+def test_every_law_holds(rule):
+    """check_backend with its defaults: every law, every dtype, short and long cases."""
+    report = check_backend("chunked", rules=[rule])
+    assert {r.status for r in report.results} == {"passed"}, str(report)
+
+
+@pytest.mark.parametrize("size, block_rows", [(3, 1), (2, 7), (5, 40)])
+def test_laws_hold_with_small_chunks_and_blocks(size, block_rows):
+    """Chunks of a few rows in blocks of one lane, a few lanes, or several: part-filled chunks, and
+    slot states carried from block to block."""
+    laws = ["reference_equality", "state_passing", "decode", "varlen", "frozen_slots", "relabeling"]
     with chunk_size(size, block_rows):
-        got = with_grads(problem, "chunked")
-    assert_same(got[0], expected[0], 1e-10, "o")
-    assert_same(got[1], expected[1], 1e-10, "final state")
-    assert got[2].keys() == expected[2].keys()
-    for name in expected[2]:
-        assert_same(got[2][name], expected[2][name], 1e-9, f"grad of {name}")
-
-
-@settings(max_examples=15, deadline=None)
-@given(problems(max_T=40), st.sampled_from([4, 16, 64]))
-def test_float32_close_to_float64_reference(problem, size):
-    expected = with_grads(problem, "reference")
-    low = replace(problem, inputs={n: x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-                                   for n, x in problem.inputs.items()})
-    with chunk_size(size):
-        o, S, grads = with_grads(low, "chunked")
-    assert o.dtype == torch.float32 and S.dtype == torch.float32
-    assert_same(o, expected[0], 1e-4, "o")
-    assert_same(S, expected[1], 1e-4, "final state")
-    for name in expected[2]:
-        assert_same(grads[name], expected[2][name], 1e-3, f"grad of {name}")
+        report = check_backend("chunked", rules=["gla", "gated_deltanet"], dtypes=["float64"], laws=laws,
+                               max_examples=6)
+    assert {r.status for r in report.results} == {"passed"}, str(report)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -201,156 +167,7 @@ def test_strong_decays_stay_finite_and_exact(rule):
         assert_same(a, b, 1e-4, name)
 
 
-# Law 2: state passing; chunk size changes nothing.
-
-@settings(max_examples=60, deadline=None)
-@given(problems(max_T=30, with_state=True), st.data())
-def test_state_passing_and_chunk_size(problem, data):
-    T = problem.inputs["q"].shape[1]
-    size_a, size_b = data.draw(st.sampled_from(CHUNK_SIZES)), data.draw(st.sampled_from(CHUNK_SIZES))
-    with chunk_size(size_a):
-        o, S = problem.run()
-    with chunk_size(size_b, data.draw(st.sampled_from(BLOCK_ROWS))):
-        o_b, S_b = problem.run()
-    assert_same(o_b, o, 1e-10, "o across chunk sizes")
-    assert_same(S_b, S, 1e-10, "final state across chunk sizes")
-    if T < 2:
-        return
-    split = data.draw(st.integers(1, T - 1))
-    first, second = tokens(problem.inputs, slice(0, split)), tokens(problem.inputs, slice(split, T))
-    with chunk_size(size_a):
-        o1, S1 = replace(problem, inputs=first).run()
-        o2, S2 = replace(problem, inputs=dict(second, initial_state=S1)).run()
-    assert_same(torch.cat([o1, o2], 1), o, 1e-10, "o of the two parts")
-    assert_same(S2, S, 1e-10, "final state of the two parts")
-
-
-# Law 3: decoding token by token.
-
-@settings(max_examples=10, deadline=None)
-@given(problems(max_T=12, with_state=True), st.sampled_from([2, 5, 64]))
-def test_decode_equals_scan(problem, size):
-    with chunk_size(size):
-        o, S = problem.run()
-    inputs = problem.inputs
-    T = inputs["q"].shape[1]
-    state = inputs["initial_state"].clone()
-    for t in range(T):
-        kw = {n: x for n, x in tokens(inputs, slice(t, t + 1)).items() if n not in ("initial_state", "num_slots")}
-        o_t, state = routed_step(rule=problem.rule, coupling=problem.coupling, state=state, backend="chunked", **kw)
-        assert_same(o_t, o[:, t:t + 1], 1e-10, f"o at t={t}")
-    assert_same(state, S, 1e-10, "state")
-
-
-# Law 4: packed variable-length sequences.
-
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.integers(1, 6), min_size=1, max_size=12).flatmap(
-    lambda lengths: st.tuples(st.just(lengths), problem_params(B=1, T=sum(lengths), N=len(lengths), with_state=True))),
-    st.sampled_from([1, 3, 4, 64]))
-def test_varlen_equals_one_by_one(lengths_params, size):
-    lengths, params = lengths_params
-    problem = make_problem(**params)
-    cu_seqlens = torch.tensor([0] + lengths).cumsum(0)
-    packed = replace(problem, inputs=dict(problem.inputs, cu_seqlens=cu_seqlens))
-    expected = with_grads(packed, "reference")
-    with chunk_size(size):
-        o, S, grads = with_grads(packed, "chunked")
-        assert_same(o, expected[0], 1e-10, "o")
-        assert_same(S, expected[1], 1e-10, "final state")
-        for name in expected[2]:
-            assert_same(grads[name], expected[2][name], 1e-9, f"grad of {name}")
-        for n in range(len(lengths)):
-            bos, eos = int(cu_seqlens[n]), int(cu_seqlens[n + 1])
-            one = dict(tokens(problem.inputs, slice(bos, eos)), initial_state=problem.inputs["initial_state"][n:n + 1])
-            o_n, S_n = replace(problem, inputs=one).run()
-            assert_same(o[:, bos:eos], o_n, 1e-10, f"o of sequence {n}")
-            assert_same(S[n:n + 1], S_n, 1e-10, f"final state of sequence {n}")
-
-
-# Law 5: frozen slots.
-
-@settings(max_examples=15, deadline=None)
-@given(problems(with_state=True), st.sampled_from([torch.float32, torch.float64]))
-def test_unrouted_slots_keep_their_state_bit_for_bit(problem, dtype):
-    inputs = {n: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-              for n, x in problem.inputs.items()}
-    _, S = replace(problem, inputs=inputs).run()
-    B, T, Hr, R = inputs["route_idx"].shape
-    H, m = inputs["q"].shape[2], inputs["num_slots"]
-    routed = torch.zeros(B, Hr, m, dtype=torch.bool)
-    routed.scatter_(2, inputs["route_idx"].transpose(1, 2).reshape(B, Hr, T * R), True)
-    frozen = ~routed.expand(B, H, m) if Hr == 1 else ~routed
-    assert torch.equal(S[frozen], inputs["initial_state"][frozen])
-
-
-# Law 6: backbone reduction against flash-linear-attention's naive references.
-
-def _fla_reference(rule, q, k, v, g, beta, S0):
-    from fla.ops.delta_rule.naive import delta_rule_recurrence
-    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-    from fla.ops.gla.naive import naive_recurrent_gla
-    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
-    if rule == "mamba2":
-        return naive_recurrent_simple_gla(q, k, v, g, initial_state=S0, output_final_state=True)
-    if rule == "fm":  # S <- (1 - beta) S + beta k v^T: scalar decay log(1 - beta), key beta k
-        return naive_recurrent_simple_gla(q, beta[..., None] * k, v, torch.log1p(-beta), initial_state=S0,
-                                          output_final_state=True)
-    if rule == "gla":
-        return naive_recurrent_gla(q, k, v, g, initial_state=S0, output_final_state=True)
-    if rule == "deltanet":
-        heads_first = lambda x: x.transpose(1, 2)
-        o, S = delta_rule_recurrence(*map(heads_first, (q, k, v, beta)), initial_state=S0)
-        return heads_first(o), S
-    return naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state=S0, output_final_state=True)
-
-
-@pytest.mark.parametrize("rule", RULES)
-def test_backbone_reduction_equals_fla_naive(rule):
-    problem = make_problem(rule=rule, coupling="none", B=2, T=37, H=2, Hr=2, m=1, R=1, used=1, K=8, V=4,
-                           per_route=set(), with_state=True, read_w=False, seed=5, dtype=torch.float32)
-    problem.inputs["route_w"] = torch.ones_like(problem.inputs["route_w"])
-    with chunk_size(16):
-        o, S = problem.run()
-    x = problem.inputs
-    o_fla, S_fla = _fla_reference(rule, x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), x["initial_state"][:, :, 0])
-    assert_same(o, o_fla, 1e-4, "o")
-    assert_same(S[:, :, 0], S_fla, 1e-4, "final state")
-
-
-# Law 7: relabeling.
-
-@settings(max_examples=10, deadline=None)
-@given(problems(with_state=True), st.integers(0, 2**31))
-def test_relabeling_slots_and_routes(problem, seed):
-    o, S = problem.run()
-    gen = torch.Generator().manual_seed(seed)
-    x = problem.inputs
-    m, R = x["num_slots"], x["route_idx"].shape[-1]
-    perm = torch.randperm(m, generator=gen)  # slot i is called perm[i]
-    relabeled = dict(x, route_idx=perm[x["route_idx"]],
-                     initial_state=x["initial_state"][:, :, perm.argsort()])
-    o_p, S_p = replace(problem, inputs=relabeled).run()
-    assert_same(o_p, o, 1e-12, "o after relabeling slots")
-    assert_same(S_p, S[:, :, perm.argsort()], 1e-12, "final states after relabeling slots")
-
-    order = torch.randperm(R, generator=gen)  # permute the routes of every token
-    permuted = {n: v[..., order] for n, v in x.items() if n in ("route_idx", "route_w", "read_w")}
-    permuted.update({n: x[n][:, :, :, order] for n in problem.per_route if x.get(n) is not None})
-    o_r, S_r = replace(problem, inputs=dict(x, **permuted)).run()
-    assert_same(o_r, o, 1e-12, "o after permuting routes")
-    assert_same(S_r, S, 1e-12, "final states after permuting routes")
-
-
 # Non-finite inputs: q, k, v are data; a non-finite one reaches its own and later tokens only.
-
-@pytest.mark.parametrize("rule", RULES)
-def test_nonfinite_inputs_stay_causal(rule):
-    """The kit's law (memplug.testing): outputs before a NaN or inf in q, k or v, and other sequences'
-    outputs and final states, are those without it, in every dtype."""
-    report = check_backend("chunked", rules=[rule], laws=["nonfinite_inputs"], max_examples=25)
-    assert {r.status for r in report.results} == {"passed"} and len(report.results) == 4
-
 
 @st.composite
 def nonfinite_key_or_value_cases(draw):

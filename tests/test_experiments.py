@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+import memplug
 from memplug.experiments import ablate
 from memplug.experiments.config import load_config, presets
 from memplug.experiments.report import read_results
@@ -19,7 +20,7 @@ from memplug.experiments.model import LM, MEMORIES, ModelConfig
 from memplug.modules import ShortConv
 from memplug.experiments.tasks import IGNORE, MQAR, ByteLM, load_corpus, mqar, power_law
 
-RULES = ["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]
+RULES = memplug.BUILT_IN_RULES
 
 
 # ------------------------------------------------------------------------------------------ MQAR

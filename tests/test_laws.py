@@ -12,7 +12,7 @@ from memplug.rules import Coupled
 from memplug.testing import RULE_LAWS, check_backend, check_rule
 from memplug.testing.laws import backbone_reference
 
-BUILTIN_RULES = ["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]
+BUILTIN_RULES = memplug.BUILT_IN_RULES
 
 
 @pytest.mark.parametrize("rule", BUILTIN_RULES)

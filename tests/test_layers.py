@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 import memplug
 from memplug.modules import ShortConv
 
-RULES = ["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]
+RULES = memplug.BUILT_IN_RULES
 D, H, K, V = 16, 2, 4, 6
 
 

@@ -27,7 +27,7 @@ def _spec_update(rule, S, k, v, g, beta, w):
 
 
 @settings(max_examples=40, deadline=None)
-@given(rule=st.sampled_from(["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]),
+@given(rule=st.sampled_from(memplug.BUILT_IN_RULES),
        K=st.integers(1, 4), V=st.integers(1, 4), w=st.floats(0, 1), seed=st.integers(0, 1000))
 def test_builtin_rules_follow_the_spec_table(rule, K, V, w, seed):
     gen = torch.Generator().manual_seed(seed)

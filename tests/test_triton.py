@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import memplug
 import memplug.backends.triton as triton_backend
 from memplug import routed_scan, routed_step
 from memplug.registry import _BACKENDS, resolve_backend
@@ -25,7 +26,7 @@ from support.nonfinite import assert_bitwise_equal, nan_filled_memory, scan_with
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-RULES = ["mamba2", "gla", "deltanet", "gated_deltanet", "fm"]
+RULES = memplug.BUILT_IN_RULES
 GRAD_INPUTS = ("q", "k", "v", "g", "beta", "route_w", "read_w", "initial_state")
 
 pytestmark = pytest.mark.skipif(not _BACKENDS["triton"].available(),
