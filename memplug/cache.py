@@ -24,6 +24,22 @@ class MemoryCache:
     conv: dict = field(default_factory=dict)
     shared_state: Optional[torch.Tensor] = None
 
+    def advance(self, state: torch.Tensor, conv: dict, shared_state: Optional[torch.Tensor]) -> None:
+        """Take the layer's new tensors. Where autograd records nothing, they are copied into this
+        cache's own tensors, which so keep their storage from step to step: a decode step captured
+        in a CUDA graph reads and writes the same memory at every replay. Where autograd records the
+        step, the new tensors replace the old ones, which its backward may still need."""
+        def keep(old, new):
+            if old is None or new is None or old is new or old.shape != new.shape or old.dtype != new.dtype:
+                return new
+            if torch.is_grad_enabled() and (old.requires_grad or new.requires_grad):
+                return new
+            return old.copy_(new)
+
+        self.state = keep(self.state, state)
+        self.conv = {name: keep(self.conv.get(name), history) for name, history in conv.items()}
+        self.shared_state = keep(self.shared_state, shared_state)
+
     @property
     def batch_size(self) -> int:
         return self.state.shape[0]

@@ -309,7 +309,7 @@ class RoutedMemory(nn.Module):
 
         new_conv = {n: s for n, s in new_conv.items() if s is not None}
         if cache is not None:  # advanced in place, so that no caller holds a half-updated cache
-            cache.state, cache.conv, cache.shared_state = state, new_conv, shared_state
+            cache.advance(state, new_conv, shared_state)
         elif want_cache:
             cache = MemoryCache(state, new_conv, shared_state)
         coef = self.router.config.load_balance_coef if self.router is not None else 0.0
