@@ -170,9 +170,11 @@ def routing_summary(model, task, device):
 
 
 def replica_drift(model) -> float:
-    """Largest difference between a parameter on any process and on rank 0: 0 when DDP keeps the
-    replicas in step, as it must (every rank applies the same averaged gradients)."""
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    """Largest difference between a parameter or floating-point buffer (a router's balancing bias) on
+    any process and on rank 0: 0 when the replicas stay in step, as they must (every rank applies the
+    same averaged gradients, and moves its biases by the same global load)."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    flat = torch.cat([t.detach().flatten() for t in tensors])
     first = flat.clone()
     dist.broadcast(first, src=0)
     drift = (flat - first).abs().max()

@@ -219,10 +219,14 @@ class Router(nn.Module):
     @torch.no_grad()
     def update_balance_bias(self) -> None:
         """Move the bias by `balance_rate` up for the slots the last training forward loaded below the
-        mean, down for those above it (its sign only, as DeepSeek-V3), then forget that load."""
+        mean, down for those above it (its sign only, as DeepSeek-V3), then forget that load. Under
+        torch.distributed the load is summed over the processes first, so every replica moves its
+        bias alike (call it on every process)."""
         if self.balance_bias is None or self.last_load is None:
             return
         load = self.last_load
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)  # the load of the whole batch, over every process
         self.balance_bias += self.config.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load)
         self.last_load = None
 

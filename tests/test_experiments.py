@@ -538,7 +538,7 @@ def test_cli_dry_run_lists_the_grid(tmp_path, capsys):
 
 
 def test_torchrun_two_gloo_processes(tmp_path):
-    path = _tiny(tmp_path)
+    path = _tiny(tmp_path, memories=["backbone", "raven"])  # raven: balancing biases from the global load
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
