@@ -60,7 +60,7 @@ def scan_op(q: Tensor, k: Tensor, v: Tensor, route_idx: Tensor, route_w: Tensor,
             output_final_state: bool, backend: str) -> tuple[Tensor, Tensor]:
     o, final = _backend_scan(q, k, v, route_idx, route_w, read_w, g, beta, initial_state, cu_seqlens, rule,
                              num_slots, coupling, scale, output_final_state, backend)
-    return o, (final if final is not None else q.new_empty(0, dtype=compute_dtype(q)))
+    return o.contiguous(), (final.contiguous() if final is not None else q.new_empty(0, dtype=compute_dtype(q)))
 
 
 def _final_shape(q, v, num_slots, cu_seqlens):
@@ -102,7 +102,8 @@ def scan_backward_op(grad_o: Tensor, grad_final: Optional[Tensor], q: Tensor, k:
         grad = by_name.get(name)
         if grad is None:
             grad = q.new_empty(0) if x is None or name not in wanted else torch.zeros_like(x)
-        result.append(grad)
+        # Contiguous, as the fake implementation says: a compiled graph's views rely on the strides.
+        result.append(grad.contiguous())
     return result
 
 
@@ -110,7 +111,7 @@ def scan_backward_op(grad_o: Tensor, grad_final: Optional[Tensor], q: Tensor, k:
 def _(grad_o, grad_final, q, k, v, route_idx, route_w, read_w, g, beta, initial_state, cu_seqlens, rule, num_slots,
       coupling, scale, backend, needs):
     xs = (q, k, v, route_w, read_w, g, beta, initial_state)
-    return [torch.empty_like(x) if need and x is not None else q.new_empty(0) for x, need in zip(xs, needs)]
+    return [x.new_empty(x.shape) if need and x is not None else q.new_empty(0) for x, need in zip(xs, needs)]
 
 
 def _setup_context(ctx, inputs, output):

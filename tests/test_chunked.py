@@ -343,6 +343,32 @@ def test_chunk_layout_gives_each_lane_its_own_chunks_in_order(T, m, size, block_
         used |= chunk_ids
 
 
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("Hr, per_route, block_rows", [(1, (), 1 << 15), (2, ("k", "beta"), 40)])
+def test_one_slot_shortcut_computes_what_the_packed_path_computes(rule, Hr, per_route, block_rows):
+    """One slot without cu_seqlens skips the packing (a reshape of the inputs); given the same
+    sequences as one varlen batch, the backend packs them. Outputs, final states and every gradient
+    agree, at a length that pads the last chunk and with blocks of one step."""
+    problem = make_problem(rule=rule, coupling="dt", B=2, T=13, H=2, Hr=Hr, m=1, R=1, used=1, K=3, V=4,
+                           per_route=per_route, with_state=True, read_w=True, seed=3)
+    with chunk_size(5, block_rows):
+        o, S, grads = with_grads(problem, "chunked")
+        flat = {n: x if not isinstance(x, torch.Tensor) or n in ("initial_state", "num_slots") else
+                x.reshape(1, 26, *x.shape[2:]) for n, x in problem.inputs.items()}
+        varlen = replace(problem, inputs=dict(flat, cu_seqlens=torch.tensor([0, 13, 26])))
+        o_packed, S_packed, grads_packed = with_grads(varlen, "chunked")
+    assert_same(o, o_packed.reshape(o.shape), 1e-12, "o")
+    assert_same(S, S_packed, 1e-12, "final state")
+    for name, grad in grads.items():
+        assert_same(grad, grads_packed[name].reshape(grad.shape), 1e-12, f"grad {name}")
+
+
+@pytest.mark.parametrize("T, m, R, expected", [(32, 8, 2, 8), (64, 8, 2, 16), (2048, 8, 2, 32), (5, 4, 1, 8)])
+def test_default_chunks_shrink_to_the_mean_packed_length(T, m, R, expected):
+    route_idx = torch.arange(T * R).reshape(1, T, 1, R) % m  # every slot gets T R / m tokens
+    assert chunked.default_chunk_size(pack(route_idx, m, 1)) == expected
+
+
 def test_auto_picks_chunked_on_cpu():
     from memplug.registry import resolve_backend
     for rule in RULES:

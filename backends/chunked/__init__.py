@@ -11,13 +11,18 @@
    (`state.py`).
 4. combine: route outputs back to tokens, weighted by `read_w`.
 
+With one slot and no `cu_seqlens` (the plain backbone), every packed sequence is a whole sequence in
+time order, so steps 1 and 4 reduce to a reshape of the inputs and outputs (`_one_slot_scan`): no
+sort, gather, zero fill or scatter, which would otherwise cost as much as the scan itself.
+
 Inputs are computed in float32 (float64 for float64 inputs); gradients come from autograd.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from memplug.checks import compute_dtype
+from memplug.checks import check_positive_int, compute_dtype
 
 from ..packing import (gather_parts, gather_routing_parts, mix, pack, place, read_states, scatter_parts, take,
                        write_states)
@@ -25,7 +30,7 @@ from .chunking import chunk_layout
 from .families import intra_chunk, supports_rule
 from .state import chunk_outputs, pass_states
 
-__all__ = ["chunked_scan", "supports_rule", "CHUNK_SIZE", "BLOCK_ROWS"]
+__all__ = ["chunked_scan", "supports_rule", "default_chunk_size", "CHUNK_SIZE", "BLOCK_ROWS"]
 
 # Rows per chunk, and rows (of one head) per block of chunks processed together (see `chunking.py`).
 # Any sizes >= 1 give the same result up to rounding; tests vary them.
@@ -36,13 +41,18 @@ BLOCK_ROWS = 1 << 15
 def chunked_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_w, coupling, scale,
                  initial_state, output_final_state, cu_seqlens, chunk_size=None):
     """`routed_scan` with validated inputs (see `memplug.register_backend`); `chunk_size` defaults
-    to the module's `CHUNK_SIZE`."""
+    to `default_chunk_size` of the packing."""
+    if num_slots == 1 and cu_seqlens is None and q.shape[1] > 0:
+        return _one_slot_scan(q, k, v, rule=rule, route_w=route_w, g=g, beta=beta, read_w=read_w,
+                              coupling=coupling, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state,
+                              chunk_size=CHUNK_SIZE if chunk_size is None else chunk_size)
     dtype = compute_dtype(q)
     K, V = q.shape[-1], v.shape[-1]
     packing = pack(route_idx, num_slots, q.shape[2], cu_seqlens)
+    size = default_chunk_size(packing) if chunk_size is None else chunk_size
     # A packed row carries the Hb heads of its head group: a block holds BLOCK_ROWS rows of one head.
-    chunks = chunk_layout(packing, CHUNK_SIZE if chunk_size is None else chunk_size,
-                          max(1, BLOCK_ROWS // packing.Hb))
+    chunks = chunk_layout(packing, size, max(1, BLOCK_ROWS // packing.Hb))
 
     parts = [block.entries for block in chunks.blocks]
     decay_dims = 1 if rule.g == "vector" else 0
@@ -74,6 +84,69 @@ def chunked_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_
         return o, None
     # Lanes end longest last, so the pieces of final states come in reverse lane order.
     return o, write_states(initial_state, packing, chunks.lane_segments, torch.cat(finished[::-1]))
+
+
+def default_chunk_size(packing) -> int:
+    """`CHUNK_SIZE`, or less when the packed sequences are short: every lane is padded to whole
+    chunks, and the intra-chunk products grow with the square of the chunk size, so chunks much
+    longer than the sequences they hold cost more than they save (at the ablations' shapes, m = 8
+    slots of 32-token sequences, about 8 tokens per slot, chunks of 32 rows make a routed layer 1.6x
+    slower than chunks of 16). The size is the power of two at or above the mean packed length, at
+    least 8. The number of packed sequences is known on the host once packed: no extra sync."""
+    mean = -(-packing.entries.numel() // max(1, packing.segments.numel()))
+    return min(CHUNK_SIZE, max(8, 1 << (mean - 1).bit_length()))
+
+
+def _one_slot_scan(q, k, v, *, rule, route_w, g, beta, read_w, coupling, scale, initial_state,
+                   output_final_state, chunk_size):
+    """`chunked_scan` at one slot without `cu_seqlens`: the same chunks, lanes and blocks as the
+    packed layout (lane b is sequence b with all H heads, every lane as long as the sequence), as
+    views of the inputs padded to whole chunks. The padding rows are zero: identity updates, as in
+    the packed layout. With one route, o_t = read_w_t * scale * (what q_t reads), and what q_t reads
+    is linear in q_t, so the read weight scales the queries instead of the outputs."""
+    check_positive_int("chunk_size", chunk_size)
+    dtype = compute_dtype(q)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    Hr = route_w.shape[2]
+    steps = -(-T // chunk_size)
+
+    def step_major(x, event_dims):  # [B,T,H,(R=1),...] -> a view [steps, B, H, C, ...]
+        if x is None:
+            return None
+        x = x.to(dtype).reshape(B, T, H, *x.shape[x.dim() - event_dims:])
+        if steps * chunk_size > T:
+            x = F.pad(x, (0, 0) * event_dims + (0, 0, 0, steps * chunk_size - T))
+        x = x.unflatten(1, (steps, chunk_size))  # [B, steps, C, H, ...]
+        return x.permute(1, 0, 3, 2, *range(4, x.dim()))
+
+    def per_head(w):  # [B,T,Hr,1] -> [steps, B, H, C], contiguous
+        return step_major(w.to(dtype).expand(B, T, Hr, H // Hr), 0).contiguous()
+
+    # The weights come in the chunk layout first: elementwise results take the memory order of their
+    # first operand, so `w * k` and `read_weight * q` copy k and q into the chunk layout as they multiply.
+    w = per_head(route_w) if coupling == "dt" else q.new_ones(steps, B, H, chunk_size, dtype=dtype)
+    read_weight = per_head(read_w * scale)[..., None]
+    inputs = [step_major(x, dims) for x, dims in ((q, 1), (k, 1), (v, 1), (g, 1 if rule.g == "vector" else 0),
+                                                 (beta, 0))]
+    state = (torch.zeros(B, H, K, V, dtype=dtype, device=q.device) if initial_state is None
+             else initial_state[:, :, 0].to(dtype))
+    # Blocks of whole steps, about BLOCK_ROWS rows of one head each, as `chunk_layout` cuts them.
+    per_block = max(1, BLOCK_ROWS // H // (B * chunk_size))
+    outputs, finished = [], []
+    for first in range(0, steps, per_block):
+        last = min(first + per_block, steps)
+        q_b, k_b, v_b, g_b, beta_b = (None if x is None else x[first:last] for x in inputs)
+        coupled = rule.couple(k_b, v_b, g_b, beta_b, w[first:last])
+        rows = lambda x: None if x is None else x.flatten(0, 1).contiguous()  # [chunks, H, C, ...]
+        form = intra_chunk(rule.family, rows(read_weight[first:last] * q_b), *map(rows, coupled))
+        reads, values, state, done = pass_states(state, form, [B] * (last - first), B if last < steps else 0)
+        outputs.append(chunk_outputs(form, reads, values))  # [(last - first) * B, H, C, V]
+        finished += done
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    o = out.unflatten(0, (steps, B)).permute(1, 0, 3, 2, 4).reshape(B, steps * chunk_size, H, V)[:, :T]
+    # Contiguous like every backend's output (a copy only where the sequences were padded).
+    return o.to(q.dtype).contiguous(), (torch.cat(finished[::-1]).unsqueeze(2) if output_final_state else None)
 
 
 # The law kit (`memplug.testing`) checks that these chunk sizes give the same result.
