@@ -43,7 +43,7 @@ from memplug.routing import routing_stats, update_balance_biases
 from .config import AblateConfig, ModelConfig, TrainConfig, load_config, presets, resolved
 from .model import LM
 from .report import append_result, markdown_table, plot, read_results
-from .tasks import IGNORE, TASKS, MQAR, ByteLM
+from .tasks import IGNORE, TASKS
 
 
 # ----------------------------------------------------------------------------------------- runs
@@ -131,13 +131,6 @@ def final_runs(config: AblateConfig, sweep: list[Run], records: dict) -> list[Ru
         if chosen.get(run.configuration) == run.train.lr:
             runs += [dataclasses.replace(run, seed=seed) for seed in config.seeds]
     return runs
-
-
-def make_task(name, cfg):
-    if name == "mqar":
-        return MQAR(cfg.vocab_size, cfg.seq_len, cfg.num_pairs, cfg.power_a, cfg.test_examples, cfg.test_seed,
-                    cfg.random_fill, train_num_pairs=cfg.train_num_pairs, test_num_pairs=cfg.test_num_pairs)
-    return ByteLM(cfg.path, cfg.seq_len, cfg.extrapolate, cfg.holdout_every, cfg.max_bytes, cfg.eval_windows)
 
 
 def lr_at(step, train: TrainConfig):
@@ -277,8 +270,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
         "routing": routing_summary(model, task, device) if rank == 0 else None,
         **metrics,
     })
-    if isinstance(task, ByteLM):
-        record["corpus"] = task.info
+    record.update(task.provenance())
     return record
 
 
@@ -316,6 +308,17 @@ def _run_bar(run, label, position, show):
 
     return tqdm(total=run.train.steps, desc=f"{label} {run.id}", unit="step", position=position, leave=False,
                 dynamic_ncols=True, disable=not show)
+
+
+def _progress(run_bar, tick):
+    """The `progress(loss)` of `train_run`: one step on the run's bar (its loss shown every 10 steps),
+    then `tick()` for the grid's count."""
+    def progress(loss):
+        run_bar.update(1)
+        if loss is not None and run_bar.n % 10 == 0:
+            run_bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        tick()
+    return progress
 
 
 def _finished(record, out, show):
@@ -365,19 +368,16 @@ def _init_worker(counter, slots, lock, threads, show):
 def _worker(run: Run, label: str) -> dict:
     key = (run.task, json.dumps(dataclasses.asdict(run.task_config), sort_keys=True))
     if key not in _WORKER["tasks"]:
-        _WORKER["tasks"][key] = make_task(run.task, run.task_config)
+        _WORKER["tasks"][key] = TASKS[run.task].from_config(run.task_config)
     bar = _run_bar(run, label, _WORKER["slot"], _WORKER["show"])
     counter = _WORKER["counter"]
 
-    def progress(loss):
-        bar.update(1)
-        if loss is not None and bar.n % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    def tick():
         with counter.get_lock():
             counter.value += 1
 
     env = {"device": torch.device("cpu"), "rank": 0, "world_size": 1}
-    record = train_run(run, _WORKER["tasks"][key], env, progress)
+    record = train_run(run, _WORKER["tasks"][key], env, _progress(bar, tick))
     bar.close()
     return record
 
@@ -483,20 +483,14 @@ def _train_missing(config, runs, out, env, show, jobs, label) -> tuple[list, lis
               + (f", {jobs} at a time" if jobs > 1 else "") + f" on {env['device'].type}"
               + (f" x {env['world_size']} processes" if env["world_size"] > 1 else ""))
     # the tasks' data first: a missing or short text file stops the grid before any training
-    tasks = {name: make_task(name, config.tasks[name]) for name in dict.fromkeys(r.task for r in todo)}
+    tasks = {name: TASKS[name].from_config(config.tasks[name]) for name in dict.fromkeys(r.task for r in todo)}
     grid_bar = tqdm(total=sum(r.train.steps for r in todo), desc="grid", unit="step", position=0,
                     dynamic_ncols=True, disable=not show or not todo)
     trained = []
     if jobs == 1:
         for i, run in enumerate(todo):
             run_bar = _run_bar(run, f"[{i + 1}/{len(todo)}]", 1, show)
-
-            def progress(loss):
-                run_bar.update(1)
-                if loss is not None and run_bar.n % 10 == 0:
-                    run_bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-                grid_bar.update(1)
-
+            progress = _progress(run_bar, lambda: grid_bar.update(1))
             record = train_run(run, tasks[run.task], env, progress if show else None)
             run_bar.close()
             if rank == 0:
@@ -518,8 +512,9 @@ def _run_parallel(todo, jobs, threads, out, show, grid_bar):
     tqdm.set_lock(lock)
     threads = threads if threads > 0 else max(1, (os.cpu_count() or 1) // jobs)
     trained = []
-    pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(counter, slots, lock, threads, show))
-    try:
+    pool = None
+    try:  # an interrupt can come while the pool starts: it is terminated all the same
+        pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(counter, slots, lock, threads, show))
         pending = [pool.apply_async(_worker, (run, f"[{i + 1}/{len(todo)}]")) for i, run in enumerate(todo)]
         while pending:
             pending[0].wait(0.5)
@@ -531,10 +526,12 @@ def _run_parallel(todo, jobs, threads, out, show, grid_bar):
                 trained.append(record["run"])
         pool.close()
     except BaseException:
-        pool.terminate()  # no worker outlives an error or an interrupt
+        if pool is not None:
+            pool.terminate()  # no worker outlives an error or an interrupt
         raise
     finally:
-        pool.join()
+        if pool is not None:
+            pool.join()
     return trained
 
 

@@ -14,6 +14,9 @@ so its time is linear in the tokens).
 
     memplug bench [--backend chunked] [--device cpu] [--rule gated_deltanet,fm] [--threads 2] ...
     python -m memplug.experiments.bench ...
+
+`memplug bench --device cuda` runs the GPU program instead (`bench_cuda.py`) and `memplug bench
+--peers` the comparison with the CPU peers (`peers.py`).
 """
 from __future__ import annotations
 
@@ -27,7 +30,6 @@ import torch
 
 import memplug
 from memplug import routed_scan
-from memplug.imports import import_object
 
 GOALS = {  # name -> (comparison, goal)
     "vs_reference": (">=", 20.0),
@@ -181,7 +183,8 @@ def main(argv=None) -> int:
         from .peers import main as bench_peers
         return bench_peers(argv)
     if _cuda_requested(argv):
-        return bench_cuda(argv)  # the CUDA section at the end of this file
+        from .bench_cuda import main as bench_cuda
+        return bench_cuda(argv)
     parser = argparse.ArgumentParser(prog="memplug bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="chunked")
     parser.add_argument("--device", default="cpu")
@@ -219,32 +222,6 @@ def main(argv=None) -> int:
     return 0
 
 
-# ============================================================================================ CUDA
-# `memplug bench --device cuda`: the `triton` backend against flash-linear-attention on a GPU. This
-# section is separate from the CPU benchmark above (it has its own options, see `bench_cuda`).
-#
-# Goals (printed as PASS/MISS, never asserted):
-# - m = 1 (the plain rule): triton fwd+bwd time within 1.1x of fla's chunk kernel;
-# - routed, m = 4 and 16, R = 2 (gated_deltanet, MoM's rule): fwd+bwd >= 1.5x faster than fla's MoM
-#   routing path (fla.layers.mom: transform, unpad, chunk_gated_delta_rule over cu_seqlens, pad,
-#   reconstruct);
-# - R = 2 of m = 64: fwd+bwd time <= 0.2x that of dense m = 64 (every slot routed, R = 64);
-# - decode: routed_step at >= 50% of the measured memory bandwidth on the bytes it must move.
-
-CUDA_GOALS = {  # name -> (comparison, goal)
-    "m1_over_fla": ("<=", 1.1),
-    "mom_over_routed": (">=", 1.5),
-    "sparse_over_dense": ("<=", 0.2),
-    "decode_bandwidth": (">=", 0.5),
-}
-FLA_PLAIN = {  # rule -> fla chunk op of the plain (m = 1) rule
-    "mamba2": "fla.ops.simple_gla.chunk_simple_gla",
-    "gla": "fla.ops.gla.chunk_gla",
-    "deltanet": "fla.ops.delta_rule.chunk_delta_rule",
-    "gated_deltanet": "fla.ops.gated_delta_rule.chunk_gated_delta_rule",
-}
-
-
 def _cuda_requested(argv) -> bool:
     """Whether the command line asks for `--device cuda` (or `cuda:N`)."""
     for i, a in enumerate(argv):
@@ -253,239 +230,6 @@ def _cuda_requested(argv) -> bool:
         if a == "--device" and i + 1 < len(argv):
             return argv[i + 1].startswith("cuda")
     return False
-
-
-def cuda_verdict(name: str, value: float) -> str:
-    comparison, goal = CUDA_GOALS[name]
-    ok = value >= goal if comparison == ">=" else value <= goal
-    return f"goal {comparison} {goal:g}  {'PASS' if ok else 'MISS'}"
-
-
-def cuda_inputs(rule: str, B: int, T: int, H: int, K: int, V: int, m: int, R: int, dtype, device,
-                requires_grad: bool = True, seed: int = 0) -> dict:
-    """`routed_scan` keywords for a MoM-like layer: `draw_inputs` with one routing shared by the
-    heads and coupling "none" (MoM's); q, k, v in `dtype`, the gates and weights in float32, as MoM
-    computes them. With m = 1 every token routes to the one slot with weight 1: the plain rule."""
-    x = draw_inputs(rule, B, T, H, K, V, 1, m, R, seed)
-    out = {n: t.to(device) if n == "route_idx" else
-           t.to(device, dtype if n in ("q", "k", "v") else torch.float32).requires_grad_(requires_grad)
-           for n, t in x.items()}
-    out.update(rule=rule, num_slots=m, coupling="none")
-    return out
-
-
-def fla_mom_path(q, k, v, g, beta, route_idx, route_w, num_slots: int, chunk_fn=None):
-    """fla's MoM routing path (`fla.layers.mom.MomAttention.forward`, mode "chunk", without the
-    projections) on per-token q, k, v `[B,T,H,.]`, g, beta `[B,T,H]` and a routing shared by the
-    heads (route_idx, route_w `[B,T,R]`): `transform` sorts the tokens of each (memory, batch row)
-    and pads them to the longest, `_upad_input` removes the padding, `chunk_gated_delta_rule` runs
-    over the packed sequences (cu_seqlens), `pad_input` and `reconstruct` scatter the outputs back
-    and mix the routes. `chunk_fn` replaces `chunk_gated_delta_rule` (same signature)."""
-    from fla.layers.mom import _upad_input, reconstruct, transform
-    from fla.layers.utils import pad_input
-    if chunk_fn is None:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as chunk_fn
-    B, T, H, K = q.shape
-    V, R, m = v.shape[-1], route_idx.shape[-1], num_slots
-    mask = torch.zeros(B, T, m, dtype=torch.int32, device=q.device).scatter(-1, route_idx, 1)
-    x = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1)
-    x, indices, sorted_indices, max_len, token_mask, mask_2 = transform(x, mask, m, route_idx, None)
-    gates = torch.cat([g.float(), beta.float()], -1)  # float32, as MoM computes them
-    gates = transform(gates, mask, m, route_idx, None)[0]
-    flat = lambda t: t.reshape(m * B, max_len, *t.shape[3:])
-    x, gates, mask_2 = flat(x), flat(gates), mask_2.reshape(m * B, max_len)
-    qs, ks, vs = x.split([H * K, H * K, H * V], -1)
-    gs, bs = gates.split([H, H], -1)
-    qs, ks, vs, gs, bs, indices_q, cu_all, _ = _upad_input(qs, ks, vs, gs, bs, mask_2)
-    cu_seqlens = cu_all[0].to(torch.long).unique()
-    o, _ = chunk_fn(q=qs.view(1, -1, H, K), k=ks.view(1, -1, H, K), v=vs.view(1, -1, H, V), g=gs[None],
-                    beta=bs[None], cu_seqlens=cu_seqlens)
-    o = pad_input(o[0], indices_q, m * B, max_len).reshape(m, B, max_len, H * V)
-    o = reconstruct(o, indices=indices, sorted_indices=sorted_indices, batch_size=B, seq_len=T, topk=R,
-                    routing_weights=route_w.to(o.dtype), mask=token_mask)
-    return o.view(B, T, H, V)
-
-
-def scan_cost(family: str, E: int, K: int, V: int, BT: int, itemsize: int, backward: bool):
-    """A model of (FLOPs, bytes) of the chunked scan over E (route entry, head) rows, for the
-    achieved-fraction columns. Per row: the intra-chunk products q k^T and M d, causal halves,
-    BT (K + V); the inter-chunk products q S and k^T d, 4 K V; the delta family's WY transform
-    (k k^T, T (b v), T (b k)) and w S add 2 BT K + 2 BT (K + V) + 2 K V. Bytes: q, k, v read and o
-    written (float32), once. The backward is counted as 3.5x the forward's FLOPs (recomputed state
-    pass included) and 3x its bytes."""
-    flops = E * (BT * (K + V) + 4 * K * V)
-    if family == "delta":
-        flops += E * (2 * BT * K + 2 * BT * (K + V) + 2 * K * V)
-    nbytes = E * ((2 * K + V) * itemsize + 4 * V)
-    if backward:
-        flops, nbytes = flops * 3.5, nbytes * 3
-    return flops, nbytes
-
-
-def _bench_ms(fn, smoke: bool) -> float:
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=2 if smoke else 25, rep=5 if smoke else 200, return_mode="median")
-
-
-def _fwd_bwd(run, leaves, out_grad_seed=0):
-    """A closure that runs `run()` (returning o) and backpropagates a fixed random cotangent."""
-    state = {}
-
-    def step():
-        o = run()
-        if "do" not in state:
-            gen = torch.Generator(device=o.device).manual_seed(out_grad_seed)
-            state["do"] = torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype)
-        torch.autograd.backward(o, state["do"])
-        for x in leaves:
-            x.grad = None
-    return step
-
-
-def measured_peaks(dtype, device, time_ms, smoke: bool):
-    """(memory bandwidth in bytes/s, matmul rate in FLOP/s in `dtype`) measured on `device` with the
-    timer `time_ms(fn) -> ms`: a large device-to-device copy, and a square matmul."""
-    n = (1 << 24) if smoke else (1 << 28)  # bytes copied each way: 16 MiB (smoke) or 256 MiB
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    bandwidth = 2 * n / (time_ms(lambda: dst.copy_(src)) * 1e-3)
-    s = 1024 if smoke else 8192
-    a = torch.randn(s, s, device=device, dtype=dtype)
-    b = torch.randn(s, s, device=device, dtype=dtype)
-    matmul = 2 * s ** 3 / (time_ms(lambda: a @ b) * 1e-3)
-    return bandwidth, matmul
-
-
-def cuda_arguments(argv=None) -> argparse.Namespace:
-    """The options of `memplug bench --device cuda`; `--smoke` replaces the shapes by tiny ones."""
-    parser = argparse.ArgumentParser(prog="memplug bench --device cuda",
-                                     description="the triton backend against flash-linear-attention on a GPU")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--B", type=int, default=8)
-    parser.add_argument("--T", type=int, default=2048)
-    parser.add_argument("--H", type=int, default=16)
-    parser.add_argument("--K", type=int, default=128)
-    parser.add_argument("--V", type=int, default=128)
-    parser.add_argument("--rule", default="mamba2,gla,deltanet,gated_deltanet", help="rules of the m = 1 comparison")
-    parser.add_argument("--sparse-T", type=int, default=512, help="tokens per row of the m = 64 comparison")
-    parser.add_argument("--decode-B", type=int, default=64)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repeats: checks that everything runs")
-    parser.add_argument("--backend", default="triton", help=argparse.SUPPRESS)  # accepted for symmetry
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.B, args.T, args.H, args.K, args.V, args.sparse_T, args.decode_B = 1, 128, 2, 32, 32, 64, 4
-    return args
-
-
-def bench_cuda(argv=None) -> int:
-    """`memplug bench --device cuda [options]`: see the CUDA section's comment."""
-    args = cuda_arguments(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("memplug bench --device cuda: no CUDA GPU here (torch.cuda.is_available() is False). "
-                         "The CUDA benchmark times the triton backend's compiled kernels against "
-                         "flash-linear-attention and needs a GPU; on a CPU run `memplug bench` (chunked backend).")
-    if args.backend != "triton" or "triton" not in memplug.available_backends():
-        raise SystemExit("memplug bench --device cuda: benchmarks the 'triton' backend, which is not available "
-                         f"(available: {memplug.available_backends()})")
-    dev = torch.device(args.device)
-    time_ms = lambda fn: _bench_ms(fn, args.smoke)
-    print(f"memplug bench: triton backend on {torch.cuda.get_device_name(dev)}, {args.dtype}; "
-          f"B={args.B} T={args.T} H={args.H} K={args.K} V={args.V}; times: median of triton.testing.do_bench")
-    triton_against_fla(args, dev, time_ms)
-    return 0
-
-
-def triton_against_fla(args, dev, time_ms) -> None:
-    """The four comparisons of the CUDA section on device `dev`, every time taken by `time_ms(fn) ->
-    ms`. (The tests run this on the CPU in Triton's interpreter, with fla's kernels patched to run
-    there: that checks that every comparison runs; its times say nothing about a GPU.)"""
-    dtype = getattr(torch, args.dtype)
-    B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
-    bandwidth, matmul = measured_peaks(dtype, dev, time_ms, args.smoke)
-    print(f"measured peaks: memory bandwidth {bandwidth / 1e9:,.0f} GB/s (device copy), "
-          f"{args.dtype} matmul {matmul / 1e12:,.1f} TFLOP/s")
-    print("achieved fractions below use a FLOP/byte model of the chunked scan (experiments.bench.scan_cost)")
-
-    def timed(label, run, leaves, E, family, tokens=B * T):
-        """Forward and forward+backward times (ms) of `run`, with tokens/s and the achieved fractions
-        of the measured bandwidth and matmul rate (model: `scan_cost` over E rows)."""
-        fwd = time_ms(lambda: run())
-        both = time_ms(_fwd_bwd(run, leaves))
-        f_fwd, b_fwd = scan_cost(family, E, K, V, 64, dtype.itemsize, False)
-        f_all, b_all = scan_cost(family, E, K, V, 64, dtype.itemsize, True)
-        print(f"  {label:34s} fwd {fwd:8.3f} ms {tokens / fwd / 1e3:8.2f} Mtok/s"
-              f"  bw {b_fwd / fwd / 1e-3 / bandwidth:5.1%}  mm {f_fwd / fwd / 1e-3 / matmul:5.1%}"
-              f" | fwd+bwd {both:8.3f} ms {tokens / both / 1e3:8.2f} Mtok/s"
-              f"  bw {b_all / both / 1e-3 / bandwidth:5.1%}  mm {f_all / both / 1e-3 / matmul:5.1%}")
-        return both
-
-    def family_of(rule):
-        return "delta" if memplug.get_rule(rule).family.delta else "additive"
-
-    # 1. m = 1 against fla's chunk kernels
-    print("\nm = 1 (plain rule): triton vs fla")
-    for rule in args.rule.split(","):
-        x = cuda_inputs(rule, B, T, H, K, V, 1, 1, dtype, dev)
-        leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "route_w") if n in x]
-        mine = timed(f"{rule} triton", lambda: routed_scan(**x, backend="triton")[0], leaves, B * T * H,
-                     family_of(rule))
-        if rule == "deltanet" and dtype == torch.float32:  # fla's chunk_delta_rule asserts this
-            print("  deltanet: fla's chunk_delta_rule takes no float32 inputs: no comparison in float32")
-            continue
-        op = import_object(FLA_PLAIN[rule])
-        fla_kw = {n: x[n] for n in ("g", "beta") if n in x}
-        if rule == "deltanet":
-            fla_run = lambda: op(x["q"], x["k"], x["v"], x["beta"])[0]
-        else:
-            fla_run = lambda: op(x["q"], x["k"], x["v"], **fla_kw)[0]
-        theirs = timed(f"{rule} fla {FLA_PLAIN[rule].rsplit('.', 1)[1]}", fla_run, leaves, B * T * H, family_of(rule))
-        print(f"  {rule}: triton / fla fwd+bwd = {mine / theirs:.2f}   {cuda_verdict('m1_over_fla', mine / theirs)}")
-
-    # 2. routed gated_deltanet against fla's MoM path
-    print("\nrouted gated_deltanet, R = 2, routing shared by the heads: triton vs fla's MoM path")
-    for m in (4, 16):
-        x = cuda_inputs("gated_deltanet", B, T, H, K, V, m, 2, dtype, dev)
-        leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "route_w")]
-        E = B * T * 2 * H
-        mine = timed(f"m={m} triton", lambda: routed_scan(**x, backend="triton")[0], leaves, E, "delta")
-        mom = lambda: fla_mom_path(x["q"], x["k"], x["v"], x["g"], x["beta"], x["route_idx"][:, :, 0],
-                                   x["route_w"][:, :, 0], m)
-        theirs = timed(f"m={m} fla MoM path", mom, leaves, E, "delta")
-        ratio = theirs / mine
-        print(f"  m={m}: fla MoM / triton fwd+bwd = {ratio:.2f}   {cuda_verdict('mom_over_routed', ratio)}")
-
-    # 3. R = 2 of m = 64 against dense m = 64
-    print(f"\nm = 64 slots, T = {args.sparse_T}: R = 2 vs dense (R = 64), gated_deltanet, triton")
-    times = {}
-    for R in (2, 64):
-        x = cuda_inputs("gated_deltanet", B, args.sparse_T, H, K, V, 64, R, dtype, dev)
-        leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "route_w")]
-        times[R] = timed(f"R={R}", lambda: routed_scan(**x, backend="triton")[0], leaves,
-                         B * args.sparse_T * R * H, "delta", tokens=B * args.sparse_T)
-    ratio = times[2] / times[64]
-    print(f"  R=2 / dense fwd+bwd = {ratio:.3f}   {cuda_verdict('sparse_over_dense', ratio)}")
-
-    # 4. decode
-    print(f"\ndecode, one token, B={args.decode_B}: triton routed_step vs fla fused_recurrent_gated_delta_rule (m = 1)")
-    fused = import_object("fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule")
-    for m, R in ((1, 1), (16, 2)):
-        x = cuda_inputs("gated_deltanet", args.decode_B, 1, H, K, V, m, R, dtype, dev, requires_grad=False)
-        state = torch.zeros(args.decode_B, H, m, K, V, device=dev)
-        step_kw = {n: x[n] for n in ("q", "k", "v", "g", "beta", "route_idx", "route_w", "rule", "coupling")}
-        with torch.no_grad():
-            ms = time_ms(lambda: memplug.routed_step(**step_kw, state=state, backend="triton"))
-        moved = args.decode_B * H * R * K * V * 4 * 2  # the routed slots' states, read and written
-        frac = moved / (ms * 1e-3) / bandwidth
-        print(f"  m={m:3d} R={R}: triton {ms * 1e3:8.1f} us, {moved / 2**20:8.1f} MiB of state moved, "
-              f"{frac:6.1%} of measured bandwidth   {cuda_verdict('decode_bandwidth', frac)}")
-        if m == 1:
-            s0 = torch.zeros(args.decode_B, H, K, V, device=dev)
-            with torch.no_grad():
-                fla_ms = time_ms(lambda: fused(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=s0,
-                                               output_final_state=True))
-            print(f"        fla fused_recurrent_gated_delta_rule {fla_ms * 1e3:8.1f} us "
-                  f"(triton / fla = {ms / fla_ms:.2f})")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,19 @@ class MQARConfig:
     model: dict = field(default_factory=dict)  # overrides of `model` for this task
     train: dict = field(default_factory=dict)  # overrides of `train` for this task
 
+    def check(self, prefix: str) -> None:
+        """The task's own fields; errors name them under `prefix` (e.g. tasks.mqar)."""
+        check_mqar(self.vocab_size, self.seq_len, self.num_pairs, prefix)
+        _positive(self.power_a, f"{prefix}.power_a")
+        if self.test_examples < 1:
+            raise ValueError(f"{prefix}.test_examples: expected at least 1, got {self.test_examples}")
+        for name in ("train_num_pairs", "test_num_pairs"):
+            for i, p in enumerate(getattr(self, name) or ()):
+                try:
+                    check_mqar(self.vocab_size, self.seq_len, p)
+                except ValueError as e:
+                    raise ValueError(f"{prefix}.{name}[{i}]: {p} pairs do not fit ({e})") from None
+
 
 @dataclass
 class LMConfig:
@@ -69,6 +82,13 @@ class LMConfig:
     rules: Optional[list[str]] = None
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
+
+    def check(self, prefix: str) -> None:
+        """The task's own fields; errors name them under `prefix` (e.g. tasks.lm)."""
+        if self.path not in (None, "stdlib") and not Path(self.path).is_file():
+            raise ValueError(f"{prefix}.path: no such file: {self.path!r}")
+        _positive(self.extrapolate, f"{prefix}.extrapolate")
+        _positive(self.seq_len, f"{prefix}.seq_len")
 
 
 TASK_CONFIGS = {"mqar": MQARConfig, "lm": LMConfig}
@@ -252,22 +272,7 @@ def check_config(config: AblateConfig):
             if k not in ModelConfig.__dataclass_fields__:
                 raise ValueError(f"tasks.{task_name}.model.{k}: unknown field; model takes "
                                  f"{list(ModelConfig.__dataclass_fields__)}")
-        if isinstance(task, LMConfig):
-            if task.path not in (None, "stdlib") and not Path(task.path).is_file():
-                raise ValueError(f"tasks.{task_name}.path: no such file: {task.path!r}")
-            _positive(task.extrapolate, f"tasks.{task_name}.extrapolate")
-            _positive(task.seq_len, f"tasks.{task_name}.seq_len")
-        if isinstance(task, MQARConfig):
-            check_mqar(task.vocab_size, task.seq_len, task.num_pairs, f"tasks.{task_name}")
-            _positive(task.power_a, f"tasks.{task_name}.power_a")
-            if task.test_examples < 1:
-                raise ValueError(f"tasks.{task_name}.test_examples: expected at least 1, got {task.test_examples}")
-            for name in ("train_num_pairs", "test_num_pairs"):
-                for i, p in enumerate(getattr(task, name) or ()):
-                    try:
-                        check_mqar(task.vocab_size, task.seq_len, p)
-                    except ValueError as e:
-                        raise ValueError(f"tasks.{task_name}.{name}[{i}]: {p} pairs do not fit ({e})") from None
+        task.check(f"tasks.{task_name}")
         if model.router_init not in ("default", "zero"):
             prefix = f"tasks.{task_name}.model" if "router_init" in task.model else "model"
             raise ValueError(f"{prefix}.router_init: expected 'default' or 'zero', got {model.router_init!r}")

@@ -133,22 +133,14 @@ def markdown_table(config: AblateConfig, records: list[dict], sweep: list[dict] 
         found = [r for r in records if r["task"] == task_name]
         if not found:
             continue
-        if task_name == "mqar":
-            lines += ["## MQAR: accuracy on the queried values (higher is better)", "",
-                      f"{task.num_pairs} key-value pairs in {task.seq_len} tokens, vocabulary {task.vocab_size}; "
-                      f"{train.steps} steps of {train.batch_size} sequences at {_rate(config, train)}; "
-                      f"{_blocks(model)}, d_model {model.d_model}, {model.num_heads} heads of "
-                      f"{model.head_k_dim}x{model.head_v_dim} (backbone_xN: N times the value width); "
-                      f"m = {model.num_slots}, R = {model.topk}; seeds {config.seeds}.", ""]
-            metric_of, metric_name = (lambda r: r["accuracy"]), "accuracy"
-        else:
-            L, E = task.seq_len, task.extrapolate
-            lines += [f"## Byte LM: held-out loss so far (nats/byte) at the training length L = {L} "
-                      "(lower is better)", "",
-                      f"Corpus: {found[0].get('corpus', {}).get('source', task.path)}; {train.steps} steps of "
-                      f"{train.batch_size} x {L} bytes at {_rate(config, train)}; {_blocks(model)}, d_model "
-                      f"{model.d_model}; m = {model.num_slots}, R = {model.topk}; seeds {config.seeds}.", ""]
-            metric_of, metric_name = (lambda r: r["eval_loss"]), "loss at L"
+        kind = TASKS[task_name]
+        lines += [f"## {kind.title}: {kind.heading}", "",
+                  f"{kind.describe(task, found)}; {train.steps} steps of {train.batch_size} {kind.batch_unit(task)} "
+                  f"at {_rate(config, train)}; {_blocks(model)}, d_model {model.d_model}, {model.num_heads} heads of "
+                  f"{model.head_k_dim}x{model.head_v_dim} (backbone_xN: N times the value width); "
+                  f"m = {model.num_slots}, R = {model.topk}; seeds {config.seeds}.", ""]
+        metric_key, metric_name = kind.headline
+        metric_of = lambda r, key=metric_key: r[key]  # noqa: E731 (bound per task)
         lines += ["State: numbers per sequence, all layers (total: every slot; active: the slots one token "
                   "writes). Memory parameters and forward FLOPs per token of the memory layers. "
                   "Results: mean ± std over seeds, n finished runs; diverged runs are counted, never dropped.",
@@ -185,10 +177,11 @@ def markdown_table(config: AblateConfig, records: list[dict], sweep: list[dict] 
                         cells.append("none in the grid" if match is None else f"{match[0]}: {match[1]}")
                     lines.append(f"| {rule} | {memory} | {_result(rs, metric_of)} | " + " | ".join(cells) + " |")
             lines.append("")
-        if task_name != "mqar":
-            E = task.extrapolate
-            lines += [f"Loss so far at {E}L: " + "; ".join(
-                f"{rule}/{m} {_result(by[(task_name, rule, m)], lambda r: r.get(f'loss@{E}L'))}"
+        extra = kind.extra_metric(task)
+        if extra is not None:
+            key, name = extra
+            lines += [f"{name}: " + "; ".join(
+                f"{rule}/{m} {_result(by[(task_name, rule, m)], lambda r: r.get(key))}"
                 for rule in config.rules for m in config.memories if (task_name, rule, m) in by), ""]
         sizes = sorted({int(p) for r in found for p in (r.get("accuracy_by_pairs") or {})})
         if len(sizes) > 1:
@@ -238,16 +231,12 @@ def plot(config: AblateConfig, records: list[dict], out: Path) -> list[Path]:
         if not found:
             continue
         rules = [rule for rule in config.rules if any(r["rule"] == rule for r in found)]
-        if task_name == "mqar":
-            path = _plot_against_state(plt, config, found, rules, colors, out)
-        else:
-            path = _plot_loss_by_position(plt, config, task_name, found, rules, out)
-        written.append(path)
-        written.append(_plot_curves(plt, config, task_name, found, rules, out))
-        if task_name == "mqar":
-            path = _plot_by_pairs(plt, config, found, rules, out)
-            if path is not None:
-                written.append(path)
+        views = {"accuracy_vs_state": lambda: _plot_against_state(plt, config, found, rules, colors, out),
+                 "loss_by_position": lambda: _plot_loss_by_position(plt, config, task_name, found, rules, out),
+                 "accuracy_by_pairs": lambda: _plot_by_pairs(plt, config, found, rules, out)}
+        paths = [views[name]() for name in TASKS[task_name].plots]
+        paths.insert(1, _plot_curves(plt, config, task_name, found, rules, out))
+        written += [path for path in paths if path is not None]
     return written
 
 
@@ -325,7 +314,7 @@ def _plot_curves(plt, config, task_name, found, rules, out):
         ax.set_xlabel("training step")
     axes[0][0].set_ylabel(f"validation {key.removeprefix('val_')}")
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{config.name}: {'MQAR' if task_name == 'mqar' else 'byte LM'} validation "
+    fig.suptitle(f"{config.name}: {TASKS[task_name].title} validation "
                  f"{key.removeprefix('val_')} during training")
     return _save(plt, fig, out / f"{task_name}_training_curves.png")
 

@@ -15,9 +15,14 @@
   `extrapolate * seq_len` bytes, reporting the *loss so far* at each position (the mean loss of
   positions 1..t, as in the Factorization Memory paper) to see how each memory extrapolates.
 
-A task has `vocab_size`, `seq_len`, `train_batch(batch_size, generator) -> (inputs, targets)`
-(int64 `[B, T]`, target -100 where nothing is scored) and
-`evaluate(model, device, rank, world_size) -> dict of metrics`; metrics are summed over ranks.
+A task is built from its config (`from_config`) and answers for itself: `vocab_size`, `seq_len`,
+`train_batch(batch_size, generator) -> (inputs, targets)` (int64 `[B, T]`, target -100 where nothing
+is scored), `validate` and `evaluate(model, device, rank, world_size) -> dict of metrics` (summed over
+ranks), `probe_batch()` (inputs to look at the routing with), `provenance()` (what a run's record
+says of the data), and for the report: its `title` and
+`heading`, the `headline` test metric and its name, the validation metric runs are chosen by
+(`selection`), a sentence on its data (`describe`), the unit of a batch (`batch_unit`), an extra
+metric to report (`extra_metric`, or None) and its `plots`.
 """
 from __future__ import annotations
 
@@ -85,7 +90,29 @@ class MQAR:
     apart from the test sets, is what runs are chosen on (`selection`)."""
 
     name = "mqar"
+    title = "MQAR"
+    headline = ("accuracy", "accuracy")  # the test metric of the tables, and its name there
+    heading = "accuracy on the queried values (higher is better)"
     selection = ("val_accuracy", "max")  # the validation metric a learning-rate sweep picks by
+    plots = ("accuracy_vs_state", "accuracy_by_pairs")  # besides the training curves every task has
+
+    @classmethod
+    def from_config(cls, cfg) -> "MQAR":
+        return cls(cfg.vocab_size, cfg.seq_len, cfg.num_pairs, cfg.power_a, cfg.test_examples, cfg.test_seed,
+                   cfg.random_fill, train_num_pairs=cfg.train_num_pairs, test_num_pairs=cfg.test_num_pairs)
+
+    @staticmethod
+    def describe(cfg, records) -> str:
+        """The report's sentence on the data (`records`: the task's finished runs)."""
+        return f"{cfg.num_pairs} key-value pairs in {cfg.seq_len} tokens, vocabulary {cfg.vocab_size}"
+
+    @staticmethod
+    def batch_unit(cfg) -> str:
+        return "sequences"
+
+    @staticmethod
+    def extra_metric(cfg):
+        return None
 
     def __init__(self, vocab_size=256, seq_len=128, num_pairs=16, power_a=0.01, test_examples=1000,
                  test_seed=1234, random_fill=True, eval_batch_size=None, train_num_pairs=None,
@@ -127,6 +154,10 @@ class MQAR:
     def probe_batch(self):
         """Validation inputs to look at the routing with."""
         return self.validation[0][:64]
+
+    def provenance(self) -> dict:
+        """What a run's record says of the data beyond its config: nothing (the config fixes it)."""
+        return {}
 
     @torch.no_grad()
     def validate(self, model, device, rank=0, world_size=1):
@@ -188,8 +219,30 @@ class ByteLM:
     second half tests."""
 
     name = "lm"
+    title = "Byte LM"
     vocab_size = 256
+    headline = ("eval_loss", "loss at L")
+    heading = "held-out loss so far (nats/byte) at the training length L (lower is better)"
     selection = ("val_loss", "min")
+    plots = ("loss_by_position",)
+
+    @classmethod
+    def from_config(cls, cfg) -> "ByteLM":
+        return cls(cfg.path, cfg.seq_len, cfg.extrapolate, cfg.holdout_every, cfg.max_bytes, cfg.eval_windows)
+
+    @staticmethod
+    def describe(cfg, records) -> str:
+        source = records[0].get("corpus", {}).get("source", cfg.path) if records else cfg.path
+        return f"Corpus: {source}, L = {cfg.seq_len}"
+
+    @staticmethod
+    def batch_unit(cfg) -> str:
+        return f"x {cfg.seq_len} bytes"
+
+    @staticmethod
+    def extra_metric(cfg):
+        """The loss so far at the longest evaluated length: (record key, its name in the report)."""
+        return f"loss@{cfg.extrapolate}L", f"Loss so far at {cfg.extrapolate}L"
 
     def __init__(self, path=None, seq_len=128, extrapolate=8, holdout_every=10, max_bytes=None,
                  eval_windows=64, eval_batch_size=16):
@@ -236,6 +289,10 @@ class ByteLM:
     def probe_batch(self):
         """Validation windows to look at the routing with."""
         return self._windows(self.validation, self.val_starts[:16], self.seq_len)[0]
+
+    def provenance(self) -> dict:
+        """What a run's record says of the data beyond its config: the corpus read (source, sizes, hash)."""
+        return {"corpus": self.info}
 
     @torch.no_grad()
     def validate(self, model, device, rank=0, world_size=1):

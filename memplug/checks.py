@@ -1,19 +1,68 @@
 """Argument checks of docs/contract.md section 7, shared by every public entry point.
 
-`check_scan` validates the inputs of `routed_scan` / `routed_step` before any work; the small checks
-below it serve the constructors too. Every error names the argument, what it got and what it
-expected. Nothing is broadcast, truncated or cast here.
+`check_scan` validates the inputs of `routed_scan` / `routed_step` before any work and returns them
+as one `ScanArgs`, what backends receive; the small checks below it serve the constructors too.
+Every error names the argument, what it got and what it expected. Nothing is broadcast, truncated
+or cast here.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from .rules import Rule
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COUPLINGS = ("dt", "none")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ScanArgs:
+    """The arguments of one `routed_scan` or `routed_step` call, validated and resolved: what a
+    backend's scan and step receive (shapes in docs/contract.md section 2). `rule` is a `Rule`,
+    `read_w` a tensor (`route_w` where the caller gave none), `scale` a float (K ** -0.5 where the
+    caller gave none). For a step, `initial_state` is the state `[B,H,m,K,V]` the step updates."""
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    rule: Rule
+    route_idx: Tensor
+    route_w: Tensor
+    read_w: Tensor
+    g: Optional[Tensor]
+    beta: Optional[Tensor]
+    num_slots: int
+    coupling: str
+    scale: float
+    initial_state: Optional[Tensor]
+    output_final_state: bool
+    cu_seqlens: Optional[Tensor]
+
+    @property
+    def write_weight(self) -> Tensor:
+        """The weight w a route's update is coupled to (docs/contract.md section 3): `route_w` under
+        coupling "dt", 1 under "none"; `[B,T,Hr,R]`."""
+        return self.route_w if self.coupling == "dt" else torch.ones_like(self.route_w)
+
+    @property
+    def K(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def V(self) -> int:
+        return self.v.shape[-1]
+
+    @property
+    def R(self) -> int:
+        return self.route_idx.shape[-1]
+
+    def replace(self, **changes) -> "ScanArgs":
+        """A copy with some fields changed (not checked again)."""
+        return dataclasses.replace(self, **changes)
 
 
 def compute_dtype(q: torch.Tensor) -> torch.dtype:
@@ -120,9 +169,11 @@ def _finite(name, x):
 
 
 def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, read_w, coupling, scale,
-               initial_state, cu_seqlens, check_values=True, state_name="initial_state", one_token=False) -> None:
-    """Validate `routed_scan` inputs (docs/contract.md sections 2 and 7); `routed_step` passes its `state` as
-    the initial state, under `state_name`, and `one_token=True`.
+               initial_state, output_final_state, cu_seqlens, check_values=True, state_name="initial_state",
+               one_token=False) -> ScanArgs:
+    """Validate `routed_scan` inputs (docs/contract.md sections 2 and 7) and resolve them into a
+    `ScanArgs`; `routed_step` passes its `state` as the initial state, under `state_name`, and
+    `one_token=True`.
 
     Types, shapes, dtypes and devices are always checked: that reads no tensor value. With
     `check_values`, so are the values (`check_scan_values`), which costs host syncs on a GPU."""
@@ -137,6 +188,7 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
     if one_token and T != 1:
         raise ValueError(f"q: routed_step takes one token, expected shape [B, 1, H, K], got {_shape(q)}")
     check_bool("check_values", check_values)
+    check_bool("output_final_state", output_final_state)
 
     check_positive_int("num_slots", num_slots)
     m = num_slots
@@ -203,17 +255,20 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
         _expect_shape(state_name, initial_state, ((N, H, m, K, V), ("N", "H", "m", "K", "V")))
         _no_precision_loss(state_name, initial_state, q)
 
+    args = ScanArgs(q, k, v, rule, route_idx, route_w, route_w if read_w is None else read_w, g, beta, m, coupling,
+                    K ** -0.5 if scale is None else float(scale), initial_state, output_final_state, cu_seqlens)
     if check_values:
-        check_scan_values(rule=rule, route_idx=route_idx, route_w=route_w, num_slots=m, g=g, beta=beta,
-                          read_w=read_w, coupling=coupling)
+        check_scan_values(args)
+    return args
 
 
-def check_scan_values(*, rule: Rule, route_idx, route_w, num_slots, g, beta, read_w, coupling) -> None:
+def check_scan_values(args: ScanArgs) -> None:
     """The value checks of `check_scan`, on inputs whose shapes it has checked: slot indices in
     range and distinct within a token, routing weights finite and >= 0, `g` finite and <= 0, `beta`
     finite in [0, 1], and the rule's own `check` (fm: `route_w * beta <= 1`). Each reads values
     back to the host."""
-    m = num_slots
+    route_idx, route_w, read_w, g, beta = args.route_idx, args.route_w, args.read_w, args.g, args.beta
+    m = args.num_slots
     if route_idx.numel() and (route_idx.min() < 0 or route_idx.max() >= m):
         raise ValueError(f"route_idx: expected slot indices in [0, num_slots) = [0, {m}), "
                          f"got values in [{int(route_idx.min())}, {int(route_idx.max())}]")
@@ -225,8 +280,6 @@ def check_scan_values(*, rule: Rule, route_idx, route_w, num_slots, g, beta, rea
             raise ValueError(f"route_idx: slots must be distinct within a token, got "
                              f"{route_idx[b, t, h].tolist()} at [b={b}, t={t}, head group={h}]")
     for name, w in (("route_w", route_w), ("read_w", read_w)):
-        if w is None:
-            continue
         _finite(name, w)
         if w.numel() and w.min() < 0:
             raise ValueError(f"{name}: expected weights >= 0, got a minimum of {w.min().item():.4g}")
@@ -239,9 +292,8 @@ def check_scan_values(*, rule: Rule, route_idx, route_w, num_slots, g, beta, rea
         if beta.numel() and (beta.min() < 0 or beta.max() > 1):
             raise ValueError(f"beta: expected values in [0, 1], got values in "
                              f"[{beta.min().item():.4g}, {beta.max().item():.4g}]")
-    if rule.check is not None:
-        w = route_w if coupling == "dt" else torch.ones_like(route_w)
+    if args.rule.check is not None:
         b = None
         if beta is not None:
             b = beta if beta.dim() == 4 else beta[..., None]
-        rule.check(w, b)
+        args.rule.check(args.write_weight, b)

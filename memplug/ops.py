@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .checks import compute_dtype
-from .registry import resolve_backend
+from .checks import ScanArgs, compute_dtype
+from .registry import resolve_scan, resolve_step
 from .rules import get_rule
 
 # The differentiable inputs of routed_scan, in the order the backward op returns their gradients.
@@ -46,11 +46,10 @@ def _recording():
 
 def _backend_scan(q, k, v, route_idx, route_w, read_w, g, beta, initial_state, cu_seqlens, rule, num_slots,
                   coupling, scale, output_final_state, backend):
-    rule = get_rule(rule)
-    impl = resolve_backend(backend, q.device, q.dtype, rule)
-    return impl.scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
-                     beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=initial_state,
-                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    # The op's arguments were checked by `routed_scan` before it put the op into the graph.
+    args = ScanArgs(q, k, v, get_rule(rule), route_idx, route_w, read_w, g, beta, num_slots, coupling, scale,
+                    initial_state, output_final_state, cu_seqlens)
+    return resolve_scan(backend, args)(args)
 
 
 @torch.library.custom_op("memplug::routed_scan", mutates_args=())
@@ -142,11 +141,9 @@ scan_op.register_autograd(_backward, setup_context=_setup_context)
 def step_op(q: Tensor, k: Tensor, v: Tensor, route_idx: Tensor, route_w: Tensor, read_w: Tensor,
             g: Optional[Tensor], beta: Optional[Tensor], state: Tensor, rule: str, coupling: str, scale: float,
             backend: str) -> Tensor:
-    from .scan import backend_step
-    rule = get_rule(rule)
-    step = backend_step(resolve_backend(backend, q.device, q.dtype, rule))
-    o, new_state = step(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, state=state, g=g, beta=beta,
-                        read_w=read_w, coupling=coupling, scale=scale)
+    args = ScanArgs(q, k, v, get_rule(rule), route_idx, route_w, read_w, g, beta, state.shape[2], coupling, scale,
+                    state, True, None)
+    o, new_state = resolve_step(backend, args)(args)
     if new_state is not state:  # a backend that returns a new state: the op's contract is in place
         state.copy_(new_state)
     return o

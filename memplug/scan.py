@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check_scan, compute_dtype
-from .registry import Backend, check_backend_name, resolve_backend
+from .registry import check_backend_name, resolve_scan, resolve_step
 from .rules import get_rule
 
 
@@ -45,24 +45,15 @@ def routed_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g=None, beta=No
     differentiated again) on the `reference` and `chunked` backends; `triton` has first-order
     gradients only, and a gradient taken with `create_graph=True` raises a RuntimeError that says so.
     """
-    rule = get_rule(rule)
-    check_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
-               beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=initial_state,
-               cu_seqlens=cu_seqlens, check_values=check_values)
-    if not isinstance(output_final_state, bool):
-        raise TypeError(f"output_final_state: expected a bool, got {output_final_state!r}")
-    read_w = route_w if read_w is None else read_w
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    args = check_scan(q, k, v, rule=get_rule(rule), route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
+                      beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=initial_state,
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens, check_values=check_values)
     if torch.compiler.is_compiling():  # one opaque op in the graph; the backend is resolved when it runs
         from .ops import scan_op
         check_backend_name(backend)
-        o, final = scan_op(q, k, v, route_idx, route_w, read_w, g, beta, initial_state, cu_seqlens, rule.name,
-                           num_slots, coupling, scale, output_final_state, backend)
+        o, final = scan_op(*op_arguments(args), backend)
         return o, (final if output_final_state else None)
-    impl = resolve_backend(backend, q.device, q.dtype, rule)
-    return impl.scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
-                     beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=initial_state,
-                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return resolve_scan(backend, args)(args)
 
 
 def routed_step(q, k, v, *, rule, route_idx, route_w, state, g=None, beta=None, read_w=None,
@@ -71,38 +62,30 @@ def routed_step(q, k, v, *, rule, route_idx, route_w, state, g=None, beta=None, 
     (float32, or float64 for float64 inputs). Updates only the routed slots, in place where the
     backend can; returns `(o [B,1,H,V], state)`. With `check_values=False` it reads no tensor value
     back to the host (on the built-in backends), so a decode loop runs without host syncs."""
-    rule = get_rule(rule)
     _check_tensor_state(state)
-    check_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=state.shape[2], g=g,
-               beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=state,
-               cu_seqlens=None, check_values=check_values, state_name="state", one_token=True)
+    args = check_scan(q, k, v, rule=get_rule(rule), route_idx=route_idx, route_w=route_w, num_slots=state.shape[2],
+                      g=g, beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=state,
+                      output_final_state=True, cu_seqlens=None, check_values=check_values, state_name="state",
+                      one_token=True)
     wanted = compute_dtype(q)
     if state.dtype != wanted:
         raise TypeError(f"state: expected dtype {wanted} for q of dtype {q.dtype}, got {state.dtype}")
-    read_w = route_w if read_w is None else read_w
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.compiler.is_compiling():
         check_backend_name(backend)
-        inputs = (q, k, v, g, beta, route_w, read_w, state)
+        inputs = (q, k, v, g, beta, route_w, args.read_w, state)
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
             # Recorded by autograd: the functional scan over one token, which returns a new state.
-            return routed_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=state.shape[2],
-                               g=g, beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=state,
-                               output_final_state=True, backend=backend, check_values=False)
+            from .ops import scan_op
+            return scan_op(*op_arguments(args), backend)
         from .ops import step_op
-        return step_op(q, k, v, route_idx, route_w, read_w, g, beta, state, rule.name, coupling, scale,
-                       backend), state
-    step = backend_step(resolve_backend(backend, q.device, q.dtype, rule))
-    return step(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, state=state, g=g, beta=beta,
-                read_w=read_w, coupling=coupling, scale=scale)
+        return step_op(*op_arguments(args)[:9], args.rule.name, coupling, args.scale, backend), state
+    return resolve_step(backend, args)(args)
 
 
-def backend_step(backend: Backend):
-    """A backend's decode step; the reference step (which touches only the routed slots) if it has none."""
-    if backend.step is not None:
-        return backend.step
-    from memplug.backends.reference import reference_step
-    return reference_step
+def op_arguments(args) -> tuple:
+    """`args` as the leading arguments of the custom ops in `memplug.ops` (tensors, then plain values)."""
+    return (args.q, args.k, args.v, args.route_idx, args.route_w, args.read_w, args.g, args.beta, args.initial_state,
+            args.cu_seqlens, args.rule.name, args.num_slots, args.coupling, args.scale, args.output_final_state)
 
 
 def _check_tensor_state(state):

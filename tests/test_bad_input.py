@@ -246,9 +246,28 @@ def test_scan_arguments_of_the_wrong_kind():
     (dict(supports_rule=True), "supports_rule"),
     (dict(families="delta"), "families"),
     (dict(families=["delta"]), "families"),
+    (dict(supports=True), "supports"),
+    (dict(supports_step="K <= 64"), "supports_step"),
+    (dict(chunk_sizes=16), "chunk_sizes"),
+    (dict(chunk_sizes=(0, 16)), "chunk_sizes"),
+    (dict(block_sizes=(1.5,)), "block_sizes"),
 ])
 def test_register_backend_rejects_bad_arguments(kwargs, argument):
     with pytest.raises(TypeError) as info:
         memplug.register_backend("bad_backend", _never, **kwargs)
     assert f"register_backend: {argument} must be" in str(info.value)
     assert "bad_backend" not in memplug.available_backends()
+
+
+def test_declared_chunk_sizes_need_a_chunk_size_keyword():
+    def scan(args):
+        raise AssertionError("never called")
+    with pytest.raises(TypeError, match="chunk_sizes given, but scan takes no keyword chunk_size"):
+        memplug.register_backend("bad_backend", scan, chunk_sizes=(16,))
+    assert "bad_backend" not in memplug.available_backends()
+
+
+def test_unknown_backend_names_the_registered_ones():
+    with pytest.raises(ValueError, match=r"^backend: unknown backend 'nope'; registered: \[.*'chunked'"):
+        memplug.get_backend("nope")
+    assert memplug.get_backend("chunked").name == "chunked"

@@ -410,12 +410,18 @@ def test_two_grids_cannot_write_one_folder(tmp_path):
     assert len(ablate.run_grid(config, out, quiet=True)["trained"]) == 4  # free again
 
 
+def _default_sigint():
+    # A shell starts background commands with SIGINT ignored, and a process inherits that: the grid
+    # gets Ctrl-C as a terminal would send it, however pytest itself was started.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _grid_process(tmp_path, steps):
     path = _tiny(tmp_path, **{"train.steps": steps})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "memplug.cli", "ablate", "--config", str(path), "--out",
                              str(tmp_path / "out"), "--jobs", "2"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 def _children(pid):

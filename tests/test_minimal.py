@@ -4,7 +4,6 @@ from hypothesis import given, settings, strategies as st
 
 import memplug
 from memplug.backends.minimal import minimal_scan
-from memplug.backends.reference import reference_scan
 
 
 @settings(max_examples=60, deadline=None)
@@ -27,7 +26,7 @@ def test_minimal_scan_equals_the_reference(rule, coupling, per_route, T, m, chun
     q, v = rand(B, T, H, K), rand(B, T, H, *route, V)
     k = torch.nn.functional.normalize(rand(B, T, H, *route, K), dim=-1)
     o, S = minimal_scan(q, k, v, rule=rule, chunk_size=chunk_size, **kw)
-    o_ref, S_ref = reference_scan(q, k, v, rule=r, output_final_state=True, cu_seqlens=None, **kw)
+    o_ref, S_ref = memplug.routed_scan(q, k, v, rule=r, output_final_state=True, backend="reference", **kw)
     torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
 
@@ -48,8 +47,7 @@ def test_a_token_leaves_the_slots_it_does_not_route_to_alone():
         q, k, v = rand(B, T, H, K), rand(B, T, H, K), rand(B, T, H, V)
         rule = memplug.get_rule("offset_writes")
         o, S = minimal_scan(q, k, v, rule=rule, chunk_size=4, **kw)
-        o_ref, S_ref = reference_scan(q, k, v, rule=rule, output_final_state=True, cu_seqlens=None,
-                                      **dict(kw, read_w=kw["route_w"]))
+        o_ref, S_ref = memplug.routed_scan(q, k, v, rule=rule, output_final_state=True, backend="reference", **kw)
         torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-10)
     finally:

@@ -14,7 +14,7 @@ import memplug
 from memplug.backends.chunked import chunked_scan
 from memplug.backends.reference import reference_scan, reference_step
 from memplug.testing import CaseSpec, LAWS, check_backend, check_case, check_rule, make_inputs
-from memplug.testing.laws import DEFAULT_CHUNK_SIZES, LawViolation, routed_mask
+from memplug.testing.laws import LawViolation, routed_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(rules=["mamba2"], dtypes=["float32"], max_examples=8)
@@ -49,16 +49,16 @@ def _caught(name, law, match=None, **kw):
 # --- planted bugs ------------------------------------------------------------------------------------
 
 def test_scaled_output_is_caught(backend_name):
-    def scaled(q, k, v, **kw):
-        o, S = reference_scan(q, k, v, **kw)
+    def scaled(args):
+        o, S = reference_scan(args)
         return o * 1.001, S
     _register(backend_name, scaled)
     _caught(backend_name, "reference_equality", match=r"\n  o: max \|error\|")
 
 
 def test_ignoring_initial_state_is_caught(backend_name):
-    def forgetful(q, k, v, **kw):
-        return reference_scan(q, k, v, **dict(kw, initial_state=None))
+    def forgetful(args):
+        return reference_scan(args.replace(initial_state=None))
     _register(backend_name, forgetful)
     _caught(backend_name, "reference_equality")
     _caught(backend_name, "state_passing", laws=["state_passing"])
@@ -80,22 +80,22 @@ def _decay_where(S, decayed):
 
 
 def test_decaying_unrouted_slots_is_caught(backend_name):
-    def leaky(q, k, v, **kw):  # the bug of a dense scan that decays every slot
-        o, S = reference_scan(q, k, v, **dict(kw, output_final_state=True))
-        S = _decay_where(S, ~_routed_slots(kw["route_idx"], kw["cu_seqlens"], S.shape[1], kw["num_slots"]))
-        return o, (S if kw["output_final_state"] else None)
+    def leaky(args):  # the bug of a dense scan that decays every slot
+        o, S = reference_scan(args.replace(output_final_state=True))
+        S = _decay_where(S, ~_routed_slots(args.route_idx, args.cu_seqlens, S.shape[1], args.num_slots))
+        return o, (S if args.output_final_state else None)
     _register(backend_name, leaky)
     msg = _caught(backend_name, "frozen_slots", laws=["frozen_slots"])
     assert "not bit for bit equal" in msg
 
 
 def test_decaying_a_slot_in_heads_that_do_not_route_to_it_is_caught(backend_name):
-    def heads_share_slots(q, k, v, **kw):
+    def heads_share_slots(args):
         # The bug: a slot that some head routes to decays in every head, as if heads shared slots.
-        o, S = reference_scan(q, k, v, **dict(kw, output_final_state=True))
-        routed = _routed_slots(kw["route_idx"], kw["cu_seqlens"], S.shape[1], kw["num_slots"])
+        o, S = reference_scan(args.replace(output_final_state=True))
+        routed = _routed_slots(args.route_idx, args.cu_seqlens, S.shape[1], args.num_slots)
         S = _decay_where(S, routed.any(1, keepdim=True) & ~routed)
-        return o, (S if kw["output_final_state"] else None)
+        return o, (S if args.output_final_state else None)
     _register(backend_name, heads_share_slots)
     # The bug shows only where the heads route differently, a case hypothesis's search does not
     # always reach within a few examples (its draws shift with the environment, e.g. once numpy is
@@ -129,51 +129,51 @@ def test_relabeling_cases_have_two_slots_or_more(monkeypatch):
     assert len(cases) == 20 and min(s.m for s in cases) == 2
 
 
-def _default_scale(q, k, v, **kw):
-    return dict(kw, scale=q.shape[-1] ** -0.5)
+def _default_scale(args):
+    return args.replace(scale=args.K ** -0.5)
 
 
 def test_ignoring_scale_is_caught(backend_name):
-    def always_default_scale(q, k, v, **kw):
-        return reference_scan(q, k, v, **_default_scale(q, k, v, **kw))
+    def always_default_scale(args):
+        return reference_scan(_default_scale(args))
     _register(backend_name, always_default_scale)
     _caught(backend_name, "reference_equality", match=r"scale=")
 
 
 def test_step_ignoring_scale_is_caught(backend_name):
-    def step(q, k, v, **kw):
-        return reference_step(q, k, v, **_default_scale(q, k, v, **kw))
+    def step(args):
+        return reference_step(_default_scale(args))
     _register(backend_name, reference_scan, step)
     _caught(backend_name, "decode", laws=["decode"], match=r"scale=")
 
 
 def test_other_output_without_final_state_is_caught(backend_name):
-    def skips_last_token(q, k, v, **kw):  # the bug: without a final state, the last token is not read
-        o, S = reference_scan(q, k, v, **kw)
-        return (o if kw["output_final_state"] else torch.cat([o[:, :-1], 0 * o[:, -1:]], 1)), S
+    def skips_last_token(args):  # the bug: without a final state, the last token is not read
+        o, S = reference_scan(args)
+        return (o if args.output_final_state else torch.cat([o[:, :-1], 0 * o[:, -1:]], 1)), S
     _register(backend_name, skips_last_token)
     _caught(backend_name, "reference_equality", match=r"o with output_final_state=False")
 
 
 def test_final_state_without_output_final_state_is_caught(backend_name):
-    def always_final_state(q, k, v, **kw):
-        return reference_scan(q, k, v, **dict(kw, output_final_state=True))
+    def always_final_state(args):
+        return reference_scan(args.replace(output_final_state=True))
     _register(backend_name, always_final_state)
     _caught(backend_name, "reference_equality", match=r"output_final_state=False: got Tensor, expected None")
 
 
 def test_ignoring_read_w_is_caught(backend_name):
-    def no_read_w(q, k, v, **kw):
-        return reference_scan(q, k, v, **dict(kw, read_w=kw["route_w"]))
+    def no_read_w(args):
+        return reference_scan(args.replace(read_w=args.route_w))
     _register(backend_name, no_read_w)
     msg = _caught(backend_name, "reference_equality")
     assert "read_w=True" in msg  # the minimal case passes a read_w of its own
 
 
 def test_wrong_route_w_gradient_is_caught(backend_name):
-    def detached(q, k, v, **kw):
+    def detached(args):
         # The bug: the routing weight enters the update detached (only the read keeps its gradient).
-        return reference_scan(q, k, v, **dict(kw, route_w=kw["route_w"].detach()))
+        return reference_scan(args.replace(route_w=args.route_w.detach()))
     _register(backend_name, detached)
     _caught(backend_name, "reference_equality", match=r"grad route_w")
 
@@ -189,79 +189,77 @@ class _HalfGradient(torch.autograd.Function):
 
 
 def test_custom_autograd_function_with_wrong_gradient_is_caught(backend_name):
-    def half_grad(q, k, v, **kw):
-        return reference_scan(q, k, v, **dict(kw, route_w=_HalfGradient.apply(kw["route_w"])))
+    def half_grad(args):
+        return reference_scan(args.replace(route_w=_HalfGradient.apply(args.route_w)))
     _register(backend_name, half_grad)
     _caught(backend_name, "reference_equality", match=r"grad route_w")
 
 
 def test_step_touching_unrouted_slots_is_caught(backend_name):
-    def step(q, k, v, *, state, **kw):
-        o, state = reference_step(q, k, v, state=state, **kw)
-        unrouted = ~routed_mask(kw["route_idx"], state.shape[1], state.shape[2])[:, 0]
+    def step(args):
+        o, state = reference_step(args)
+        unrouted = ~routed_mask(args.route_idx, state.shape[1], state.shape[2])[:, 0]
         return o, torch.where(unrouted[..., None, None], 0.999 * state, state)  # decays slots not routed
     _register(backend_name, reference_scan, step)
     _caught(backend_name, "decode", laws=["decode"], match="touch only the routed slots")
 
 
 def test_ignoring_cu_seqlens_is_caught(backend_name):
-    def one_sequence(q, k, v, **kw):
-        if kw["cu_seqlens"] is None:
-            return reference_scan(q, k, v, **kw)
-        init = kw["initial_state"]
-        o, S = reference_scan(q, k, v, **dict(kw, cu_seqlens=None, output_final_state=True,
-                                              initial_state=None if init is None else init[:1]))
-        N = kw["cu_seqlens"].numel() - 1
-        return o, (S.expand(N, *S.shape[1:]).clone() if kw["output_final_state"] else None)
+    def one_sequence(args):
+        if args.cu_seqlens is None:
+            return reference_scan(args)
+        init = args.initial_state
+        o, S = reference_scan(args.replace(cu_seqlens=None, output_final_state=True,
+                                           initial_state=None if init is None else init[:1]))
+        N = args.cu_seqlens.numel() - 1
+        return o, (S.expand(N, *S.shape[1:]).clone() if args.output_final_state else None)
     _register(backend_name, one_sequence)
     _caught(backend_name, "varlen", laws=["varlen"])
 
 
 def test_label_dependent_backend_is_caught(backend_name):
-    def favours_slot_0(q, k, v, **kw):
-        o, S = reference_scan(q, k, v, **dict(kw, output_final_state=True))
+    def favours_slot_0(args):
+        o, S = reference_scan(args.replace(output_final_state=True))
         S = S.clone()
         S[:, :, 0] = S[:, :, 0] * 1.01
-        return o, (S if kw["output_final_state"] else None)
+        return o, (S if args.output_final_state else None)
     _register(backend_name, favours_slot_0)
     _caught(backend_name, "relabeling", laws=["relabeling"])
 
 
 def test_chunk_size_dependence_is_caught(backend_name):
-    def chunky(q, k, v, chunk_size=None, **kw):  # delegates to the chunked backend: long cases are fast
-        o, S = chunked_scan(q, k, v, **kw)
+    def chunky(args, chunk_size=None):  # delegates to the chunked backend: long cases are fast
+        o, S = chunked_scan(args)
         return (o if chunk_size in (None, 32) else o * 1.01), S
-    chunky.chunk_sizes = (16, 32)
-    _register(backend_name, chunky)
+    _register(backend_name, chunky, chunk_sizes=(16, 32))
     _caught(backend_name, "chunk_size", laws=["chunk_size"], match="chunk_size=16")
 
 
 def test_wrong_gradient_past_two_chunks_is_caught(backend_name):
-    largest = max(DEFAULT_CHUNK_SIZES)
+    sizes = (16, 32, 64)
+    largest = max(sizes)
 
-    def chunky(q, k, v, chunk_size=None, **kw):
+    def chunky(args, chunk_size=None):
         # The bug: with chunks of the largest size, the backward of the tokens past the second chunk
         # is halved; the forward is right at every chunk size.
         if chunk_size == largest:
-            q = torch.cat([q[:, :2 * largest], _HalfGradient.apply(q[:, 2 * largest:])], 1)
-        return chunked_scan(q, k, v, **kw)
-    _register(backend_name, chunky)
+            q = args.q
+            args = args.replace(q=torch.cat([q[:, :2 * largest], _HalfGradient.apply(q[:, 2 * largest:])], 1))
+        return chunked_scan(args)
+    _register(backend_name, chunky, chunk_sizes=sizes)
     _caught(backend_name, "chunk_size", laws=["chunk_size"], match=rf"grad q, chunk_size={largest} vs default")
 
 
 def test_a_state_lost_at_a_block_boundary_is_caught(backend_name):
     """A kernel whose second block of 64 tokens starts from zero instead of the first block's state:
     invisible in short cases, caught by the long case every law runs by default."""
-    def blocks_of_64(q, k, v, **kw):
-        if kw["cu_seqlens"] is not None or q.shape[1] <= 64:
-            return reference_scan(q, k, v, **kw)
-        first, rest = slice(None, 64), slice(64, None)
-        part = lambda x, s: None if x is None else x[:, s]
-        names = ("route_idx", "route_w", "read_w", "g", "beta")
-        o1, _ = reference_scan(q[:, first], part(k, first), part(v, first),
-                               **dict(kw, **{n: part(kw[n], first) for n in names}))
-        o2, S = reference_scan(q[:, rest], part(k, rest), part(v, rest),
-                               **dict(kw, initial_state=None, **{n: part(kw[n], rest) for n in names}))
+    def blocks_of_64(args):
+        if args.cu_seqlens is not None or args.q.shape[1] <= 64:
+            return reference_scan(args)
+        names = ("q", "k", "v", "route_idx", "route_w", "read_w", "g", "beta")
+        part = lambda s: {n: None if getattr(args, n) is None else getattr(args, n)[:, s] for n in names}
+        o1, _ = reference_scan(args.replace(**part(slice(None, 64))))
+        o2, S = reference_scan(args.replace(initial_state=None, **part(slice(64, None))))
         return torch.cat([o1, o2], 1), S
     _register(backend_name, blocks_of_64)
     _caught(backend_name, "reference_equality")
@@ -269,8 +267,8 @@ def test_a_state_lost_at_a_block_boundary_is_caught(backend_name):
 
 def test_a_drift_that_starts_late_is_caught(backend_name):
     """Outputs 0.1 % off from token 100 on: caught by the long case, in float32 too."""
-    def drifting(q, k, v, **kw):
-        o, S = reference_scan(q, k, v, **kw)
+    def drifting(args):
+        o, S = reference_scan(args)
         return torch.cat([o[:, :100], o[:, 100:] * 1.001], 1), S
     _register(backend_name, drifting)
     _caught(backend_name, "reference_equality")
@@ -287,21 +285,18 @@ def test_every_law_runs_a_long_case_by_default(monkeypatch, law):
 
 def test_long_cases_straddle_declared_block_sizes(monkeypatch, backend_name):
     """A backend declaring blocks of 100 rows gets a case longer than two of them."""
-    def blocky(q, k, v, **kw):
-        return reference_scan(q, k, v, **kw)
-    blocky.block_sizes = (100,)
-    _register(backend_name, blocky)
+    _register(backend_name, reference_scan, block_sizes=(100,))
     lengths = [s.T for s in _cases_drawn(monkeypatch, "decode", backend=backend_name, rules=["mamba2"],
                                          dtypes=["float32"], max_examples=4)]
     assert max(lengths) >= 2 * 100 + 2 and min(lengths) <= 40, lengths
 
 
 def test_mask_applied_by_multiplication_is_caught(backend_name):
-    def picks_tokens_by_product(q, k, v, **kw):
+    def picks_tokens_by_product(args):
         # The bug: each token's output is picked out of all of them with a one-hot mask over time applied
         # by multiplication (an identity matrix) rather than selected. Exact for finite values, but
         # 0 * NaN is NaN: a later token's NaN reaches every other token.
-        o, S = reference_scan(q, k, v, **kw)
+        o, S = reference_scan(args)
         one_hot = torch.eye(o.shape[1], dtype=o.dtype, device=o.device)
         return torch.einsum("ts,bshv->bthv", one_hot, o), S
     _register(backend_name, picks_tokens_by_product)
@@ -310,43 +305,43 @@ def test_mask_applied_by_multiplication_is_caught(backend_name):
 
 
 def test_dropping_nonfinite_inputs_is_caught(backend_name):
-    def zeroes_nonfinite(q, k, v, **kw):
+    def zeroes_nonfinite(args):
         # The bug: NaN and inf in q, k, v are replaced by 0, so every output looks fine but is silently
         # wrong, instead of carrying the non-finite value forward as the reference does.
         finite = lambda x: torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        return reference_scan(finite(q), finite(k), finite(v), **kw)
+        return reference_scan(args.replace(q=finite(args.q), k=finite(args.k), v=finite(args.v)))
     _register(backend_name, zeroes_nonfinite)
     _caught(backend_name, "nonfinite_inputs", laws=["nonfinite_inputs"], match="was dropped, not carried")
 
 
 def test_every_law_respects_max_T(backend_name):
-    def short_only(q, k, v, chunk_size=None, **kw):
-        if q.shape[1] > 12:
+    def short_only(args, chunk_size=None):
+        if args.q.shape[1] > 12:
             raise RuntimeError("T > 12")
-        return reference_scan(q, k, v, **kw)
-    _register(backend_name, short_only)
+        return reference_scan(args)
+    _register(backend_name, short_only, chunk_sizes=(16, 32, 64))
     report = check_backend(backend_name, rules=["mamba2"], dtypes=["float32"], max_examples=3, max_T=12)
     assert {r.status for r in report.results} == {"passed"} and len(report.results) == len(LAWS)
 
 
 def test_chunk_size_cases_are_longer_than_two_chunks(monkeypatch):
     cases = _cases_drawn(monkeypatch, "chunk_size", backend="chunked", rules=["mamba2"], dtypes=["float32"])
-    assert len(cases) == 10 and min(s.T for s in cases) > 2 * max(chunked_scan.chunk_sizes)
+    assert len(cases) == 10 and min(s.T for s in cases) > 2 * max(memplug.get_backend("chunked").chunk_sizes)
 
 
 def test_wrong_output_dtype_is_caught(backend_name):
-    def float32_out(q, k, v, **kw):
-        o, S = reference_scan(q, k, v, **kw)
+    def float32_out(args):
+        o, S = reference_scan(args)
         return o.float(), S
     _register(backend_name, float32_out)
     _caught(backend_name, "reference_equality", match="dtype", dtypes=["bfloat16"])
 
 
 def test_crash_on_valid_input_is_caught(backend_name):
-    def no_single_token(q, k, v, **kw):
-        if q.shape[1] == 1:
+    def no_single_token(args):
+        if args.q.shape[1] == 1:
             raise RuntimeError("kernel needs T >= 2")
-        return reference_scan(q, k, v, **kw)
+        return reference_scan(args)
     _register(backend_name, no_single_token)
     msg = _caught(backend_name, "reference_equality", match="kernel needs T >= 2")
     assert "T=1" in msg
@@ -355,10 +350,10 @@ def test_crash_on_valid_input_is_caught(backend_name):
 # --- correct backends pass ---------------------------------------------------------------------------
 
 def test_correct_delegating_backend_passes(backend_name):
-    def delegate(q, k, v, chunk_size=None, **kw):  # exposes a chunk size that changes nothing
-        return reference_scan(q, k, v, **kw)
-    delegate.chunk_sizes = (4, 8)  # small sizes keep the chunk-size law's cases short (17 to 32 tokens)
-    _register(backend_name, delegate, dtypes=(torch.float32, torch.float64))
+    def delegate(args, chunk_size=None):  # takes a chunk size that changes nothing
+        return reference_scan(args)
+    # Small chunk sizes keep the chunk-size law's cases short (17 to 32 tokens).
+    _register(backend_name, delegate, dtypes=(torch.float32, torch.float64), chunk_sizes=(4, 8))
     report = check_backend(backend_name, rules=["mamba2", "gated_deltanet"], max_examples=4)
     statuses = {(r.rule, r.law, r.dtype): r.status for r in report.results}
     assert set(statuses.values()) == {"passed"}
@@ -467,8 +462,8 @@ def test_docs_examples_run_as_written(capsys):
             if rule in memplug.available_rules():
                 memplug.unregister_rule(rule)
     report = namespace["report"]
-    assert {r.status for r in report.results} == {"passed", "not applicable: the backend exposes no chunk size "
-                                                  "(no `chunk_size` keyword on its scan)"}
+    assert {r.status for r in report.results} == {"passed", "not applicable: the backend declares no chunk sizes "
+                                                  "(register_backend(chunk_sizes=...))"}
     assert "frozen_slots" in capsys.readouterr().out
 
 
@@ -498,8 +493,8 @@ def test_pytest_plugin_runs_the_kit_on_a_user_backend(tmp_path):
         from memplug.backends.reference import reference_scan
         from memplug.rules import Coupled
 
-        def scaled(q, k, v, **kw):
-            o, S = reference_scan(q, k, v, **kw)
+        def scaled(args):
+            o, S = reference_scan(args)
             return o * 1.001, S
 
         memplug.register_backend("my_good", reference_scan, supports_rule=lambda rule: True)

@@ -18,7 +18,8 @@ import torch
 import memplug
 import memplug.backends.triton as triton_backend
 from memplug import routed_scan, routed_step
-from memplug.registry import _BACKENDS, resolve_backend
+from memplug.checks import check_scan
+from memplug.registry import get_backend, resolve_backend
 from memplug.rules import get_rule
 from memplug.testing import LAWS, CaseSpec, check_backend, make_inputs
 from support.nonfinite import assert_bitwise_equal, nan_filled_memory, scan_with_grads
@@ -29,7 +30,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 RULES = memplug.BUILT_IN_RULES
 GRAD_INPUTS = ("q", "k", "v", "g", "beta", "route_w", "read_w", "initial_state")
 
-pytestmark = pytest.mark.skipif(not _BACKENDS["triton"].available(),
+pytestmark = pytest.mark.skipif(not get_backend("triton").available(),
                                 reason="the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 (which "
                                        "tests/conftest.py sets on a machine without one)")
 cuda = pytest.mark.cuda
@@ -241,31 +242,34 @@ def test_decode_with_grad_falls_back_to_the_differentiable_reference_step():
     o, out = routed_step(**inputs, state=state, backend="triton")
     o.sum().backward()
     assert state.grad is not None and torch.isfinite(state.grad).all()
+    args = check_scan(**dict(inputs, rule=get_rule(inputs["rule"]), num_slots=state.shape[2], initial_state=state,
+                             output_final_state=True, cu_seqlens=None, check_values=False))
+    assert "autograd records the step" in get_backend("triton").why_not_step(args)
 
 
 # ------------------------------------------------------------------------------------ registration
 
 def test_registration():
-    backend = _BACKENDS["triton"]
+    backend = get_backend("triton")
     assert backend.step is triton_backend.triton_step
     assert torch.float64 not in backend.dtypes and {torch.float32, torch.float16, torch.bfloat16} <= set(backend.dtypes)
     assert backend.priority["cuda"] == 20
-    assert backend.scan.chunk_sizes == (16, 32, 64)
+    assert backend.chunk_sizes == (16, 32, 64)
     for rule in RULES:
         # "auto" picks triton on CUDA, and never the interpreter on CPU
         assert resolve_backend("auto", torch.device("cpu"), torch.float32, get_rule(rule)).name != "triton"
         if CUDA:
             assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16, get_rule(rule)).name == "triton"
     if not CUDA:
-        assert backend.priority["cpu"] < _BACKENDS["chunked"].priority["cpu"]
+        assert backend.priority["cpu"] < get_backend("chunked").priority["cpu"]
 
 
 def test_bad_chunk_size_and_dtype():
     inputs = make_inputs(CaseSpec(rule="mamba2", dtype="float32"), DEVICE)
-    kw = dict(inputs, rule=get_rule("mamba2"), read_w=inputs["route_w"], scale=1.0, output_final_state=False)
+    args = check_scan(**dict(inputs, rule=get_rule("mamba2"), output_final_state=False))
     for size in (8, 24, 128):
         with pytest.raises(ValueError, match="chunk_size"):
-            triton_backend.triton_scan(**kw, chunk_size=size)
+            triton_backend.triton_scan(args, chunk_size=size)
     with pytest.raises(ValueError, match="triton"):
         routed_scan(**make_inputs(CaseSpec(rule="mamba2", dtype="float64"), DEVICE), backend="triton")
 
@@ -293,13 +297,20 @@ def test_laws_float16(rule):
     assert len(report.results) == len(LAWS) and all(r.status == "passed" for r in report.results), str(report)
 
 
-def test_wide_keys_run_on_the_chunked_backend():
-    """K > 256 (one state block per program) is computed by the chunked backend, with the same result."""
+def test_wide_keys_are_declared_not_taken():
+    """K > 256 (one state block per program) is declared to the registry: asking for triton by name is
+    an error that says why, "auto" runs another backend, and a decode step runs the reference step."""
     spec = CaseSpec(rule="gated_deltanet", dtype="float32", T=3, K=272, V=4, m=2, R=1, initial_state=True)
     inputs = make_inputs(spec, DEVICE)
-    o, S = routed_scan(**inputs, output_final_state=True, backend="triton")
-    o_ref, S_ref = routed_scan(**inputs, output_final_state=True, backend="chunked")
-    assert torch.equal(o, o_ref) and torch.equal(S, S_ref)
+    with pytest.raises(ValueError, match=r"backend 'triton' does not take these inputs: K = 272 > 256"):
+        routed_scan(**inputs, backend="triton")
+    args = check_scan(**dict(inputs, rule=get_rule("gated_deltanet"), output_final_state=True))
+    triton = get_backend("triton")
+    assert "K = 272 > 256" in triton.why_not(args.q.device, args.q.dtype, args.rule, args)
+    assert "K = 272 > 256" in triton.why_not_step(args)
+    assert resolve_backend("auto", torch.device(DEVICE), torch.float32, args.rule, args).name != "triton"
+    narrow = check_scan(**dict(make_inputs(spec.but(K=8), DEVICE), rule=args.rule, output_final_state=True))
+    assert triton.why_not(narrow.q.device, narrow.q.dtype, narrow.rule, narrow) is None
 
 
 # --------------------------------------------------------------------------------- compiled kernels
@@ -331,10 +342,10 @@ def test_laws_half_precision(rule, dtype):
 
 # ------------------------------------------------------------------------------------------ benchmark
 
-def test_bench_cuda_section_says_it_needs_a_gpu():
+def test_bench_cuda_says_it_needs_a_gpu():
     from memplug.experiments import bench
     if CUDA:
-        pytest.skip("a GPU is present: test_bench_cuda_smoke runs the section")
+        pytest.skip("a GPU is present: test_bench_cuda_smoke runs the benchmark")
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         bench.main(["--device", "cuda", "--smoke"])
 
@@ -348,7 +359,7 @@ def test_bench_mom_baseline_computes_the_same_layer(monkeypatch):
     entries) does not keep a memory's tokens in time order; the test makes that sort stable, so that
     it checks the path's plumbing, not that ordering."""
     pytest.importorskip("fla.layers.mom")
-    from memplug.experiments.bench import cuda_inputs, fla_mom_path
+    from memplug.experiments.bench_cuda import cuda_inputs, fla_mom_path
 
     argsort = torch.Tensor.argsort
     monkeypatch.setattr(torch.Tensor, "argsort", lambda self, *a, **kw: argsort(self, *a, **dict(kw, stable=True)))
@@ -380,7 +391,7 @@ def test_bench_cuda_comparisons_run_in_the_interpreter():
     before fla is imported). Its times mean nothing; what it checks is that a GPU run will not stop
     on a wrong call."""
     pytest.importorskip("fla.layers.mom")
-    from memplug.experiments.bench import FLA_PLAIN
+    from memplug.experiments.bench_cuda import FLA_PLAIN
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "bench_interpret.py")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -396,7 +407,7 @@ def test_bench_cuda_comparisons_run_in_the_interpreter():
 @cuda
 @needs_cuda
 def test_bench_cuda_smoke(capsys):
-    from memplug.experiments import bench
+    from memplug.experiments import bench, bench_cuda
     assert bench.main(["--device", "cuda", "--smoke"]) == 0
     out = capsys.readouterr().out
-    assert out.count("PASS") + out.count("MISS") >= 4 + len(bench.FLA_PLAIN)
+    assert out.count("PASS") + out.count("MISS") >= 4 + len(bench_cuda.FLA_PLAIN)

@@ -30,7 +30,7 @@ from .chunking import chunk_layout
 from .families import intra_chunk, supports_rule
 from .state import chunk_outputs, pass_states
 
-__all__ = ["chunked_scan", "supports_rule", "default_chunk_size", "CHUNK_SIZE", "BLOCK_ROWS"]
+__all__ = ["chunked_scan", "supports_rule", "default_chunk_size", "CHUNK_SIZE", "CHUNK_SIZES", "BLOCK_ROWS"]
 
 # Rows per chunk, and rows (of one head) per block of chunks processed together (see `chunking.py`).
 # Any sizes >= 1 give the same result up to rounding; tests vary them.
@@ -38,18 +38,15 @@ CHUNK_SIZE = 32
 BLOCK_ROWS = 1 << 15
 
 
-def chunked_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_w, coupling, scale,
-                 initial_state, output_final_state, cu_seqlens, chunk_size=None):
-    """`routed_scan` with validated inputs (see `memplug.register_backend`); `chunk_size` defaults
-    to `default_chunk_size` of the packing."""
-    if num_slots == 1 and cu_seqlens is None and q.shape[1] > 0:
-        return _one_slot_scan(q, k, v, rule=rule, route_w=route_w, g=g, beta=beta, read_w=read_w,
-                              coupling=coupling, scale=scale, initial_state=initial_state,
-                              output_final_state=output_final_state,
-                              chunk_size=CHUNK_SIZE if chunk_size is None else chunk_size)
+def chunked_scan(args, chunk_size=None):
+    """`routed_scan` of validated arguments (a `memplug.ScanArgs`); `chunk_size` defaults to
+    `default_chunk_size` of the packing."""
+    if args.num_slots == 1 and args.cu_seqlens is None:
+        return _one_slot_scan(args, CHUNK_SIZE if chunk_size is None else chunk_size)
+    q, k, v, g, beta, rule = args.q, args.k, args.v, args.g, args.beta, args.rule
     dtype = compute_dtype(q)
-    K, V = q.shape[-1], v.shape[-1]
-    packing = pack(route_idx, num_slots, q.shape[2], cu_seqlens)
+    K, V = args.K, args.V
+    packing = pack(args.route_idx, args.num_slots, q.shape[2], args.cu_seqlens)
     size = default_chunk_size(packing) if chunk_size is None else chunk_size
     # A packed row carries the Hb heads of its head group: a block holds BLOCK_ROWS rows of one head.
     chunks = chunk_layout(packing, size, max(1, BLOCK_ROWS // packing.Hb))
@@ -58,8 +55,8 @@ def chunked_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_
     decay_dims = 1 if rule.g == "vector" else 0
     gather = lambda x, event_dims: [None] * len(parts) if x is None else gather_parts(x, packing, parts, event_dims)
     inputs = zip(chunks.blocks, gather(q, 1), gather(k, 1), gather(v, 1), gather(g, decay_dims), gather(beta, 0),
-                 gather_routing_parts(route_w, parts))
-    state = read_states(initial_state, packing, chunks.lane_segments, dtype, K, V)  # of every lane
+                 gather_routing_parts(args.write_weight, parts))
+    state = read_states(args.initial_state, packing, chunks.lane_segments, dtype, K, V)  # of every lane
     outputs, finished = [], []
     for block, q_b, k_b, v_b, g_b, beta_b, w_b in inputs:
         num_rows = block.chunks * chunks.size
@@ -70,7 +67,7 @@ def chunked_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_
             rows = place(x.to(dtype), block.rows, num_rows)
             return rows.unflatten(0, (block.chunks, chunks.size)).transpose(1, 2)
 
-        w_b = (w_b.to(dtype) if coupling == "dt" else torch.ones_like(w_b, dtype=dtype)).expand(-1, packing.Hb)
+        w_b = w_b.to(dtype).expand(-1, packing.Hb)
         # The coupling is elementwise per route: apply it to the block's entries, then place the
         # results in chunks, whose padding rows stay zero: an identity update whatever the rule.
         coupled = rule.couple(*(None if x is None else x.to(dtype) for x in (k_b, v_b, g_b, beta_b)), w_b)
@@ -79,11 +76,11 @@ def chunked_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_
         out = chunk_outputs(form, reads, values)  # [chunks, Hb, C, V]
         outputs.append(take(out.transpose(1, 2).reshape(num_rows, packing.Hb, V), block.rows))
         finished += done
-    o = mix(scatter_parts(outputs, parts, packing), read_w.to(dtype) * scale, packing).to(q.dtype)
-    if not output_final_state:
+    o = mix(scatter_parts(outputs, parts, packing), args.read_w.to(dtype) * args.scale, packing).to(q.dtype)
+    if not args.output_final_state:
         return o, None
     # Lanes end longest last, so the pieces of final states come in reverse lane order.
-    return o, write_states(initial_state, packing, chunks.lane_segments, torch.cat(finished[::-1]))
+    return o, write_states(args.initial_state, packing, chunks.lane_segments, torch.cat(finished[::-1]))
 
 
 def default_chunk_size(packing) -> int:
@@ -97,18 +94,18 @@ def default_chunk_size(packing) -> int:
     return min(CHUNK_SIZE, max(8, 1 << (mean - 1).bit_length()))
 
 
-def _one_slot_scan(q, k, v, *, rule, route_w, g, beta, read_w, coupling, scale, initial_state,
-                   output_final_state, chunk_size):
+def _one_slot_scan(args, chunk_size):
     """`chunked_scan` at one slot without `cu_seqlens`: the same chunks, lanes and blocks as the
     packed layout (lane b is sequence b with all H heads, every lane as long as the sequence), as
     views of the inputs padded to whole chunks. The padding rows are zero: identity updates, as in
     the packed layout. With one route, o_t = read_w_t * scale * (what q_t reads), and what q_t reads
     is linear in q_t, so the read weight scales the queries instead of the outputs."""
     check_positive_int("chunk_size", chunk_size)
+    q, rule = args.q, args.rule
     dtype = compute_dtype(q)
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    Hr = route_w.shape[2]
+    V = args.V
+    Hr = args.route_w.shape[2]
     steps = -(-T // chunk_size)
 
     def step_major(x, event_dims):  # [B,T,H,(R=1),...] -> a view [steps, B, H, C, ...]
@@ -125,12 +122,12 @@ def _one_slot_scan(q, k, v, *, rule, route_w, g, beta, read_w, coupling, scale, 
 
     # The weights come in the chunk layout first: elementwise results take the memory order of their
     # first operand, so `w * k` and `read_weight * q` copy k and q into the chunk layout as they multiply.
-    w = per_head(route_w) if coupling == "dt" else q.new_ones(steps, B, H, chunk_size, dtype=dtype)
-    read_weight = per_head(read_w * scale)[..., None]
-    inputs = [step_major(x, dims) for x, dims in ((q, 1), (k, 1), (v, 1), (g, 1 if rule.g == "vector" else 0),
-                                                 (beta, 0))]
-    state = (torch.zeros(B, H, K, V, dtype=dtype, device=q.device) if initial_state is None
-             else initial_state[:, :, 0].to(dtype))
+    w = per_head(args.write_weight)
+    read_weight = per_head(args.read_w * args.scale)[..., None]
+    inputs = [step_major(x, dims) for x, dims in ((q, 1), (args.k, 1), (args.v, 1),
+                                                 (args.g, 1 if rule.g == "vector" else 0), (args.beta, 0))]
+    state = (torch.zeros(B, H, K, V, dtype=dtype, device=q.device) if args.initial_state is None
+             else args.initial_state[:, :, 0].to(dtype))
     # Blocks of whole steps, about BLOCK_ROWS rows of one head each, as `chunk_layout` cuts them.
     per_block = max(1, BLOCK_ROWS // H // (B * chunk_size))
     outputs, finished = [], []
@@ -146,8 +143,8 @@ def _one_slot_scan(q, k, v, *, rule, route_w, g, beta, read_w, coupling, scale, 
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     o = out.unflatten(0, (steps, B)).permute(1, 0, 3, 2, 4).reshape(B, steps * chunk_size, H, V)[:, :T]
     # Contiguous like every backend's output (a copy only where the sequences were padded).
-    return o.to(q.dtype).contiguous(), (torch.cat(finished[::-1]).unsqueeze(2) if output_final_state else None)
+    return o.to(q.dtype).contiguous(), (torch.cat(finished[::-1]).unsqueeze(2) if args.output_final_state else None)
 
 
-# The law kit (`memplug.testing`) checks that these chunk sizes give the same result.
-chunked_scan.chunk_sizes = (1, 5, 16, 32, 64)
+# Declared when registered: the law kit (`memplug.testing`) checks that these sizes give the same result.
+CHUNK_SIZES = (1, 5, 16, 32, 64)

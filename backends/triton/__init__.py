@@ -29,14 +29,16 @@ Scalar-decay rules (mamba2, fm) use only the shared kernels. Backward passes rec
 entering each chunk (and the delta family's u, w from the stored T) rather than storing them.
 Dtypes: float32 (products as "tf32x3": about float32 accuracy on tensor cores), float16 and bfloat16
 (tensor-core products, float32 accumulation, decays and states); float64 is left to the other
-backends. The key width K is limited to 256 (one block of the state per program); wider
-keys run on the chunked backend. The kernels run on CPU tensors in Triton's interpreter when
+backends. The key width K is limited to 256 (one block of the state per program), declared to the
+registry (`triton_supports`): "auto" runs wider keys on the chunked backend, and asking for `triton`
+by name with them is an error that says so. The kernels run on CPU tensors in Triton's interpreter when
 `TRITON_INTERPRET=1` is set before the backend's first call (for tests; "auto" never picks it on CPU).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
 
@@ -76,22 +78,23 @@ def _check_device(q) -> None:
                          "before the first call (tests do), or pass CUDA tensors")
 
 
-def triton_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_w, coupling, scale,
-                initial_state, output_final_state, cu_seqlens, chunk_size=None):
-    """`routed_scan` with validated inputs (see `memplug.register_backend`). `chunk_size`: rows per
-    chunk, one of `CHUNK_SIZES` (default `CHUNK_SIZE`)."""
+def triton_supports(args) -> Optional[str]:
+    """The shapes the kernels take (declared to the registry): K up to `MAX_K`, one block of keys."""
+    return None if args.K <= MAX_K else f"K = {args.K} > {MAX_K}, the widest key block of its kernels"
+
+
+def triton_scan(args, chunk_size=None):
+    """`routed_scan` of validated arguments (a `memplug.ScanArgs`) that `triton_supports` takes.
+    `chunk_size`: rows per chunk, one of `CHUNK_SIZES` (default `CHUNK_SIZE`)."""
     BT = CHUNK_SIZE if chunk_size is None else chunk_size
     if BT not in CHUNK_SIZES or not isinstance(BT, int):
         raise ValueError(f"chunk_size: backend 'triton' takes one of {CHUNK_SIZES}, got {chunk_size!r}")
+    q, k, v, g, beta, rule = args.q, args.k, args.v, args.g, args.beta, args.rule
+    route_idx, cu_seqlens, initial_state = args.route_idx, args.cu_seqlens, args.initial_state
     if q.dtype not in DTYPES:
         raise TypeError(f"q: backend 'triton' takes dtypes {DTYPES}, got {q.dtype}")
     _check_device(q)
-    K, V = q.shape[-1], v.shape[-1]
-    if K > MAX_K:
-        from ..chunked import chunked_scan
-        return chunked_scan(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, num_slots=num_slots, g=g,
-                            beta=beta, read_w=read_w, coupling=coupling, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    K, V = args.K, args.V
     from .function import chunk_layout, chunk_scan
 
     dt = q.dtype
@@ -99,11 +102,11 @@ def triton_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_w
     B, T, H = q.shape[:3]
     # One slot and one routing for all heads (the plain rule): the packed order is the token order, so
     # nothing is sorted, gathered or scattered.
-    identity = num_slots == 1 and route_idx.shape[2] == 1
+    identity = args.num_slots == 1 and route_idx.shape[2] == 1
     if identity:
         packing = _token_order_packing(B, T, H, cu_seqlens, q.device)
     else:
-        packing = pack(route_idx, num_slots, H, cu_seqlens)
+        packing = pack(route_idx, args.num_slots, H, cu_seqlens)
     E, Hb = packing.entries.numel(), packing.Hb
     rows = None if identity else packing.positions  # entry -> row of the (unpadded) packed order
 
@@ -113,9 +116,7 @@ def triton_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_w
     def packed(x):  # entry order -> packed order (contiguous)
         return None if x is None else (x.contiguous() if identity else place(x, rows, E))
 
-    w = routing_per_entry(route_w, packing).to(f32)
-    if coupling == "none":
-        w = torch.ones_like(w)
+    w = routing_per_entry(args.write_weight, packing).to(f32)
     vector = rule.family.decay == "vector"  # the delta family's decay is scalar (memplug.rules)
     # The coupling is elementwise per route: apply it in entry order, then pack. Decays, write strengths
     # and weights are float32; k and v keep their dtype (float16/bfloat16 promote to float32 where they
@@ -132,17 +133,14 @@ def triton_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g, beta, read_w
     if initial_state is not None:
         h0 = read_states(initial_state, packing, packing.segments, f32, K, V).contiguous()
     layout = chunk_layout(packing.offsets, BT)
-    out, final = chunk_scan(qp, kp, vp, a, b, h0, layout, scale, output_final_state)
+    out, final = chunk_scan(qp, kp, vp, a, b, h0, layout, args.scale, args.output_final_state)
     if identity:
-        o = (out.view(B, T, H, V) * read_w.reshape(B, T, 1, 1).to(f32)).to(dt)
+        o = (out.view(B, T, H, V) * args.read_w.reshape(B, T, 1, 1).to(f32)).to(dt)
     else:
-        o = combine(out, read_w, packing).to(dt)
-    if not output_final_state:
+        o = combine(out, args.read_w, packing).to(dt)
+    if not args.output_final_state:
         return o, None
     return o, write_states(initial_state, packing, packing.segments, final)
-
-
-triton_scan.chunk_sizes = CHUNK_SIZES
 
 
 def _token_order_packing(B: int, T: int, H: int, cu_seqlens, device) -> Packing:
@@ -155,17 +153,21 @@ def _token_order_packing(B: int, T: int, H: int, cu_seqlens, device) -> Packing:
                    R=1, m=1, N=N)
 
 
-def triton_step(q, k, v, *, rule, route_idx, route_w, state, g, beta, read_w, coupling, scale):
-    """`routed_step` with validated inputs: the decode kernel updates the R routed slots of each head
-    in place. Where autograd must see the step (a state or input that requires grad, with grad
-    enabled), or K > 256, the reference step runs instead (it also touches only the routed slots)."""
-    tensors = [x for x in (q, k, v, g, beta, route_w, read_w, state) if x is not None]
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    K, V = q.shape[-1], v.shape[-1]
-    if needs_grad or K > MAX_K or state.dtype != torch.float32 or q.dtype not in DTYPES:
-        from ..reference import reference_step
-        return reference_step(q, k, v, rule=rule, route_idx=route_idx, route_w=route_w, state=state, g=g,
-                              beta=beta, read_w=read_w, coupling=coupling, scale=scale)
+def triton_step_supports(args) -> Optional[str]:
+    """The decode steps the kernel takes (declared to the registry; the reference step runs the
+    others, touching only the routed slots too)."""
+    tensors = [x for x in (args.q, args.k, args.v, args.g, args.beta, args.route_w, args.read_w, args.initial_state)
+               if x is not None]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return "autograd records the step, and the decode kernel has no backward"
+    return triton_supports(args)
+
+
+def triton_step(args):
+    """`routed_step` of validated arguments (a `memplug.ScanArgs`) that `triton_step_supports`
+    takes: the decode kernel updates the R routed slots of each head of the state in place."""
+    q, k, v, g, beta, rule, state = args.q, args.k, args.v, args.g, args.beta, args.rule, args.initial_state
+    K, V = args.K, args.V
     _check_device(q)
     import triton
 
@@ -174,22 +176,20 @@ def triton_step(q, k, v, *, rule, route_idx, route_w, state, g, beta, read_w, co
 
     f32 = torch.float32
     B, _, H, _ = q.shape
-    R = route_idx.shape[-1]
+    R = args.R
     ks, vs, gs, bs = rule_inputs_per_route(rule, k, v, g, beta, R)  # [B,1,H,R,...]
-    w = routes_per_head(route_w, H).to(f32)
-    if coupling != "dt":
-        w = torch.ones_like(w)
+    w = routes_per_head(args.write_weight, H).to(f32)
     cast = lambda x: None if x is None else x.to(f32)
     c = rule.couple(cast(ks), cast(vs), cast(gs), cast(bs), w)
     first = lambda x, *event: None if x is None else x.expand(B, 1, H, R, *event)[:, 0].to(f32).contiguous()
     decay = 0 if c.a is None else (2 if rule.family.decay == "vector" else 1)
     a = None if c.a is None else (first(c.a, K) if decay == 2 else first(c.a))
     is_delta = rule.family.delta
-    idx = routes_per_head(route_idx, H)[:, 0].contiguous()
-    rw = routes_per_head(read_w, H)[:, 0].to(f32).contiguous()
+    idx = routes_per_head(args.route_idx, H)[:, 0].contiguous()
+    rw = routes_per_head(args.read_w, H)[:, 0].to(f32).contiguous()
     o = q.new_empty(B, H, V, dtype=f32)
     grid = lambda meta: (B * H, triton.cdiv(V, meta["BV"]))
     step_kernel[grid](state, q[:, 0].contiguous(), first(c.k, K), first(c.v, V), a,
-                      first(c.b) if is_delta else None, idx, rw, o, *state.stride(), H, scale,
+                      first(c.b) if is_delta else None, idx, rw, o, *state.stride(), H, args.scale,
                       R=R, K=K, V=V, BK=block(K), DECAY=decay, DELTA=is_delta)
     return o[:, None].to(q.dtype), state

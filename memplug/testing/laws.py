@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -17,7 +16,7 @@ import torch
 from hypothesis import strategies as st
 
 from memplug.checks import check_scan, compute_dtype
-from memplug.registry import _BACKENDS, Backend
+from memplug.registry import Backend, get_backend
 from memplug.rules import get_rule
 from memplug.scan import routed_scan, routed_step
 
@@ -26,7 +25,6 @@ from .tolerances import Tol, tolerance
 
 TOKEN_INPUTS = ("q", "k", "v", "g", "beta", "route_idx", "route_w", "read_w")
 GRAD_INPUTS = ("q", "k", "v", "g", "beta", "route_w", "read_w", "initial_state")
-DEFAULT_CHUNK_SIZES = (16, 32, 64)
 
 
 class LawViolation(AssertionError):
@@ -38,7 +36,7 @@ class Context:
     backend: str
     device: torch.device
     tolerances: dict
-    chunk_sizes: Optional[tuple] = None  # None: the backend exposes no chunk size
+    chunk_sizes: Optional[tuple] = None  # None: the backend declares no chunk sizes
     subject: Optional[str] = None  # who breaks a law in failure messages; default: the backend
 
     def tol(self, dtype, what) -> Tol:
@@ -196,35 +194,22 @@ DEFAULT_BLOCK_SIZES = (64,)  # rows per kernel block the kit straddles unless a 
 
 
 def backend_block_sizes(backend: Backend) -> tuple:
-    """The block sizes whose boundaries the kit's long cases cross: `scan.block_sizes` if the backend
-    declares them, its chunk sizes, and 64 (a common kernel block)."""
-    declared = tuple(getattr(backend.scan, "block_sizes", ()))
-    return DEFAULT_BLOCK_SIZES + declared + (backend_chunk_sizes(backend) or ())
+    """The block sizes whose boundaries the kit's long cases cross: 64 (a common kernel block), the
+    backend's declared block sizes and its chunk sizes."""
+    return DEFAULT_BLOCK_SIZES + backend.block_sizes + backend.chunk_sizes
 
 
 def backend_chunk_sizes(backend: Backend) -> Optional[tuple]:
-    """The chunk-size protocol: a backend exposes a chunk size when its scan function takes a keyword
-    `chunk_size`; the sizes to test are `scan.chunk_sizes` if set, else (16, 32, 64)."""
-    try:
-        params = inspect.signature(backend.scan).parameters
-    except (TypeError, ValueError):
-        return None
-    if "chunk_size" not in params:
-        return None
-    return tuple(getattr(backend.scan, "chunk_sizes", DEFAULT_CHUNK_SIZES))
+    """The chunk sizes a backend declared (`register_backend(chunk_sizes=...)`), None if none."""
+    return backend.chunk_sizes or None
 
 
 def _scan_with_chunk_size(ctx: Context, inputs: dict, chunk_size):
     """The backend's own scan function, called as `routed_scan` calls it, plus `chunk_size`."""
-    rule = get_rule(inputs["rule"])
-    kw = dict(inputs, rule=rule)
-    check_scan(**kw)
-    backend = _BACKENDS[ctx.backend]
-    kw["read_w"] = kw["route_w"] if kw["read_w"] is None else kw["read_w"]
-    kw["scale"] = inputs["q"].shape[-1] ** -0.5 if inputs["scale"] is None else float(inputs["scale"])
+    args = check_scan(**dict(inputs, rule=get_rule(inputs["rule"]), output_final_state=True))
     extra = {} if chunk_size is None else {"chunk_size": chunk_size}
     try:
-        return backend.scan(**kw, output_final_state=True, **extra)
+        return get_backend(ctx.backend).scan(args, **extra)
     except Exception as e:
         raise LawViolation(f"scan(chunk_size={chunk_size}) raised {type(e).__name__} on valid input: {e}") from e
 
@@ -557,7 +542,7 @@ def _chunk_cases(ctx, rule, dtypes, max_T=None, **limits):
 
 
 def _needs_chunk_size(ctx, rule):
-    return None if ctx.chunk_sizes else "the backend exposes no chunk size (no `chunk_size` keyword on its scan)"
+    return None if ctx.chunk_sizes else "the backend declares no chunk sizes (register_backend(chunk_sizes=...))"
 
 
 LAWS: dict[str, Law] = {law.name: law for law in (

@@ -22,14 +22,13 @@ def pytest_generate_tests(metafunc):
         cases = []
         for backend in _option(config, "memplug_backend") or []:
             from memplug.testing import LAWS
-            from memplug.testing.kit import _backend
             from memplug.rules import available_rules, get_rule
-            from memplug.registry import _BACKENDS
-            if backend in _BACKENDS and not _BACKENDS[backend].available():
+            from memplug.registry import get_backend
+            b = get_backend(backend)  # an unknown name fails here, at collection, with the registered names
+            if not b.available():
                 cases.append(pytest.param(None, id=f"{backend}-unavailable", marks=pytest.mark.skip(
                     reason=f"backend {backend!r} is not available on this machine")))
                 continue
-            b = _backend(backend)  # an unknown name fails here, at collection, with the registered names
             rules = _option(config, "memplug_rule") or [r for r in available_rules() if b.supports_rule(get_rule(r))]
             for rule in rules:
                 for law in _option(config, "memplug_law") or list(LAWS):

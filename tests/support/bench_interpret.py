@@ -1,4 +1,4 @@
-"""Run the comparisons of `memplug bench --device cuda` (`experiments.bench.triton_against_fla`) on
+"""Run the comparisons of `memplug bench --device cuda` (`experiments.bench_cuda.triton_against_fla`) on
 the CPU: memplug's Triton kernels and fla's in Triton's interpreter (patched for fla by
 `memplug.adapters.enable_triton_interpreter`), float16 (bfloat16 products are wrong in the
 interpreter, and fla's chunk_delta_rule refuses float32), the `--smoke` shapes, each time one call.
@@ -20,7 +20,7 @@ from memplug.adapters import enable_triton_interpreter  # noqa: E402
 
 enable_triton_interpreter()
 
-from memplug.experiments import bench  # noqa: E402
+from memplug.experiments import bench_cuda  # noqa: E402
 
 
 def once_ms(fn) -> float:
@@ -30,7 +30,7 @@ def once_ms(fn) -> float:
 
 
 if __name__ == "__main__":
-    args = bench.cuda_arguments(["--smoke", "--dtype", "float16", "--device", "cpu"])
+    args = bench_cuda.cuda_arguments(["--smoke", "--dtype", "float16", "--device", "cpu"])
     print(f"triton_against_fla on the CPU in Triton's interpreter, float16; B={args.B} T={args.T} H={args.H} "
           f"K={args.K} V={args.V}; times: one call each (interpreted: not a benchmark)")
-    bench.triton_against_fla(args, "cpu", once_ms)
+    bench_cuda.triton_against_fla(args, "cpu", once_ms)
