@@ -95,7 +95,7 @@ def triton_scan(args, chunk_size=None):
         raise TypeError(f"q: backend 'triton' takes dtypes {DTYPES}, got {q.dtype}")
     _check_device(q)
     K, V = args.K, args.V
-    from .function import chunk_layout, chunk_scan
+    from .function import chunk_scan, varlen_chunks
 
     dt = q.dtype
     f32 = torch.float32
@@ -132,7 +132,7 @@ def triton_scan(args, chunk_size=None):
     h0 = None
     if initial_state is not None:
         h0 = read_states(initial_state, packing, packing.segments, f32, K, V).contiguous()
-    layout = chunk_layout(packing.offsets, BT)
+    layout = varlen_chunks(packing.offsets, BT)
     out, final = chunk_scan(qp, kp, vp, a, b, h0, layout, args.scale, args.output_final_state)
     if identity:
         o = (out.view(B, T, H, V) * args.read_w.reshape(B, T, 1, 1).to(f32)).to(dt)
@@ -171,7 +171,7 @@ def triton_step(args):
     _check_device(q)
     import triton
 
-    from .common import block
+    from .common import block, specialization
     from .decode import step_kernel
 
     f32 = torch.float32
@@ -182,14 +182,15 @@ def triton_step(args):
     cast = lambda x: None if x is None else x.to(f32)
     c = rule.couple(cast(ks), cast(vs), cast(gs), cast(bs), w)
     first = lambda x, *event: None if x is None else x.expand(B, 1, H, R, *event)[:, 0].to(f32).contiguous()
-    decay = 0 if c.a is None else (2 if rule.family.decay == "vector" else 1)
-    a = None if c.a is None else (first(c.a, K) if decay == 2 else first(c.a))
-    is_delta = rule.family.delta
+    decay, is_delta = specialization(None if c.a is None else rule.family.decay, rule.family.delta)
+    a = None if c.a is None else (first(c.a, K) if rule.family.decay == "vector" else first(c.a))
     idx = routes_per_head(args.route_idx, H)[:, 0].contiguous()
     rw = routes_per_head(args.read_w, H)[:, 0].to(f32).contiguous()
     o = q.new_empty(B, H, V, dtype=f32)
     grid = lambda meta: (B * H, triton.cdiv(V, meta["BV"]))
-    step_kernel[grid](state, q[:, 0].contiguous(), first(c.k, K), first(c.v, V), a,
-                      first(c.b) if is_delta else None, idx, rw, o, *state.stride(), H, args.scale,
-                      R=R, K=K, V=V, BK=block(K), DECAY=decay, DELTA=is_delta)
+    s_b, s_h, s_m, s_k, s_v = state.stride()
+    step_kernel[grid](state=state, q=q[:, 0].contiguous(), k=first(c.k, K), v=first(c.v, V), a=a,
+                      b=first(c.b) if is_delta else None, idx=idx, read_w=rw, o=o, s_b=s_b, s_h=s_h, s_m=s_m,
+                      s_k=s_k, s_v=s_v, H=H, scale=args.scale, R=R, K=K, V=V, BK=block(K), DECAY=decay,
+                      DELTA=is_delta)
     return o[:, None].to(q.dtype), state

@@ -1,5 +1,6 @@
 """Pieces every kernel of the Triton backend uses.
 
+- `specialization`, `SPECIALIZATIONS`: the kernels' family switches (DECAY, DELTA).
 - `autotune_or_first(configs, key)`: `triton.autotune` on a GPU; under the interpreter
   (`TRITON_INTERPRET=1`, no driver to time configurations on), or with MEMPLUG_TRITON_AUTOTUNE=0,
   the first configuration, fixed.
@@ -28,6 +29,23 @@ import triton
 import triton.language as tl
 
 from . import interpreting
+
+def specialization(decay: "str | None", delta: bool) -> tuple:
+    """The kernels' family switches (DECAY, DELTA) for a decay of kind None, "scalar" or "vector"
+    (`memplug.rules.Family.decay`, None where the rule gives no decay) and a delta-rule write: DECAY 0
+    (none), 1 (one per row) or 2 (one per key channel). The one table the launches in `function.py`
+    and the decode step, and `compile_check.py`, read."""
+    return {None: 0, "scalar": 1, "vector": 2}[decay], delta
+
+
+# Every specialisation the built-in families launch (compile_check builds each), by the rules that use it.
+SPECIALIZATIONS = {
+    "additive_scalar (mamba2, fm)": specialization("scalar", False),
+    "additive, no decay": specialization(None, False),
+    "additive_vector (gla)": specialization("vector", False),
+    "delta, no decay (deltanet)": specialization(None, True),
+    "delta (gated_deltanet)": specialization("scalar", True),
+}
 
 # Per-token log-decays below this are raised to it (in the chunk-local cumulative sum only):
 # exp(-80) ~ 2e-35 is zero for every fp32 state, and a finite floor keeps exact wipes (fm's

@@ -19,10 +19,6 @@ import sys
 import time
 from itertools import product
 
-# name -> (DECAY, DELTA): the specializations the families use
-FAMILIES = {"additive_scalar": (1, False), "no_decay": (0, False), "additive_vector": (2, False),
-            "delta": (0, True), "gated_delta": (1, True)}
-
 _DOT_DTYPE_ARGS = {"q", "k", "v", "w", "u", "hs", "dhs", "d", "d_out", "do"}
 _POINTER_TYPES = {"chunk_indices": "*i32", "offsets": "*i64", "chunk_offsets": "*i64", "idx": "*i64"}
 _SCALAR_TYPES = {"Hb": "i32", "H": "i32", "scale": "fp32", "s_b": "i64", "s_h": "i64", "s_m": "i64",
@@ -55,7 +51,7 @@ def _signature(fn, dtype: str, constexprs: dict, none: set, overrides: dict):
 
 def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     """(kernel name, family, dtype, K, BT, constexprs, none-args, type overrides)."""
-    from .common import DECAY_FLOOR, block
+    from .common import DECAY_FLOOR, SPECIALIZATIONS, block
     from .vector import BC
 
     dtypes = dtypes or ["float32", "bfloat16"] + (["float16"] if full else [])
@@ -63,7 +59,7 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     BTs = BTs or [64] + ([16, 32] if full else [])
     for dtype, K, BT in product(dtypes, Ks, BTs):
         V, BK = K, block(K)
-        for family, (decay, delta) in FAMILIES.items():
+        for family, (decay, delta) in SPECIALIZATIONS.items():
             D = K if decay == 2 else 1
             base = dict(K=K, V=V, BT=BT, BK=BK, DECAY=decay)
             no_A = {"A"} if decay == 0 else set()

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 import triton
 
 from . import chunk, delta, vector
-from .common import DECAY_FLOOR, block
+from .common import DECAY_FLOOR, block, specialization
 
 
-class ChunkLayout(NamedTuple):
+class VarlenChunks(NamedTuple):
     """Chunks of BT rows over the packed sequences `offsets` (their cu_seqlens); no chunk spans two
     sequences. Chunk c is (sequence, chunk within it) = chunk_indices[c]; the chunks of sequence s
     are chunk_offsets[s] ... chunk_offsets[s + 1] - 1."""
@@ -42,7 +42,7 @@ class ChunkLayout(NamedTuple):
         return self.offsets.numel() - 1
 
 
-def chunk_layout(offsets: torch.Tensor, BT: int) -> ChunkLayout:
+def varlen_chunks(offsets: torch.Tensor, BT: int) -> VarlenChunks:
     device = offsets.device
     counts = (offsets.diff() + BT - 1) // BT
     chunk_offsets = F.pad(counts.cumsum(0), (1, 0))
@@ -50,28 +50,28 @@ def chunk_layout(offsets: torch.Tensor, BT: int) -> ChunkLayout:
     sequence = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=NT)
     within = torch.arange(NT, device=device) - chunk_offsets[sequence]
     chunk_indices = torch.stack([sequence, within], 1).to(torch.int32).contiguous()
-    return ChunkLayout(offsets.contiguous(), chunk_indices, chunk_offsets.contiguous(), NT, BT)
+    return VarlenChunks(offsets.contiguous(), chunk_indices, chunk_offsets.contiguous(), NT, BT)
 
 
-def _cumsum(x, layout: ChunkLayout, reverse: bool):
+def _cumsum(x, layout: VarlenChunks, reverse: bool):
     D = 1 if x.dim() == 2 else x.shape[-1]
     y = torch.empty_like(x, dtype=torch.float32)
     chunk.cumsum_kernel[(layout.num_chunks, x.shape[1])](
-        x, y, layout.chunk_indices, layout.offsets, x.shape[1], D=D, BD=triton.next_power_of_2(D),
-        BT=layout.BT, REVERSE=reverse, FLOOR=DECAY_FLOOR)
+        x=x, y=y, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=x.shape[1], D=D,
+        BD=triton.next_power_of_2(D), BT=layout.BT, REVERSE=reverse, FLOOR=DECAY_FLOOR)
     return y
 
 
-def _wy(k, v, b, A, T, layout: ChunkLayout, decay: int, compute_T: bool):
+def _wy(k, v, b, A, T, layout: VarlenChunks, decay: int, compute_T: bool):
     E, Hb, K = k.shape
     u, w = torch.empty_like(v), torch.empty_like(k)
     delta.wy_fwd_kernel[(layout.num_chunks, Hb)](
-        k, v, b, A, T, u, w, layout.chunk_indices, layout.offsets, Hb, K=K, V=v.shape[-1], BT=layout.BT,
-        BK=block(K), DECAY=decay, COMPUTE_T=compute_T)
+        k=k, v=v, b=b, A=A, T=T, u=u, w=w, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb,
+        K=K, V=v.shape[-1], BT=layout.BT, BK=block(K), DECAY=decay, COMPUTE_T=compute_T)
     return u, w
 
 
-def _states(k, v, w, A, h0, layout: ChunkLayout, decay: int, is_delta: bool, store_ht: bool):
+def _states(k, v, w, A, h0, layout: VarlenChunks, decay: int, is_delta: bool, store_ht: bool):
     """States entering every chunk [NT,Hb,K,V] (dot dtype), effective values d (delta) and final
     states [S,Hb,K,V] (float32, if `store_ht`)."""
     E, Hb, K = k.shape
@@ -82,8 +82,9 @@ def _states(k, v, w, A, h0, layout: ChunkLayout, decay: int, is_delta: bool, sto
     ht = k.new_empty(S, Hb, K, V, dtype=torch.float32) if store_ht else None
     grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
     chunk.state_fwd_kernel[grid](
-        k, v, w, A, h0, hs, d, ht, layout.offsets, layout.chunk_offsets, Hb, K=K, V=V, BT=layout.BT,
-        BK=block(K), DECAY=decay, DELTA=is_delta, HAS_H0=h0 is not None, STORE_HT=store_ht)
+        k=k, v=v, w=w, A=A, h0=h0, hs=hs, d_out=d, ht=ht, offsets=layout.offsets, chunk_offsets=layout.chunk_offsets,
+        Hb=Hb, K=K, V=V, BT=layout.BT, BK=block(K), DECAY=decay, DELTA=is_delta, HAS_H0=h0 is not None,
+        STORE_HT=store_ht)
     return hs, d, ht
 
 
@@ -94,18 +95,18 @@ HIGHER_ORDER_ERROR = ("memplug: backend 'triton' has first-order gradients only:
 
 class ChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, a, b, h0, layout: ChunkLayout, scale: float, output_final_state: bool):
+    def forward(ctx, q, k, v, a, b, h0, layout: VarlenChunks, scale: float, output_final_state: bool):
         E, Hb, K = q.shape
         V = v.shape[-1]
         BT, NT = layout.BT, layout.num_chunks
-        decay = 0 if a is None else (1 if a.dim() == 2 else 2)
-        is_delta = b is not None
+        decay, is_delta = specialization(None if a is None else ("scalar" if a.dim() == 2 else "vector"), b is not None)
         A = None if a is None else _cumsum(a, layout, reverse=False)
         M = T = u = w = None
         if decay == 2:
             M = q.new_zeros(E, Hb, BT, dtype=torch.float32)
             vector.attention_fwd_kernel[(NT, Hb, BT // vector.BC)](
-                q, k, A, M, layout.chunk_indices, layout.offsets, Hb, K=K, BT=BT, BK=block(K), BC=vector.BC)
+                q=q, k=k, A=A, M=M, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb, K=K, BT=BT,
+                BK=block(K), BC=vector.BC)
         if is_delta:
             T = q.new_empty(E, Hb, BT, dtype=torch.float32)
             u, w = _wy(k, v, b, A, T, layout, decay, compute_T=True)
@@ -113,8 +114,8 @@ class ChunkScan(torch.autograd.Function):
         o = q.new_empty(E, Hb, V, dtype=torch.float32)
         grid = lambda meta: (NT, Hb, triton.cdiv(V, meta["BV"]))
         chunk.output_fwd_kernel[grid](
-            q, k, d if is_delta else v, A, M, hs, o, layout.chunk_indices, layout.offsets, scale, Hb,
-            K=K, V=V, BT=BT, BK=block(K), DECAY=decay)
+            q=q, k=k, d=d if is_delta else v, A=A, M=M, hs=hs, o=o, chunk_indices=layout.chunk_indices,
+            offsets=layout.offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=block(K), DECAY=decay)
 
         ctx.save_for_backward(q, k, v, A, b, h0, T, M)
         ctx.layout, ctx.scale, ctx.decay, ctx.is_delta = layout, scale, decay, is_delta
@@ -136,7 +137,7 @@ class ChunkScan(torch.autograd.Function):
         V = v.shape[-1]
         BT, NT, S = layout.BT, layout.num_chunks, layout.num_sequences
         BK = block(K)
-        idx = (layout.chunk_indices, layout.offsets)
+        idx = dict(chunk_indices=layout.chunk_indices, offsets=layout.offsets)
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
 
@@ -148,7 +149,8 @@ class ChunkScan(torch.autograd.Function):
 
         dd_local = q.new_empty(E, Hb, V, dtype=torch.float32)
         grid = lambda meta: (NT, Hb, triton.cdiv(V, meta["BV"]))
-        chunk.dd_local_kernel[grid](q, k, A, M, do, dd_local, *idx, scale, Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay)
+        chunk.dd_local_kernel[grid](q=q, k=k, A=A, M=M, do=do, dd_local=dd_local, **idx, scale=scale, Hb=Hb, K=K, V=V,
+                                    BT=BT, BK=BK, DECAY=decay)
 
         dhs = k.new_empty(NT, Hb, K, V)
         dd = q.new_empty(E, Hb, V, dtype=torch.float32)
@@ -156,8 +158,9 @@ class ChunkScan(torch.autograd.Function):
         dh0 = q.new_empty(S, Hb, K, V, dtype=torch.float32) if want_dh0 else None
         grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
         chunk.state_bwd_kernel[grid](
-            q, k, w, A, do, dd_local, dht, dhs, dd, dh0, layout.offsets, layout.chunk_offsets, scale, Hb,
-            K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta, HAS_DHT=dht is not None, STORE_DH0=want_dh0)
+            q=q, k=k, w=w, A=A, do=do, dd_local=dd_local, dht=dht, dhs=dhs, dd=dd, dh0=dh0, offsets=layout.offsets,
+            chunk_offsets=layout.chunk_offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay,
+            DELTA=is_delta, HAS_DHT=dht is not None, STORE_DH0=want_dh0)
 
         f32 = dict(dtype=torch.float32)
         dq, dk = q.new_empty(E, Hb, K, **f32), q.new_empty(E, Hb, K, **f32)
@@ -165,12 +168,13 @@ class ChunkScan(torch.autograd.Function):
         dM = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
         dw = q.new_empty(E, Hb, K, **f32) if is_delta else None
         chunk.grad_kernel[(NT, Hb)](
-            q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, *idx, scale, Hb,
-            K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta)
+            q=q, k=k, d=d, A=A, hs=hs, dhs=dhs, do=do, dd=dd, dq=dq, dk=dk, dA=dA, dM=dM, dw=dw, **idx, scale=scale,
+            Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta)
         if decay == 2:
             dq2, dk2, dA2 = torch.empty_like(dq), torch.empty_like(dk), torch.empty_like(dA)
             vector.attention_bwd_kernel[(NT, Hb, BT // vector.BC)](
-                q, k, A, dM, dq, dk, dA, dq2, dk2, dA2, *idx, Hb, K=K, BT=BT, BK=BK, BC=vector.BC)
+                q=q, k=k, A=A, dM=dM, dq_in=dq, dk_in=dk, dA_in=dA, dq=dq2, dk=dk2, dA=dA2, **idx, Hb=Hb, K=K, BT=BT,
+                BK=BK, BC=vector.BC)
             dq, dk, dA = dq2, dk2, dA2
         db = None
         if is_delta:
@@ -179,7 +183,7 @@ class ChunkScan(torch.autograd.Function):
             dv = q.new_empty(E, Hb, V, **f32)
             db = q.new_empty(E, Hb, **f32)
             delta.wy_bwd_kernel[(NT, Hb)](
-                k, v, b, A, T, dd, dw, dk, dA, dk2, dv, db, dA2, *idx, Hb,
+                k=k, v=v, b=b, A=A, T=T, dd=dd, dw=dw, dk_in=dk, dA_in=dA, dk=dk2, dv=dv, db=db, dA=dA2, **idx, Hb=Hb,
                 K=K, V=V, BT=BT, BK=BK, DECAY=decay)
             dk, dA = dk2, dA2
         else:
@@ -188,6 +192,6 @@ class ChunkScan(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da, db, dh0, None, None, None)
 
 
-def chunk_scan(q, k, v, a, b, h0, layout: ChunkLayout, scale: float, output_final_state: bool):
+def chunk_scan(q, k, v, a, b, h0, layout: VarlenChunks, scale: float, output_final_state: bool):
     """(o [E,Hb,V] float32 (scaled), final states [S,Hb,K,V] float32 or None)."""
     return ChunkScan.apply(q, k, v, a, b, h0, layout, scale, output_final_state)
