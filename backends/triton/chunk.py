@@ -84,6 +84,7 @@ def cumsum_kernel(x, y, chunk_indices, offsets, Hb, D: tl.constexpr, BD: tl.cons
 # ---------------------------------------------------------------------------------- state pass
 
 @autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
+@triton.heuristics({"HAS_H0": lambda args: args["h0"] is not None, "STORE_HT": lambda args: args["ht"] is not None})
 @triton.jit
 def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -131,6 +132,8 @@ def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb,
 
 
 @autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
+@triton.heuristics({"HAS_DHT": lambda args: args["dht"] is not None,
+                    "STORE_DH0": lambda args: args["dh0"] is not None})
 @triton.jit
 def state_bwd_kernel(q, k, w, A, do, dd_local, dht, dhs, dd, dh0, offsets, chunk_offsets, scale, Hb,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,

@@ -113,6 +113,7 @@ def compile_all(arch: int = 90, full: bool = False, verbose: bool = False, kerne
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Heuristics
 
     target = GPUTarget("cuda", arch, 32)
     failures, count, start = [], 0, time.perf_counter()
@@ -121,12 +122,14 @@ def compile_all(arch: int = 90, full: bool = False, verbose: bool = False, kerne
         if kernels and name not in kernels:
             continue
         tuned = _kernel(name)
+        # Under `triton.heuristics`, the JIT function it wraps: the cases give the flags it would derive.
+        jit = tuned.fn.fn if isinstance(tuned.fn, Heuristics) else tuned.fn
         configs = tuned.configs if full else [tuned.configs[0], tuned.configs[-1]]
         case = f"{name} [{family}, {dtype}, K={K}, BT={BT}, {constexprs}]"
         fits, too_big = 0, []
         for config in configs:
             cx = dict(constexprs, **config.kwargs)
-            sig, constants = _signature(tuned.fn, dtype, cx, none, overrides)
+            sig, constants = _signature(jit, dtype, cx, none, overrides)
             key = (name, dtype, tuple(sorted(sig.items())), tuple(sorted(map(str, constants.items()))),
                    config.num_warps, config.num_stages)
             if key in seen:
@@ -135,7 +138,7 @@ def compile_all(arch: int = 90, full: bool = False, verbose: bool = False, kerne
             seen.add(key)
             what = f"{config.kwargs}, warps={config.num_warps}, stages={config.num_stages}"
             try:
-                compiled = triton.compile(ASTSource(tuned.fn, sig, constants), target=target,
+                compiled = triton.compile(ASTSource(jit, sig, constants), target=target,
                                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
             except Exception as e:  # report every failure, not just the first
                 failures.append((f"{case} {what}", f"{type(e).__name__}: {str(e)[:2000]}"))

@@ -83,8 +83,7 @@ def _states(k, v, w, A, h0, layout: VarlenChunks, decay: int, is_delta: bool, st
     grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
     chunk.state_fwd_kernel[grid](
         k=k, v=v, w=w, A=A, h0=h0, hs=hs, d_out=d, ht=ht, offsets=layout.offsets, chunk_offsets=layout.chunk_offsets,
-        Hb=Hb, K=K, V=V, BT=layout.BT, BK=block(K), DECAY=decay, DELTA=is_delta, HAS_H0=h0 is not None,
-        STORE_HT=store_ht)
+        Hb=Hb, K=K, V=V, BT=layout.BT, BK=block(K), DECAY=decay, DELTA=is_delta)
     return hs, d, ht
 
 
@@ -160,7 +159,7 @@ class ChunkScan(torch.autograd.Function):
         chunk.state_bwd_kernel[grid](
             q=q, k=k, w=w, A=A, do=do, dd_local=dd_local, dht=dht, dhs=dhs, dd=dd, dh0=dh0, offsets=layout.offsets,
             chunk_offsets=layout.chunk_offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay,
-            DELTA=is_delta, HAS_DHT=dht is not None, STORE_DH0=want_dh0)
+            DELTA=is_delta)
 
         f32 = dict(dtype=torch.float32)
         dq, dk = q.new_empty(E, Hb, K, **f32), q.new_empty(E, Hb, K, **f32)
