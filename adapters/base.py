@@ -36,10 +36,10 @@ import torch
 import torch.nn as nn
 
 from memplug.checks import check_cache_tensor, check_conv_histories, check_cu_seqlens, compute_dtype
-from memplug.layers import check_memory_options, select_routes
-from memplug.routing import Router, RouterConfig, Routing, load_balancing_loss
+from memplug.core import MemoryCore, WriteInputs
+from memplug.layers import check_memory_options
+from memplug.routing import Router, RouterConfig, Routing
 from memplug.rules import get_rule
-from memplug.scan import routed_scan, routed_step
 
 from .torch_ops import causal_conv
 
@@ -398,31 +398,11 @@ class RoutedAdapter(nn.Module):
                       else hidden_states.dtype)
         check_conv_histories("conv_state", dict(conv_cache or {}), convs, conv_dtype, device)
 
-    def _route(self, x) -> Routing:
-        if self.router is not None:
-            return self.router(x)
-        B, T = x.shape[:2]
-        ones = torch.ones(B, T, 1, 1, dtype=torch.float32, device=x.device)
-        return Routing(torch.zeros(B, T, 1, 1, dtype=torch.long, device=x.device), ones, ones)
-
-    def _memory(self, q, k, v, g, beta, idx, weight, num_slots, coupling, state, cu_seqlens, use_cache):
-        # As in RoutedMemory: the router's indices and weights, and the layer's decays and write
-        # strengths, are valid by construction, so no value is read back to the host.
-        kw = dict(rule=self._rule, route_idx=idx, route_w=weight, g=g, beta=beta, coupling=coupling,
-                  scale=self.scale, backend=self.memory_config.backend, check_values=False)
-        if state is not None and use_cache and q.shape[1] == 1 and cu_seqlens is None:
-            return routed_step(q, k, v, state=state, **kw)
-        return routed_scan(q, k, v, num_slots=num_slots, initial_state=state, output_final_state=bool(use_cache),
-                           cu_seqlens=cu_seqlens, **kw)
-
-    @staticmethod
-    def _per_route(t, routes):
-        """Writes `[B,T,H,c,...]` -> shared `[B,T,H,...]` (c = 1) or per route `[B,T,H,R,...]`."""
-        if t is None:
-            return None
-        if t.shape[3] == 1:
-            return t.squeeze(3)
-        return select_routes(t, routes)
+    @property
+    def core(self) -> MemoryCore:
+        """Route, scan, shared slot, auxiliary loss: the part every routed layer shares."""
+        m = self.memory_config
+        return MemoryCore(self._rule, m.num_slots, m.coupling, m.backend, self.scale)
 
     def _unpad(self, hidden_states, attention_mask, cu_seqlens, q_len, decoding):
         if cu_seqlens is not None:
@@ -481,23 +461,17 @@ class RoutedAdapter(nn.Module):
         use_cache = bool(use_cache)
 
         m = self.memory_config
+        core = self.core
         ctx = AdapterContext(self, conv_cache, cu_seqlens, use_cache)
         inputs = self.rule_inputs(x, ctx)
-        routing = self._route(x)
-        H = inputs.q.shape[2]
-        routes = routing.idx.expand(*routing.idx.shape[:2], H, routing.idx.shape[-1])
-        k, v, g, beta = (self._per_route(t, routes) for t in (inputs.k, inputs.v, inputs.g, inputs.beta))
-        o, state = self._memory(inputs.q, k, v, g, beta, routing.idx, routing.weight, m.num_slots, m.coupling,
-                                state, cu_seqlens, use_cache)
+        routing = core.route(self.router, x)
+        writes = lambda i: WriteInputs(i.k, i.v, i.g, i.beta)  # noqa: E731
+        shared = None
         if m.shared_slot:
             shared = self.rule_inputs(x, ctx.for_shared_slot()) if m.per_slot_kv else inputs
-            sk, sv, sg, sbeta = (None if t is None else t.squeeze(3)
-                                 for t in (shared.k, shared.v, shared.g, shared.beta))
-            zeros = torch.zeros(*x.shape[:2], 1, 1, dtype=torch.long, device=x.device)
-            ones = torch.ones(*x.shape[:2], 1, 1, dtype=torch.float32, device=x.device)
-            o_shared, shared_state = self._memory(shared.q, sk, sv, sg, sbeta, zeros, ones, 1, "none",
-                                                  shared_state, cu_seqlens, use_cache)
-            o = o + o_shared
+        o, state, shared_state = core(inputs.q, writes(inputs), routing, state, cu_seqlens, use_cache,
+                                      shared_q=None if shared is None else shared.q,
+                                      shared=None if shared is None else writes(shared), shared_state=shared_state)
         y = self.output(o, x, inputs, ctx)
 
         if past_key_values is not None:
@@ -510,9 +484,7 @@ class RoutedAdapter(nn.Module):
         self.last_aux_loss = None
         if self.router is not None:
             self.last_routing = Routing(*(t.detach() for t in routing))
-            coef = self.router.config.load_balance_coef
-            if coef > 0:
-                self.last_aux_loss = coef * load_balancing_loss(routing)
+            self.last_aux_loss = core.aux_loss(self.router, routing)
         return y, None, past_key_values
 
 

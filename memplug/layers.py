@@ -22,15 +22,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backends.layout import routes_per_head
 from .cache import MemoryCache
 from .checks import (COUPLINGS, check_bool, check_cache_tensor, check_conv_histories, check_cu_seqlens,
                      check_finite_number, check_positive_int, compute_dtype)
+from .core import MemoryCore, WriteInputs
 from .modules import RMSNorm, ShortConv, at_least_float32
 from .registry import check_backend_name
-from .routing import Router, RouterConfig, Routing, load_balancing_loss
+from .routing import Router, RouterConfig
 from .rules import get_rule
-from .scan import routed_scan, routed_step
 
 
 def check_memory_options(num_slots, topk, coupling, router, per_slot_kv, shared_slot, backend) -> RouterConfig:
@@ -108,14 +107,6 @@ class Writes(nn.Module):
         if self.b_proj is not None:
             beta = torch.sigmoid(heads(at_least_float32(self.b_proj(x)))[..., 0])
         return heads(k), heads(v), g, beta, {self.name + "k": k_state, self.name + "v": v_state}
-
-
-def select_routes(x, idx):
-    """Per-slot inputs `[B,T,H,m,...]` at the routed slots `idx [B,T,H,R]` -> `[B,T,H,R,...]`."""
-    if x is None:
-        return None
-    idx = idx.reshape(*idx.shape, *(1,) * (x.dim() - 4)).expand(*idx.shape, *x.shape[4:])
-    return x.gather(3, idx)
 
 
 class RoutedMemory(nn.Module):
@@ -209,23 +200,10 @@ class RoutedMemory(nn.Module):
         recurrence = self.num_heads * slots * (update + 2) * self.head_k_dim * self.head_v_dim
         return linear + conv + recurrence
 
-    def _route(self, x) -> Routing:
-        if self.router is not None:
-            return self.router(x)
-        B, T = x.shape[:2]
-        ones = x.new_ones(B, T, 1, 1, dtype=torch.float32)
-        return Routing(torch.zeros(B, T, 1, 1, dtype=torch.long, device=x.device), ones, ones)
-
-    def _memory(self, q, k, v, g, beta, route_idx, route_w, num_slots, coupling, state, cu_seqlens, want_state):
-        # The values routed_scan would check hold by construction (top-k indices are in range and
-        # distinct, softmax weights and sigmoid write strengths lie in [0, 1], decays are <= 0), so
-        # they are not read back to the host: a decode step makes no host sync.
-        kw = dict(rule=self.rule, route_idx=route_idx, route_w=route_w, g=g, beta=beta, coupling=coupling,
-                  backend=self.backend, check_values=False)
-        if state is not None and q.shape[1] == 1 and cu_seqlens is None:
-            return routed_step(q, k, v, state=state, **kw)
-        return routed_scan(q, k, v, num_slots=num_slots, initial_state=state, output_final_state=want_state,
-                           cu_seqlens=cu_seqlens, **kw)
+    @property
+    def core(self) -> MemoryCore:
+        """Route, scan, shared slot, auxiliary loss: the part every routed layer shares."""
+        return MemoryCore(self.rule, self.num_slots, self.coupling, self.backend)
 
     def _check_forward(self, x, cache, cu_seqlens, use_cache):
         D = self.o_proj.out_features
@@ -277,32 +255,21 @@ class RoutedMemory(nn.Module):
         q, q_conv = self.q(x, conv.get("q"), cu_seqlens, want_cache)
         q = q.unflatten(-1, (H, K))
 
-        routing = self._route(x)
-        idx, weight = routing.idx, routing.weight
+        core = self.core
+        routing = core.route(self.router, x)
+        # l2 norms act on each key alone, so they are taken before the routes are selected
+        l2 = (lambda t: F.normalize(t, dim=-1)) if self.qk_norm == "l2" else (lambda t: t)
         k, v, g, beta, write_conv = self.writes(x, conv, cu_seqlens, want_cache)
-        if self.per_slot_kv:
-            k, v, g, beta = (select_routes(t, routes_per_head(idx, H)) for t in (k, v, g, beta))
-        else:
-            k, v, g, beta = (None if t is None else t.squeeze(3) for t in (k, v, g, beta))
-        if self.qk_norm == "l2":
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        o, state = self._memory(q, k, v, g, beta, idx, weight, self.num_slots, self.coupling,
-                                None if cache is None else cache.state, cu_seqlens, want_cache)
-
         new_conv = {"q": q_conv, **write_conv}
-        shared_state = None
+        shared = None
         if self.shared_writes is not None:
             sk, sv, sg, sbeta, shared_conv = self.shared_writes(x, conv, cu_seqlens, want_cache)
-            sk, sv, sg, sbeta = (None if t is None else t.squeeze(3) for t in (sk, sv, sg, sbeta))
-            if self.qk_norm == "l2":
-                sk = F.normalize(sk, dim=-1)
-            zeros = torch.zeros(*x.shape[:2], 1, 1, dtype=torch.long, device=x.device)
-            ones = torch.ones(*x.shape[:2], 1, 1, dtype=torch.float32, device=x.device)
-            o_shared, shared_state = self._memory(q, sk, sv, sg, sbeta, zeros, ones, 1, "none",
-                                                  None if cache is None else cache.shared_state,
-                                                  cu_seqlens, want_cache)
-            o = o + o_shared
+            shared = WriteInputs(l2(sk), sv, sg, sbeta)
             new_conv.update(shared_conv)
+        q = l2(q)
+        held, held_shared = (None, None) if cache is None else (cache.state, cache.shared_state)
+        o, state, shared_state = core(q, WriteInputs(l2(k), v, g, beta), routing, held, cu_seqlens, want_cache,
+                                      shared_q=q, shared=shared, shared_state=held_shared)
 
         gate = None if self.g_proj is None else self.g_proj(x).unflatten(-1, (H, self.head_v_dim))
         y = self.o_proj(self.o_norm(o, gate).flatten(-2))
@@ -312,9 +279,9 @@ class RoutedMemory(nn.Module):
             cache.advance(state, new_conv, shared_state)
         elif want_cache:
             cache = MemoryCache(state, new_conv, shared_state)
-        coef = self.router.config.load_balance_coef if self.router is not None else 0.0
-        # The router's probabilities, hence the loss, are at least float32; its zero is too.
-        aux_loss = coef * load_balancing_loss(routing) if coef > 0 else x.new_zeros((), dtype=compute_dtype(x))
+        aux_loss = core.aux_loss(self.router, routing)
+        if aux_loss is None:  # the router's probabilities, hence the loss, are at least float32; its zero is too
+            aux_loss = x.new_zeros((), dtype=compute_dtype(x))
         return y, cache, {"aux_loss": aux_loss, "routing": routing if self.router is not None else None}
 
 
