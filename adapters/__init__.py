@@ -10,8 +10,9 @@ GatedDeltaNet and Mamba2 (`supported_layers()`); `register_adapter` teaches it m
 `enable_triton_interpreter()` runs fla's own kernels on a CPU, to check a wrapped layer against the
 original there. See docs/adapters.md.
 """
-from .base import (AdapterContext, MemoryConfig, RoutedAdapter, RuleInputs, SlotConv, SlotLinear, adapter_for,
-                   register_adapter, supported_layers, unregister_adapter, wrap)
+from .base import AdapterContext, MemoryConfig, RoutedAdapter, RuleInputs
+from .registry import adapter_for, register_adapter, supported_layers, unregister_adapter, wrap
+from .slots import SlotConv, SlotLinear
 from . import fla_layers  # noqa: F401  (registers the fla adapters; does not import fla)
 from .fla_layers import (RoutedDeltaNet, RoutedGatedDeltaNet, RoutedGatedLinearAttention, RoutedMamba2,
                          RoutedSimpleGatedLinearAttention)

@@ -1,4 +1,5 @@
-"""The adapter machinery: `RoutedAdapter`, the registry behind `wrap`, and per-slot copies.
+"""The adapter machinery: `RoutedAdapter`, its memory configuration and forward context. The
+registry behind `wrap` is in `registry.py`, per-slot copies of write modules in `slots.py`.
 
 An adapter is an `nn.Module` that takes over an existing linear RNN layer: it adopts the layer's
 submodules, parameters and plain attributes under the same names (so `adapter.q_proj is
@@ -19,7 +20,7 @@ how the layer computes the inputs of a memplug rule and how it turns the memory 
         def output(self, o, x, inputs, ctx):           # memory read o [B,T,H,V] -> layer output
             ...
 
-    register_adapter(MyLayer, RoutedMyLayer)           # or "package.module.MyLayer"
+    register_adapter(MyLayer, RoutedMyLayer)           # or "package.module.MyLayer" (registry.py)
 
 `forward` (in this base class) follows flash-linear-attention's layer contract: `forward(
 hidden_states, attention_mask=None, past_key_values=None, use_cache=False, output_attentions=False,
@@ -41,6 +42,7 @@ from memplug.layers import check_memory_options
 from memplug.routing import Router, RouterConfig, Routing
 from memplug.rules import get_rule
 
+from .slots import SlotConv, is_slotted, slot_copies
 from .torch_ops import causal_conv
 
 _FROM_MODULE = object()
@@ -85,103 +87,6 @@ class MemoryConfig:
         out = asdict(self)
         out["router"] = self.router.to_dict()
         return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-slot copies of write modules
-
-
-class SlotLinear(nn.Module):
-    """`num_slots` independent linear maps: weight `[m, out, in]`, bias `[m, out]`.
-
-    With `shared_input`, `x [..., in]` feeds every slot; otherwise `x [..., m, in]` gives each slot its
-    own input. Returns `[..., m, out]`.
-    """
-
-    def __init__(self, num_slots, in_features, out_features, bias=True, shared_input=True, device=None,
-                 dtype=None):
-        super().__init__()
-        self.num_slots, self.in_features, self.out_features = num_slots, in_features, out_features
-        self.shared_input = shared_input
-        self.weight = nn.Parameter(torch.empty(num_slots, out_features, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(num_slots, out_features, device=device, dtype=dtype)) if bias else None
-
-    @classmethod
-    def copies(cls, linear: nn.Linear, num_slots: int, shared_input: bool = True) -> "SlotLinear":
-        """`num_slots` copies of `linear`."""
-        w = linear.weight
-        out = cls(num_slots, linear.in_features, linear.out_features, linear.bias is not None, shared_input,
-                  device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            out.weight.copy_(w.detach()[None].expand_as(out.weight))
-            if linear.bias is not None:
-                out.bias.copy_(linear.bias.detach()[None].expand_as(out.bias))
-        return out
-
-    def forward(self, x):
-        if self.shared_input:
-            y = torch.einsum("...i,soi->...so", x, self.weight)
-        else:
-            y = torch.einsum("...si,soi->...so", x, self.weight)
-        return y if self.bias is None else y + self.bias
-
-    def extra_repr(self):
-        return (f"num_slots={self.num_slots}, in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, shared_input={self.shared_input}")
-
-
-class SlotConv(nn.Module):
-    """`num_slots` copies of a depthwise causal convolution over `channels` channels each, stored as
-    one convolution over `num_slots * channels` channels (slot-major), weight `[m*C, 1, W]` as in fla."""
-
-    def __init__(self, num_slots, channels, kernel_size, bias, activation, device=None, dtype=None):
-        super().__init__()
-        self.num_slots, self.channels, self.kernel_size, self.activation = num_slots, channels, kernel_size, activation
-        self.weight = nn.Parameter(torch.empty(num_slots * channels, 1, kernel_size, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(num_slots * channels, device=device, dtype=dtype)) if bias else None
-
-    @classmethod
-    def copies(cls, conv: nn.Module, num_slots: int) -> "SlotConv":
-        w = conv.weight
-        C, W = w.shape[0], w.shape[-1]
-        out = cls(num_slots, C, W, conv.bias is not None, getattr(conv, "activation", None),
-                  device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            out.weight.copy_(w.detach().reshape(1, C, 1, W).expand(num_slots, C, 1, W).reshape(-1, 1, W))
-            if conv.bias is not None:
-                out.bias.copy_(conv.bias.detach().repeat(num_slots))
-        return out
-
-    def extra_repr(self):
-        return (f"num_slots={self.num_slots}, channels={self.channels}, kernel_size={self.kernel_size}, "
-                f"bias={self.bias is not None}, activation={self.activation}")
-
-
-def slot_copies(module: nn.Module, num_slots: int, shared_input: bool = True) -> nn.Module:
-    """Per-slot copies of a write module: `nn.Linear` -> `SlotLinear`, a short convolution (a module
-    with a `[C, 1, W]` weight, such as fla's `ShortConvolution`) -> `SlotConv`, `nn.Sequential` of
-    those -> a `Sequential` whose first map feeds every slot and whose later maps act per slot."""
-    if isinstance(module, nn.Linear):
-        return SlotLinear.copies(module, num_slots, shared_input)
-    if isinstance(module, nn.Conv1d):
-        if module.groups != module.in_channels or module.in_channels != module.out_channels:
-            raise ValueError(f"per_slot_kv: can only copy depthwise convolutions, got {module}")
-        return SlotConv.copies(module, num_slots)
-    if isinstance(module, nn.Sequential):
-        parts, shared = [], shared_input
-        for part in module:
-            parts.append(slot_copies(part, num_slots, shared))
-            shared = shared and not isinstance(part, nn.Linear)
-        return nn.Sequential(*parts)
-    if not any(True for _ in module.parameters()):
-        return module  # parameter-free (an activation): acts on any shape
-    raise TypeError(f"per_slot_kv: cannot make per-slot copies of {type(module).__name__}; "
-                    f"supported: nn.Linear, depthwise convolutions, nn.Sequential of those")
-
-
-def _is_slotted(module: nn.Module) -> bool:
-    return isinstance(module, (SlotLinear, SlotConv)) or (
-        isinstance(module, nn.Sequential) and any(_is_slotted(m) for m in module))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,7 +151,7 @@ class AdapterContext:
         found = self.memo.get(("linear", key))
         if found is None or found[0] is not x:
             y = module(x)
-            found = self.memo[("linear", key)] = (x, y if _is_slotted(module) else y.unsqueeze(-2))
+            found = self.memo[("linear", key)] = (x, y if is_slotted(module) else y.unsqueeze(-2))
         return found[1]
 
     def conv(self, name: str, y: torch.Tensor, activation=_FROM_MODULE) -> torch.Tensor:
@@ -486,98 +391,3 @@ class RoutedAdapter(nn.Module):
             self.last_routing = Routing(*(t.detach() for t in routing))
             self.last_aux_loss = core.aux_loss(self.router, routing)
         return y, None, past_key_values
-
-
-# --------------------------------------------------------------------------------------------------
-# Registry and wrap
-
-
-_ADAPTERS: dict[str, type] = {}
-
-
-def _type_name(t: type) -> str:
-    return f"{t.__module__}.{t.__qualname__}"
-
-
-def register_adapter(layer_type, adapter=None, *, replace: bool = False):
-    """Teach `wrap` a layer type: `register_adapter(LayerClass, AdapterClass)`, or as a class
-    decorator `@register_adapter(LayerClass)`. `layer_type` may be the class or its qualified name
-    ("package.module.Class", which needs no import). Matching is by exact type."""
-    key = layer_type if isinstance(layer_type, str) else _type_name(layer_type)
-    if not isinstance(layer_type, (str, type)):
-        raise TypeError(f"register_adapter: layer_type must be a class or its qualified name, got {layer_type!r}")
-
-    def add(adapter_cls):
-        if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, RoutedAdapter)):
-            raise TypeError(f"register_adapter: the adapter must be a RoutedAdapter subclass, got {adapter_cls!r}")
-        if adapter_cls.rule is None:
-            raise ValueError(f"register_adapter: {adapter_cls.__name__}.rule is not set")
-        get_rule(adapter_cls.rule)
-        if key in _ADAPTERS and _ADAPTERS[key] is not adapter_cls and not replace:
-            raise ValueError(f"register_adapter: {key} already has the adapter {_ADAPTERS[key].__name__}; "
-                             f"pass replace=True to replace it")
-        _ADAPTERS[key] = adapter_cls
-        return adapter_cls
-
-    return add if adapter is None else add(adapter)
-
-
-def unregister_adapter(layer_type) -> None:
-    key = layer_type if isinstance(layer_type, str) else _type_name(layer_type)
-    if key not in _ADAPTERS:
-        raise ValueError(f"unregister_adapter: no adapter registered for {key}")
-    del _ADAPTERS[key]
-
-
-# Layer types known not to map onto memplug yet, with the reason (wrap says so instead of "unknown").
-NOT_YET_SUPPORTED = {
-    "fla.layers.kda.KimiDeltaAttention": "Kimi Delta Attention needs the kda rule (a delta rule with a decay per key "
-                                         "channel), which memplug does not have yet",
-}
-
-
-def check_not_unsupported(layer_type: type) -> None:
-    """Raise NotImplementedError for a layer type in `NOT_YET_SUPPORTED`."""
-    reason = NOT_YET_SUPPORTED.get(_type_name(layer_type))
-    if reason is not None:
-        raise NotImplementedError(f"{_type_name(layer_type)} is not supported yet: {reason}")
-
-
-def supported_layers() -> list[str]:
-    """Qualified names of the layer types `wrap` knows."""
-    return sorted(_ADAPTERS)
-
-
-def adapter_for(layer_or_type) -> Optional[type]:
-    """The adapter class registered for a layer (or layer type), or None."""
-    t = layer_or_type if isinstance(layer_or_type, type) else type(layer_or_type)
-    return _ADAPTERS.get(_type_name(t))
-
-
-def wrap(layer: nn.Module, num_slots: int, topk: int, coupling: str = "dt", router=None, per_slot_kv: bool = False,
-         shared_slot: bool = False, backend: str = "auto") -> RoutedAdapter:
-    """Wrap a linear RNN layer with routed sparse-state memory.
-
-    The returned module adopts the layer's modules and parameters (shared, not copied), keeps its
-    forward signature, return format and fla cache, and runs the recurrence over `num_slots` slots
-    per head, `topk` of them per token, through `memplug.routed_scan` / `routed_step`. With
-    `num_slots=1, topk=1` it computes exactly what the layer computes. With `per_slot_kv` the write
-    projections (and their short convolutions) start as copies of the layer's, one per slot.
-
-    coupling: "dt" (the routing weight scales each routed update) or "none"; router: a
-    `memplug.RouterConfig` or a dict of its fields; shared_slot: add an always-on dense slot that
-    uses the layer's original write projections; backend: the `routed_scan` backend.
-    """
-    if isinstance(layer, RoutedAdapter):
-        raise TypeError(f"wrap: this {type(layer).__name__} is already wrapped")
-    if not isinstance(layer, nn.Module):
-        raise TypeError(f"wrap: expected an nn.Module layer, got {type(layer).__name__}")
-    adapter_cls = adapter_for(layer)
-    if adapter_cls is None:
-        check_not_unsupported(type(layer))
-        raise TypeError(f"wrap: no adapter for layers of type {_type_name(type(layer))}; supported layer types: "
-                        f"{supported_layers()}. Teach wrap a new type with memplug.adapters.register_adapter "
-                        f"(see docs/adapters.md)")
-    memory = MemoryConfig.make(num_slots=num_slots, topk=topk, coupling=coupling, router=router,
-                               per_slot_kv=per_slot_kv, shared_slot=shared_slot, backend=backend)
-    return adapter_cls(layer, memory)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from memplug.modules import at_least_float32
 
 from . import torch_ops as ops
-from .base import AdapterContext, RoutedAdapter, RuleInputs, register_adapter
+from .base import AdapterContext, RoutedAdapter, RuleInputs
+from .registry import register_adapter
 
 
 def _reject(layer, option, value, why):

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from memplug.checks import check_bool
 from memplug.imports import import_object
 
-from .base import MemoryConfig, RoutedAdapter, _type_name, adapter_for, check_not_unsupported, supported_layers
+from .base import MemoryConfig, RoutedAdapter
+from .registry import qualified_name, adapter_for, check_not_unsupported, supported_layers
 from .torch_ops import rms_norm
 
 CONFIG_KEY = "memplug"  # the attribute of the model's config that records the memory
@@ -30,7 +31,7 @@ def _matches(module, layer_types) -> bool:
         return True
     t = type(module)
     for spec in layer_types:
-        if spec is t or spec == t.__name__ or spec == _type_name(t):
+        if spec is t or spec == t.__name__ or spec == qualified_name(t):
             return True
     return False
 
@@ -46,7 +47,7 @@ def _wrap_paths(model: nn.Module, paths: Iterable[str], memory: MemoryConfig):
         layer = model.get_submodule(path)
         adapter_cls = adapter_for(layer)
         if adapter_cls is None:
-            raise TypeError(f"wrap_model: {path} is a {_type_name(type(layer))}, which no adapter wraps; "
+            raise TypeError(f"wrap_model: {path} is a {qualified_name(type(layer))}, which no adapter wraps; "
                             f"supported: {supported_layers()}")
         _set_submodule(model, path, adapter_cls(layer, memory))
 
@@ -76,14 +77,14 @@ def wrap_model(model: nn.Module, layer_types=None, *, cpu_fallbacks: bool = True
     paths = [name for name, module in model.named_modules()
              if name and adapter_for(module) is not None and _matches(module, layer_types)]
     if not paths:
-        kinds = sorted({_type_name(type(m)) for m in model.modules()})
+        kinds = sorted({qualified_name(type(m)) for m in model.modules()})
         raise ValueError(f"wrap_model: no layer to wrap (layer_types={layer_types}); supported layer types: "
                          f"{supported_layers()}; the model holds: {kinds}")
     _wrap_paths(model, paths, memory)
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, {"memory": memory.to_dict(), "layers": paths,
-                                     "model_class": _type_name(type(model))})
+                                     "model_class": qualified_name(type(model))})
     accept_cache_keyword(model)
     if cpu_fallbacks:
         add_cpu_fallbacks(model)
@@ -273,7 +274,7 @@ def add_cpu_fallbacks(model: nn.Module) -> nn.Module:
         model.criterion = CrossEntropyWithTorchFallback(config)
     for module in model.modules():
         t = type(module)
-        forward = _FALLBACKS.get(_type_name(t))
+        forward = _FALLBACKS.get(qualified_name(t))
         if forward is None:
             continue
         if t not in _FALLBACK_CLASSES:

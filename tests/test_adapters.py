@@ -475,21 +475,23 @@ def test_interpreter_refuses_an_untested_triton(monkeypatch):
 def test_docs_examples_run():
     """Every python block of docs/adapters.md runs: those that turn on Triton's interpreter in a
     fresh process (as they say they must), the others here."""
-    from memplug.adapters import base
+    from memplug.adapters import supported_layers, unregister_adapter
 
     text = (ROOT / "docs" / "adapters.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, re.S)
     fresh = [block for block in blocks if "enable_triton_interpreter()" in block]
     assert len(blocks) >= 5 and len(fresh) == 1
-    registered = dict(base._ADAPTERS)
+    registered = set(supported_layers())
     try:
         namespace = {}
         for block in blocks:
             if block not in fresh:
                 exec(compile(block, "docs/adapters.md", "exec"), namespace)
     finally:
-        base._ADAPTERS.clear()
-        base._ADAPTERS.update(registered)
+        for name in supported_layers():
+            if name not in registered:
+                unregister_adapter(name)
+    assert set(supported_layers()) == registered  # the examples' adapters are gone again
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", fresh[0]], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
