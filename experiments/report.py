@@ -235,8 +235,8 @@ def plot(config: AblateConfig, records: list[dict], out: Path) -> list[Path]:
                  "loss_by_position": lambda: _plot_loss_by_position(plt, config, task_name, found, rules, out),
                  "accuracy_by_pairs": lambda: _plot_by_pairs(plt, config, found, rules, out)}
         paths = [views[name]() for name in TASKS[task_name].plots]
-        paths.insert(1, _plot_curves(plt, config, task_name, found, rules, out))
         written += [path for path in paths if path is not None]
+        written.append(_plot_curves(plt, config, task_name, found, rules, out))
     return written
 
 

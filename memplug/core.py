@@ -34,7 +34,7 @@ def select_routes(x, idx):
 
 
 def _per_route(t, routes):
-    """WriteInputs `[B,T,H,c,...]` -> shared by the routes `[B,T,H,...]` (c = 1) or per route `[B,T,H,R,...]`."""
+    """Writes `[B,T,H,c,...]` -> shared by the routes `[B,T,H,...]` (c = 1) or per route `[B,T,H,R,...]`."""
     if t is None:
         return None
     return t.squeeze(3) if t.shape[3] == 1 else select_routes(t, routes)
@@ -52,7 +52,7 @@ class MemoryCore:
     scale: Optional[float] = None
 
     def route(self, router: Optional[Router], x) -> Routing:
-        """The router's routing of `x [B,T,D]`, or every token to slot 0 with weight 1 (one slot)."""
+        """The router's routing of `x [B,T,...]`, or every token to slot 0 with weight 1 (one slot)."""
         if router is not None:
             return router(x)
         B, T = x.shape[:2]
@@ -70,10 +70,9 @@ class MemoryCore:
                                 cu_seqlens, want_state)
         if shared is not None:
             sk, sv, sg, sbeta = (None if t is None else t.squeeze(3) for t in shared)
-            zeros = torch.zeros(*q.shape[:2], 1, 1, dtype=torch.long, device=q.device)
-            ones = torch.ones(*q.shape[:2], 1, 1, dtype=torch.float32, device=q.device)
-            o_shared, shared_state = self._memory(shared_q, sk, sv, sg, sbeta, zeros, ones, 1, "none", shared_state,
-                                                  cu_seqlens, want_state)
+            every_token = self.route(None, q)  # slot 0, weight 1
+            o_shared, shared_state = self._memory(shared_q, sk, sv, sg, sbeta, every_token.idx, every_token.weight, 1,
+                                                  "none", shared_state, cu_seqlens, want_state)
             o = o + o_shared
         return o, state, shared_state
 

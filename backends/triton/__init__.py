@@ -183,7 +183,7 @@ def triton_step(args):
     c = rule.couple(cast(ks), cast(vs), cast(gs), cast(bs), w)
     first = lambda x, *event: None if x is None else x.expand(B, 1, H, R, *event)[:, 0].to(f32).contiguous()
     decay, is_delta = specialization(None if c.a is None else rule.family.decay, rule.family.delta)
-    a = None if c.a is None else (first(c.a, K) if rule.family.decay == "vector" else first(c.a))
+    a = None if c.a is None else (first(c.a, K) if decay == 2 else first(c.a))
     idx = routes_per_head(args.route_idx, H)[:, 0].contiguous()
     rw = routes_per_head(args.read_w, H)[:, 0].to(f32).contiguous()
     o = q.new_empty(B, H, V, dtype=f32)

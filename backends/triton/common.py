@@ -30,6 +30,7 @@ import triton.language as tl
 
 from . import interpreting
 
+
 def specialization(decay: "str | None", delta: bool) -> tuple:
     """The kernels' family switches (DECAY, DELTA) for a decay of kind None, "scalar" or "vector"
     (`memplug.rules.Family.decay`, None where the rule gives no decay) and a delta-rule write: DECAY 0
