@@ -67,6 +67,9 @@ class MemoryConfig:
     def __post_init__(self):
         self.router = check_memory_options(self.num_slots, self.topk, self.coupling, self.router, self.per_slot_kv,
                                            self.shared_slot, self.backend)
+        if self.router.capacity_factor > 0:
+            raise ValueError("router.capacity_factor: not supported by the adapters yet: the slot counts a capacity "
+                             "carries between calls have no place in fla's cache; use memplug.RoutedMemory")
 
     @classmethod
     def make(cls, config=None, **kwargs) -> "MemoryConfig":

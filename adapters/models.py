@@ -16,7 +16,7 @@ from memplug.checks import check_bool
 from memplug.imports import import_object
 
 from .base import MemoryConfig, RoutedAdapter
-from .registry import qualified_name, adapter_for, check_not_unsupported, supported_layers
+from .registry import qualified_name, adapter_for, supported_layers
 from .torch_ops import rms_norm
 
 CONFIG_KEY = "memplug"  # the attribute of the model's config that records the memory
@@ -71,9 +71,6 @@ def wrap_model(model: nn.Module, layer_types=None, *, cpu_fallbacks: bool = True
     memory = MemoryConfig.make(**memory_config)
     if any(isinstance(m, RoutedAdapter) for m in model.modules()):
         raise ValueError("wrap_model: the model already holds wrapped layers")
-    for module in model.modules():
-        if _matches(module, layer_types):
-            check_not_unsupported(type(module))  # rather than wrap the other layers of a hybrid model
     paths = [name for name, module in model.named_modules()
              if name and adapter_for(module) is not None and _matches(module, layer_types)]
     if not paths:

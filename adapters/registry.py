@@ -48,20 +48,6 @@ def unregister_adapter(layer_type) -> None:
     del _ADAPTERS[key]
 
 
-# Layer types known not to map onto memplug yet, with the reason (wrap says so instead of "unknown").
-NOT_YET_SUPPORTED = {
-    "fla.layers.kda.KimiDeltaAttention": "Kimi Delta Attention needs the kda rule (a delta rule with a decay per key "
-                                         "channel), which memplug does not have yet",
-}
-
-
-def check_not_unsupported(layer_type: type) -> None:
-    """Raise NotImplementedError for a layer type in `NOT_YET_SUPPORTED`."""
-    reason = NOT_YET_SUPPORTED.get(qualified_name(layer_type))
-    if reason is not None:
-        raise NotImplementedError(f"{qualified_name(layer_type)} is not supported yet: {reason}")
-
-
 def supported_layers() -> list[str]:
     """Qualified names of the layer types `wrap` knows."""
     return sorted(_ADAPTERS)
@@ -93,7 +79,6 @@ def wrap(layer: nn.Module, num_slots: int, topk: int, coupling: str = "dt", rout
         raise TypeError(f"wrap: expected an nn.Module layer, got {type(layer).__name__}")
     adapter_cls = adapter_for(layer)
     if adapter_cls is None:
-        check_not_unsupported(type(layer))
         raise TypeError(f"wrap: no adapter for layers of type {qualified_name(type(layer))}; supported layer types: "
                         f"{supported_layers()}. Teach wrap a new type with memplug.adapters.register_adapter "
                         f"(see docs/adapters.md)")

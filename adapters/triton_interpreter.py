@@ -5,7 +5,7 @@ CPU"):
     from memplug.adapters import enable_triton_interpreter
     enable_triton_interpreter()   # first: before fla is imported
 
-`TRITON_INTERPRET=1` makes `triton.jit` return interpreted functions, which run on CPU tensors. Three
+`TRITON_INTERPRET=1` makes `triton.jit` return interpreted functions, which run on CPU tensors. Four
 things still stand in the way of fla's kernels there, and `enable_triton_interpreter` patches them:
 
 1. autotuning: with more than one config, the autotuner benchmarks each one through the GPU driver,
@@ -20,6 +20,10 @@ things still stand in the way of fla's kernels there, and `enable_triton_interpr
 3. speed (no change of results): the interpreter re-patches the whole `triton.language` namespace
    on every call of a device function (`@triton.jit` helpers such as fla's `exp`), thousands of
    times per kernel. The patch skips that while a kernel launch has already patched it.
+4. builtins under other names: the interpreter patches the builtins of `triton.language` where they
+   live, not a module's own name for one (fla's `gather = tl.gather`, used by its KDA kernels), which
+   then fails as a builtin called outside a compiler. The patch treats such names in the module of
+   every kernel and device function it runs the same way, for the duration of the launch.
 
 The patches reach into the interpreter's internals, so they are tied to the Triton releases they were
 tested with (`SUPPORTED_TRITON`); any other release is refused with a clear error. `triton.jit`
@@ -62,7 +66,8 @@ class _LoopIndexAsTensor(ast.NodeTransformer):
 SUPPORTED_TRITON = ("3.9",)  # major.minor releases the patches were tested with
 _INTERNALS = (("triton.runtime.autotuner", "Autotuner.prune_configs"),  # module, attribute the patches use
               ("triton.runtime.interpreter", "FunctionRewriter.ast_transformer"),
-              ("triton.runtime.interpreter", "_patch_lang"), ("triton.runtime.interpreter", "_LangPatchScope"))
+              ("triton.runtime.interpreter", "_patch_lang"), ("triton.runtime.interpreter", "_LangPatchScope"),
+              ("triton.runtime.interpreter", "_patch_attr"), ("triton.runtime.interpreter", "interpreter_builder"))
 
 
 def installed_triton() -> Optional[str]:
@@ -142,7 +147,7 @@ def enable_triton_interpreter() -> None:
     interpreter.FunctionRewriter.ast_transformer = Transformer()
 
     patch_lang = interpreter._patch_lang
-    launch = {"scope": None, "langs": set()}  # the kernel launch under way and the modules it patched
+    launch = {"scope": None, "langs": set(), "aliased": set()}  # the launch under way, what it patched
 
     import triton.language as tl
 
@@ -159,16 +164,28 @@ def enable_triton_interpreter() -> None:
             try:
                 launch["scope"].restore()
             finally:
-                launch["scope"], launch["langs"] = None, set()
+                launch["scope"], launch["langs"], launch["aliased"] = None, set(), set()
+
+    def patch_aliases(fn):
+        """Module-level names of `fn`'s module bound to builtins, patched like the builtins themselves."""
+        module = sys.modules.get(getattr(fn, "__module__", None))
+        if module is None or id(module) in launch["aliased"]:
+            return
+        launch["aliased"].add(id(module))
+        for name, value in list(vars(module).items()):
+            if inspect.isfunction(value) and tl.core.is_builtin(value):
+                interpreter._patch_attr(module, name, value, interpreter.interpreter_builder, launch["scope"])
 
     def patch_lang_once(fn):
         langs = lang_modules(fn)
         if launch["scope"] is None:  # a kernel launch: patch, and restore when it ends
             launch["scope"], launch["langs"] = patch_lang(fn), set(langs)
+            patch_aliases(fn)
             return LaunchScope()
         if not langs <= launch["langs"]:  # a device function seeing modules the launch did not patch
             launch["scope"]._changes.extend(patch_lang(fn)._changes)  # undone when the launch ends
             launch["langs"] |= langs
+        patch_aliases(fn)
         return interpreter._LangPatchScope()
 
     interpreter._patch_lang = patch_lang_once

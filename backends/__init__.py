@@ -8,14 +8,14 @@
   chosen by "auto").
 """
 from memplug.registry import register_backend
-from memplug.rules import ADDITIVE_SCALAR, ADDITIVE_VECTOR, DELTA
+from memplug.rules import ADDITIVE_SCALAR, ADDITIVE_VECTOR, DELTA, DELTA_VECTOR
 
 from .chunked import CHUNK_SIZES as _CHUNKED_SIZES, chunked_scan
 from .reference import reference_scan, reference_step
 from .triton import (CHUNK_SIZES as _TRITON_SIZES, DTYPES as _TRITON_DTYPES, triton_available, triton_priority,
                      triton_scan, triton_step, triton_step_supports, triton_supports)
 
-_BUILT_IN_FAMILIES = (ADDITIVE_SCALAR, ADDITIVE_VECTOR, DELTA)
+_BUILT_IN_FAMILIES = (ADDITIVE_SCALAR, ADDITIVE_VECTOR, DELTA, DELTA_VECTOR)
 register_backend("reference", reference_scan, reference_step, priority={"cpu": 0, "cuda": 0},
                  supports_rule=lambda rule: True)
 register_backend("chunked", chunked_scan, priority={"cpu": 10, "cuda": 5}, families=_BUILT_IN_FAMILIES,

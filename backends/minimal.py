@@ -35,7 +35,8 @@ def minimal_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g=None, beta=N
     onehot = torch.nn.functional.one_hot(route_idx.expand(B, T, H, R), m).to(q.dtype)
     per_route = lambda x, event: x if x.dim() == 4 + event else x.unsqueeze(3).expand(*x.shape[:3], R, *x.shape[3:])
     per_slot = lambda x: torch.einsum("bthrj,bthr...->bthj...", onehot, x)
-    w = route_w.expand(B, T, H, R) if coupling == "dt" else torch.ones(B, T, H, R, dtype=q.dtype)
+    w = route_w.expand(B, T, H, R)
+    w = w if coupling == "dt" else (w > 0).to(q.dtype)  # "none": 1 per route, 0 for a route of weight 0
     c = rule.couple(per_slot(per_route(k, 1)), per_slot(per_route(v, 1)),
                     None if g is None else per_slot(per_route(g, int(rule.g == "vector"))),
                     None if beta is None else per_slot(per_route(beta, 0)), per_slot(w))

@@ -25,9 +25,12 @@ import hashlib
 import json
 import math
 import fcntl
+import functools
 import importlib
+import importlib.metadata
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -175,6 +178,23 @@ def replica_drift(model) -> float:
     return drift.item()
 
 
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The memplug code a run trained with: its git commit, with "-dirty" if files differ from it, or
+    the installed version where memplug is not a git checkout."""
+    import memplug
+
+    root = Path(memplug.__file__).resolve().parent.parent
+    try:
+        described = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12",
+                                    "--exclude=*"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        described = None
+    if described is not None and described.returncode == 0 and described.stdout.strip():
+        return described.stdout.strip()
+    return "memplug " + importlib.metadata.version("memplug")
+
+
 def train_run(run: Run, task, env, progress=None) -> dict:
     """Train and evaluate one run; returns its JSON record (on every rank). `progress(loss)` is
     called after every step with the step's loss (a tensor), and with None for each step a diverged
@@ -199,7 +219,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
     curve = []  # validation loss and accuracy at those steps and at the end
     checkpoints = {max(1, round(train.steps * f)) for f in (0.25, 0.5, 0.75)}
     refused_at = None  # the step at which the memory's checks refused non-finite values
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model.train()
     for step in range(train.steps):
         for group in opt.param_groups:
@@ -233,7 +253,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
         for _ in range(train.steps - (step + 1 if refused_at is None else step)):
             progress(None)
     losses = torch.stack(losses) if losses else torch.zeros(0)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     drift = None
     if world > 1:  # the record is rank 0's: give it the global batch's loss, and check the replicas agree
         dist.all_reduce(losses)
@@ -250,7 +270,8 @@ def train_run(run: Run, task, env, progress=None) -> dict:
                   "memory_flops_per_token": model.memory_flops_per_token()}
     record = {"run": run.id, "config_hash": run.hash, **run.settings(), **accounting, "steps": train.steps,
               "diverged": diverged_step is not None, "diverged_step": diverged_step,
-              "train_seconds": seconds, "world_size": world, "ddp_param_drift": drift, "device": str(device.type),
+              "train_seconds": seconds, "cpu_seconds": cpu_seconds, "code": code_version(), "world_size": world,
+              "ddp_param_drift": drift, "device": str(device.type),
               "backend": run.model.layer.get("backend", "auto"), "routing_history": routing_history,
               "curve": curve}
     if diverged_step is not None:  # a result like any other: recorded, shown, never retrained on resume

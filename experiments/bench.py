@@ -5,7 +5,9 @@ base shape, at a long sequence and with many slots, measures peak memory, and ch
 
 - speed-up over the `reference` backend at the base length (forward + backward), goal >= 20;
 - time at the long length over time at the base length, goal <= 10 (8x the tokens: about linear);
-- time with many slots over time with few (same R), goal <= 1.5 (work follows R*T, not m*T).
+- time with many slots over time with few (same R), goal <= 1.5 (work follows R*T, not m*T);
+- for `kda` (a delta rule with a decay per key channel), its time over `gated_deltanet`'s (the same
+  delta rule with one decay per head) at the base shape, forward + backward, goal <= 3.
 
 Times are the best of `--repeats` rounds after a warm-up round, so that other work on the machine
 inflates them as little as possible; the three shapes take turns within each round. The reference
@@ -35,7 +37,10 @@ GOALS = {  # name -> (comparison, goal)
     "vs_reference": (">=", 20.0),
     "long_over_base": ("<=", 10.0),
     "many_over_few_slots": ("<=", 1.5),
+    "over_scalar_decay": ("<=", 3.0),
 }
+# A rule held to the speed of its scalar-decay counterpart, timed alongside it.
+SCALAR_DECAY_PEER = {"kda": "gated_deltanet"}
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,10 @@ def verdict(name: str, value: float) -> str:
 
 def bench_rule(case: Case, args) -> None:
     cases = {"base": case, "long": replace(case, T=args.long_T), "many": replace(case, m=args.many_slots)}
+    peer = SCALAR_DECAY_PEER.get(case.rule)
     forward = best_times(cases, args.backend, False, args.repeats)
-    both = best_times(cases, args.backend, True, args.repeats)
+    both = best_times(dict(cases, **({"peer": replace(case, rule=peer)} if peer else {})), args.backend, True,
+                      args.repeats)
     print(f"\nrule {case.rule}")
     print(f"  {'T':>6} {'m':>4} {'fwd tok/s':>11} {'fwd+bwd tok/s':>14} {'fwd+bwd s':>10} {'peak MiB':>9}")
     for label, c in cases.items():
@@ -173,6 +180,9 @@ def bench_rule(case: Case, args) -> None:
         "many_over_few_slots": (both["many"] / both["base"],
                                 f"time at m={args.many_slots} / m={case.m}, R={case.R}, T={case.T}, fwd+bwd"),
     }
+    if peer:
+        ratios["over_scalar_decay"] = (both["base"] / both["peer"],
+                                       f"{case.rule} / {peer}, fwd+bwd, T={case.T}, m={case.m}")
     for name, (value, what) in ratios.items():
         print(f"  {what}: {value:.2f}   {verdict(name, value)}")
 

@@ -280,13 +280,17 @@ def check_config(config: AblateConfig):
             if key in model.layer:
                 raise ValueError(f"model.layer.{key}: set by the grid (rules, model.num_slots, model.topk), "
                                  "not by the layer's extra arguments")
+        if "router" in model.layer:
+            raise ValueError("model.layer.router: would replace each configuration's own router; set router "
+                             "options over it in model.router")
         # every memory layer of the grid builds
         for rule in config.rules:
             for memory in config.memories:
                 try:
                     build_memory(memory, rule, model)
                 except (ValueError, TypeError) as e:
-                    raise ValueError(f"model.layer (task {task_name}, rule {rule}, memory {memory}): {e}") from None
+                    where = "model.router" if str(e).startswith("router") and model.router else "model.layer"
+                    raise ValueError(f"{where} (task {task_name}, rule {rule}, memory {memory}): {e}") from None
 
 
 def resolved(config: AblateConfig, task_name: str):

@@ -60,13 +60,19 @@ def build_memory(memory: str, rule: str, config: "ModelConfig") -> nn.Module:
     name, factor = parse_memory(memory)
     cls, make, _ = MEMORIES[name]
     kwargs = {"rule": rule, **make(config.num_slots, config.topk), **config.layer}
-    return cls(config.d_model, config.num_heads, config.head_k_dim, factor * config.head_v_dim, **kwargs)
+    build = lambda kw: cls(config.d_model, config.num_heads, config.head_k_dim, factor * config.head_v_dim, **kw)
+    if not config.router or name == "backbone":  # one slot: no router to set
+        return build(kwargs)
+    with torch.random.fork_rng(devices=[]):  # reading the configuration's own router draws no numbers
+        own = build(kwargs).config["router"]
+    return build({**kwargs, "router": {**own, **config.router}})
 
 
 @dataclass
 class ModelConfig:
     """Sizes of the model. `layer` holds extra `RoutedMemory` arguments for every configuration
-    (e.g. `short_conv`, `backend`); `num_slots` / `topk` are `m` / `R` of the routed ones."""
+    (e.g. `short_conv`, `backend`); `num_slots` / `topk` are `m` / `R` of the routed ones; `router`
+    holds router options set over each routed configuration's own router (e.g. `capacity_factor`)."""
 
     d_model: int = 64
     n_layers: int = 2
@@ -78,6 +84,7 @@ class ModelConfig:
     topk: int = 2
     router_init: str = "default"  # "default": PyTorch's; "zero": top-k routers start with every token on the same slots
     layer: dict = field(default_factory=dict)
+    router: dict = field(default_factory=dict)
 
 
 class MLP(nn.Module):

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from .routing import SlotCounts
+
 
 @dataclass
 class MemoryCache:
@@ -18,13 +20,17 @@ class MemoryCache:
     conv: short-convolution histories by stream name ("q", "k", "v", "shared_k", "shared_v"),
         `[N, kernel_size - 1, channels]` each; empty without short convolutions.
     shared_state: the always-on slot `[N, H, 1, K, V]`, or None without one.
+    counts: tokens seen and routes each slot kept (`memplug.routing.SlotCounts`) for a router with a
+        capacity factor, or None without one.
     """
 
     state: torch.Tensor
     conv: dict = field(default_factory=dict)
     shared_state: Optional[torch.Tensor] = None
+    counts: Optional[SlotCounts] = None
 
-    def advance(self, state: torch.Tensor, conv: dict, shared_state: Optional[torch.Tensor]) -> None:
+    def advance(self, state: torch.Tensor, conv: dict, shared_state: Optional[torch.Tensor],
+                counts: Optional[SlotCounts] = None) -> None:
         """Take the layer's new tensors. Where autograd records nothing, they are copied into this
         cache's own tensors, which so keep their storage from step to step: a decode step captured
         in a CUDA graph reads and writes the same memory at every replay. Where autograd records the
@@ -39,6 +45,9 @@ class MemoryCache:
         self.state = keep(self.state, state)
         self.conv = {name: keep(self.conv.get(name), history) for name, history in conv.items()}
         self.shared_state = keep(self.shared_state, shared_state)
+        if counts is not None:
+            old = self.counts
+            self.counts = counts if old is None else SlotCounts(*(keep(o, n) for o, n in zip(old, counts)))
 
     @property
     def batch_size(self) -> int:
@@ -47,7 +56,8 @@ class MemoryCache:
     def clone(self) -> "MemoryCache":
         """A copy that shares no tensor with this cache."""
         return MemoryCache(self.state.clone(), {name: s.clone() for name, s in self.conv.items()},
-                           None if self.shared_state is None else self.shared_state.clone())
+                           None if self.shared_state is None else self.shared_state.clone(),
+                           None if self.counts is None else SlotCounts(*(c.clone() for c in self.counts)))
 
     def reorder(self, index: torch.Tensor) -> "MemoryCache":
         """The cache of the sequences `index` (beam search reorders, drops and repeats the batch's
@@ -59,4 +69,6 @@ class MemoryCache:
             raise ValueError(f"index: expected a tensor on {self.state.device}, got one on {index.device}")
         return MemoryCache(self.state.index_select(0, index),
                            {name: s.index_select(0, index) for name, s in self.conv.items()},
-                           None if self.shared_state is None else self.shared_state.index_select(0, index))
+                           None if self.shared_state is None else self.shared_state.index_select(0, index),
+                           None if self.counts is None else SlotCounts(*(c.index_select(0, index)
+                                                                         for c in self.counts)))

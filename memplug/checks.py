@@ -45,8 +45,8 @@ class ScanArgs:
     @property
     def write_weight(self) -> Tensor:
         """The weight w a route's update is coupled to (docs/contract.md section 3): `route_w` under
-        coupling "dt", 1 under "none"; `[B,T,Hr,R]`."""
-        return self.route_w if self.coupling == "dt" else torch.ones_like(self.route_w)
+        coupling "dt"; under "none" 1, or 0 for a route of weight 0 (no route); `[B,T,Hr,R]`."""
+        return self.route_w if self.coupling == "dt" else (self.route_w > 0).to(self.route_w.dtype)
 
     @property
     def K(self) -> int:

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .backends.layout import routes_per_head
-from .routing import Router, Routing, load_balancing_loss
+from .routing import Router, Routing, SlotCounts, apply_capacity, load_balancing_loss
 from .rules import Rule
 from .scan import routed_scan, routed_step
 
@@ -58,6 +58,14 @@ class MemoryCore:
         B, T = x.shape[:2]
         ones = torch.ones(B, T, 1, 1, dtype=torch.float32, device=x.device)
         return Routing(torch.zeros(B, T, 1, 1, dtype=torch.long, device=x.device), ones, ones)
+
+    @staticmethod
+    def limit(router: Optional[Router], routing: Routing, cu_seqlens, counts: Optional[SlotCounts]):
+        """`(routing, counts)`: the router's capacity applied (`memplug.routing.apply_capacity`), from
+        the slot counts of the tokens before; `(routing, None)` as given without a capacity."""
+        if router is None or router.config.capacity_factor == 0:
+            return routing, None
+        return apply_capacity(routing, router.config.capacity_factor, cu_seqlens, counts)
 
     def __call__(self, q, writes: WriteInputs, routing: Routing, state, cu_seqlens, want_state: bool,
                  shared_q=None, shared: Optional[WriteInputs] = None, shared_state=None):

@@ -47,9 +47,6 @@ def check_memory_options(num_slots, topk, coupling, router, per_slot_kv, shared_
     router = RouterConfig.make(router)
     if router.kind == "dense" and topk != num_slots:
         raise ValueError(f"topk: dense routing uses every slot, so topk must equal num_slots = {num_slots}, got {topk}")
-    if router.kind == "threshold" and coupling == "none":
-        raise ValueError("router.kind: threshold routing needs coupling='dt'; under 'none' a dropped "
-                         "route (weight 0) would still write to its slot")
     return router
 
 
@@ -246,6 +243,14 @@ class RoutedMemory(nn.Module):
         convs = {name: dict(batch=rows, taps=conv.kernel_size - 1, channels=conv.channels)
                  for name, conv in self._conv_streams().items()}
         check_conv_histories("conv", cache.conv, convs, x.dtype, x.device)
+        capacity = self.router is not None and self.router.config.capacity_factor > 0
+        if capacity and cache.counts is None:
+            raise ValueError("cache: has no slot counts, but this layer's router has a capacity factor "
+                             f"({self.router.config.capacity_factor}); the cache was made by another layer")
+        if capacity:
+            check_cache_tensor("counts.seen", cache.counts.seen, dict(batch=rows), torch.int64, x.device)
+            check_cache_tensor("counts.kept", cache.counts.kept, dict(batch=rows, head_groups=self.router.groups,
+                                                                      num_slots=self.num_slots), torch.int64, x.device)
 
     def forward(self, x, cache: Optional[MemoryCache] = None, cu_seqlens=None, use_cache: bool = False):
         self._check_forward(x, cache, cu_seqlens, use_cache)
@@ -256,7 +261,8 @@ class RoutedMemory(nn.Module):
         q = q.unflatten(-1, (H, K))
 
         core = self.core
-        routing = core.route(self.router, x)
+        chosen = core.route(self.router, x)
+        routing, counts = core.limit(self.router, chosen, cu_seqlens, None if cache is None else cache.counts)
         # l2 norms act on each key alone, so they are taken before the routes are selected
         l2 = (lambda t: F.normalize(t, dim=-1)) if self.qk_norm == "l2" else (lambda t: t)
         k, v, g, beta, write_conv = self.writes(x, conv, cu_seqlens, want_cache)
@@ -276,10 +282,10 @@ class RoutedMemory(nn.Module):
 
         new_conv = {n: s for n, s in new_conv.items() if s is not None}
         if cache is not None:  # advanced in place, so that no caller holds a half-updated cache
-            cache.advance(state, new_conv, shared_state)
+            cache.advance(state, new_conv, shared_state, counts)
         elif want_cache:
-            cache = MemoryCache(state, new_conv, shared_state)
-        aux_loss = core.aux_loss(self.router, routing)
+            cache = MemoryCache(state, new_conv, shared_state, counts)
+        aux_loss = core.aux_loss(self.router, chosen)  # on the router's choice, before any capacity drops
         if aux_loss is None:  # the router's probabilities, hence the loss, are at least float32; its zero is too
             aux_loss = x.new_zeros((), dtype=compute_dtype(x))
         return y, cache, {"aux_loss": aux_loss, "routing": routing if self.router is not None else None}

@@ -6,9 +6,8 @@ softmax, or independent sigmoids as in Raven):
 - `topk`: the `R` most probable slots; weights renormalised to sum to 1 (optional);
 - `dense`: every slot (R = m), weighted by its probability (soft routing);
 - `threshold`: the slots whose probability is at least `threshold`, at most `R` and never none
-  (the most probable slot always stays). Dropped routes get weight 0, which under coupling "dt"
-  is the same as no route (docs/contract.md section 3); under coupling "none" they would still write, so
-  `RoutedMemory` rejects that combination.
+  (the most probable slot always stays). Dropped routes get weight 0, which under either coupling
+  is the same as no route (docs/contract.md section 3).
 
 Options used in the field (`RouterConfig`): sigmoid scores (`score="sigmoid"`, Raven); Gumbel noise
 on the logits in training (`gumbel_noise`, Raven), drawn from torch's generator, so that activation
@@ -16,7 +15,11 @@ checkpointing, which restores the generator's state before it recomputes, routes
 auxiliary-loss-free balancing (`balance_rate`, DeepSeek-V3): a per-slot bias, added to the scores
 only to pick the slots (never to the weights), that `update_balance_biases(model)` moves by
 `balance_rate` towards the slots the last training forward underused. Call it after each optimizer
-step (`memplug ablate` does).
+step (`memplug ablate` does); and a capacity factor (`capacity_factor`, as MoE layers have), which
+`apply_capacity` enforces causally: a slot takes at most ceil(capacity_factor * R * (p + 1) / m)
+routes from the first p + 1 tokens of a sequence (its fair share of the routes so far, times the
+factor), and a route beyond that is dropped (weight 0; the kept weights are not renormalised). The
+counts carry over in a layer's cache (`SlotCounts`), so decoding drops what the full sequence drops.
 
 `load_balancing_loss` is the Switch Transformer auxiliary loss and `routing_stats` the numbers an
 experiment logs per step.
@@ -28,6 +31,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .checks import check_bool, check_finite_number
 from .modules import RMSNorm, at_least_float32
@@ -52,6 +56,8 @@ class RouterConfig:
     gumbel_noise: add Gumbel(0, 1) noise to the logits while the module is training.
     balance_rate: step of the auxiliary-loss-free balancing bias (0: no bias); top-k and threshold
         routing only (dense routing uses every slot).
+    capacity_factor: each slot takes at most this multiple of its fair share of the routes so far
+        (`apply_capacity`; 0: no limit); top-k and threshold routing only.
     """
 
     kind: str = "topk"
@@ -64,13 +70,14 @@ class RouterConfig:
     score: str = "softmax"
     gumbel_noise: bool = False
     balance_rate: float = 0.0
+    capacity_factor: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ROUTER_KINDS:
             raise ValueError(f"router.kind: expected one of {ROUTER_KINDS}, got {self.kind!r}")
         if self.score not in ROUTER_SCORES:
             raise ValueError(f"router.score: expected one of {ROUTER_SCORES}, got {self.score!r}")
-        for name in ("temperature", "threshold", "load_balance_coef", "balance_rate"):
+        for name in ("temperature", "threshold", "load_balance_coef", "balance_rate", "capacity_factor"):
             check_finite_number("router." + name, getattr(self, name))
         for name in ("renormalize", "per_head", "rms_norm_input", "gumbel_noise"):
             check_bool("router." + name, getattr(self, name))
@@ -79,6 +86,12 @@ class RouterConfig:
         if self.balance_rate > 0 and self.kind == "dense":
             raise ValueError("router.balance_rate: dense routing uses every slot, so a balancing bias would "
                              "change nothing; use kind 'topk' or 'threshold'")
+        if not self.capacity_factor >= 0:
+            raise ValueError(f"router.capacity_factor: expected a value >= 0 (0: no limit), "
+                             f"got {self.capacity_factor!r}")
+        if self.capacity_factor > 0 and self.kind == "dense":
+            raise ValueError("router.capacity_factor: dense routing sends every token to every slot, so a capacity "
+                             "would drop the same share of every slot; use kind 'topk' or 'threshold'")
         if not self.temperature > 0:
             raise ValueError(f"router.temperature: expected a value > 0, got {self.temperature!r}")
         if not 0 <= self.threshold <= 1:
@@ -153,6 +166,56 @@ def threshold_routing(logits, topk: int, threshold: float, temperature=1.0, reno
     if renormalize:
         weight = weight / weight.sum(-1, keepdim=True)
     return Routing(idx, weight, probs)
+
+
+class SlotCounts(NamedTuple):
+    """What `apply_capacity` carries from one call to the next, per sequence: `seen [N]` tokens so
+    far and `kept [N, Hr, m]` routes each slot took from them (int64)."""
+
+    seen: torch.Tensor
+    kept: torch.Tensor
+
+
+def apply_capacity(routing: Routing, capacity_factor: float, cu_seqlens=None, counts: SlotCounts = None):
+    """`(routing, counts)`: the routes beyond their slot's capacity set to weight 0, and the counts
+    after these tokens. Slot j of a sequence takes token p's route (p counted from the sequence's
+    start, including the tokens of `counts`) iff it took fewer than C_p = ceil(capacity_factor * R *
+    (p + 1) / m) routes before; routes of weight 0 take no capacity. Causal, and sync-free.
+
+    The kept count k(t) obeys k(t) = k(t-1) + [x_t and k(t-1) < C_t] (x_t: a route to the slot at
+    t). As C never decreases, k(t) <= C_t, and at a dropped route k(t-1) = C_t; so after the last
+    drop every route is kept, which gives, with a(t) the routes sent through t and k0 the count
+    before the first token, the closed form k(t) = a(t) + min(k0, min_{s<=t} (C_s - a(s))): a
+    cumulative sum and a cumulative minimum instead of a loop over tokens."""
+    idx, weight, probs = routing
+    B, T, Hr, R = idx.shape
+    m, dev, f64 = probs.shape[-1], idx.device, torch.float64
+    E = B * T  # the batch as one stream of tokens, cut into sequences at `starts`
+    starts = torch.arange(0, E + 1, T, device=dev) if cu_seqlens is None else cu_seqlens.to(torch.int64)
+    N = starts.numel() - 1
+    seq = torch.repeat_interleave(torch.arange(N, device=dev), starts.diff(), output_size=E)
+    first = torch.zeros(E, dtype=torch.bool, device=dev).index_fill_(0, starts[:-1], True)
+    if counts is None:
+        counts = SlotCounts(torch.zeros(N, dtype=torch.int64, device=dev),
+                            torch.zeros(N, Hr, m, dtype=torch.int64, device=dev))
+    position = torch.arange(E, device=dev) - starts[:-1][seq] + counts.seen[seq]
+    capacity = torch.ceil(capacity_factor * R * (position + 1).to(f64) / m)[:, None, None]  # [E,1,1]
+    sent = torch.zeros(E, Hr, m, dtype=f64, device=dev).scatter_(
+        -1, idx.reshape(E, Hr, R), (weight > 0).reshape(E, Hr, R).to(f64))
+    sent_so_far = sent.cumsum(0)
+    a = sent_so_far - F.pad(sent_so_far, (0, 0, 0, 0, 1, 0))[starts[:-1]][seq]  # within each sequence
+    k0 = counts.kept.to(f64)[seq]
+    # min(k0, min_s (C_s - a(s))) = k0 + min_s min(C_s - a(s) - k0, 0); the clamped terms lie in
+    # [-E R, 0], so an offset of `spread` per sequence makes one cumulative minimum restart at each.
+    spread = float(E * R + 1)
+    offset = spread * seq.to(f64)[:, None, None]
+    lowest = torch.cummin((capacity - a - k0).clamp(max=0) - offset, dim=0).values + offset
+    kept_through = a + k0 + lowest  # k(t)
+    kept_before = torch.where(first[:, None, None], k0, F.pad(kept_through, (0, 0, 0, 0, 1, 0))[:-1])
+    room = (kept_before < capacity).gather(-1, idx.reshape(E, Hr, R)).reshape(B, T, Hr, R)
+    last = starts[1:] - 1
+    counts = SlotCounts(counts.seen + starts.diff(), kept_through[last].to(torch.int64))
+    return Routing(idx, torch.where(room, weight, 0.0), probs), counts
 
 
 def load_balancing_loss(routing: Routing) -> torch.Tensor:

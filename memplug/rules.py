@@ -1,6 +1,6 @@
 """Update rules, each defined once by its single-token update (docs/contract.md section 3).
 
-A built-in rule is a *coupling* into one of three *families*. The family owns the single-token
+A built-in rule is a *coupling* into one of four *families*. The family owns the single-token
 update in a canonical form; the coupling says how a rule's inputs (`k, v, g, beta`) and the routing
 weight `w` become the family's inputs. The fast backends implement one chunked scan per family, so a
 new rule of an existing family needs no new kernel.
@@ -9,7 +9,8 @@ Canonical single-token updates, per routed slot `S` in R^{K x V}:
 
     additive_scalar:  S <- exp(a) S + k v^T              a: scalar log-decay
     additive_vector:  S <- diag(exp(a)) S + k v^T        a: log-decay in R^K
-    delta:            S <- exp(a) (I - b k k^T) S + b k v^T     a: scalar log-decay, b: write strength
+    delta:            S <- (I - b k k^T) exp(a) S + b k v^T             a: scalar log-decay, b: write strength
+    delta_vector:     S <- (I - b k k^T) diag(exp(a)) S + b k v^T       a: log-decay in R^K (Kimi Delta Attention)
 
 A user rule that fits no family can still be registered with its own `update`; only the reference
 backend runs it (the fast backends run family rules).
@@ -65,7 +66,8 @@ class Family:
 ADDITIVE_SCALAR = Family("additive_scalar", decay="scalar", delta=False, step=_additive_step)
 ADDITIVE_VECTOR = Family("additive_vector", decay="vector", delta=False, step=_additive_step)
 DELTA = Family("delta", decay="scalar", delta=True, step=_delta_step)
-FAMILIES = {f.name: f for f in (ADDITIVE_SCALAR, ADDITIVE_VECTOR, DELTA)}
+DELTA_VECTOR = Family("delta_vector", decay="vector", delta=True, step=_delta_step)
+FAMILIES = {f.name: f for f in (ADDITIVE_SCALAR, ADDITIVE_VECTOR, DELTA, DELTA_VECTOR)}
 
 
 @dataclass(frozen=True)
@@ -177,8 +179,8 @@ def available_rules() -> list[str]:
     return sorted(_RULES)
 
 
-# The five rules of docs/contract.md section 3. `w` scales the step like Mamba's dt (coupling "dt").
-BUILT_IN_RULES = ("mamba2", "gla", "deltanet", "gated_deltanet", "fm")
+# The rules of docs/contract.md section 3. `w` scales the step like Mamba's dt (coupling "dt").
+BUILT_IN_RULES = ("mamba2", "gla", "deltanet", "gated_deltanet", "fm", "kda")
 register_rule("mamba2", g="scalar", family=ADDITIVE_SCALAR,
               couple=lambda k, v, g, beta, w: Coupled(w[..., None] * k, v, w * g, None))
 register_rule("gla", g="vector", family=ADDITIVE_VECTOR,
@@ -187,6 +189,8 @@ register_rule("deltanet", beta=True, family=DELTA,
               couple=lambda k, v, g, beta, w: Coupled(k, v, None, w * beta))
 register_rule("gated_deltanet", g="scalar", beta=True, family=DELTA,
               couple=lambda k, v, g, beta, w: Coupled(k, v, w * g, w * beta))
+register_rule("kda", g="vector", beta=True, family=DELTA_VECTOR,
+              couple=lambda k, v, g, beta, w: Coupled(k, v, w[..., None] * g, w * beta))
 
 
 def _fm_couple(k, v, g, beta, w):

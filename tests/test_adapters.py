@@ -111,7 +111,8 @@ def _close(a, b, atol=2e-5, rtol=1e-4):
 
 def test_supported_layers_and_unknown_layer_error():
     names = supported_layers()
-    for layer in ("GatedLinearAttention", "SimpleGatedLinearAttention", "DeltaNet", "GatedDeltaNet", "Mamba2"):
+    for layer in ("GatedLinearAttention", "SimpleGatedLinearAttention", "DeltaNet", "GatedDeltaNet",
+                  "KimiDeltaAttention", "Mamba2"):
         assert any(n.endswith("." + layer) for n in names)
     with pytest.raises(TypeError, match="no adapter for layers of type torch.nn.modules.linear.Linear") as error:
         wrap(nn.Linear(4, 4), num_slots=2, topk=1)
@@ -163,18 +164,22 @@ def test_dense_copies_reproduce_the_layer_at_initialisation(layer_type):
 
 
 def test_rejected_options():
-    from fla.layers import DeltaNet, GatedDeltaNet
+    from fla.layers import DeltaNet, GatedDeltaNet, KimiDeltaAttention
 
     with pytest.raises(ValueError, match="allow_neg_eigval"):
         wrap(DeltaNet(hidden_size=D, num_heads=2, allow_neg_eigval=True), num_slots=2, topk=1)
     with pytest.raises(ValueError, match="allow_neg_eigval"):
         wrap(GatedDeltaNet(hidden_size=D, num_heads=2, head_dim=8, allow_neg_eigval=True), num_slots=2, topk=1)
+    with pytest.raises(ValueError, match="KimiDeltaAttention with allow_neg_eigval"):
+        wrap(KimiDeltaAttention(hidden_size=D, num_heads=2, head_dim=8, allow_neg_eigval=True), num_slots=2, topk=1)
     with pytest.raises(ValueError, match="per_slot_kv"):
         wrap(build("mamba2"), num_slots=2, topk=1, per_slot_kv=True)
     with pytest.raises(ValueError, match="topk"):
         wrap(build("gla"), num_slots=2, topk=3)
     with pytest.raises(ValueError, match="coupling"):
         wrap(build("gla"), num_slots=2, topk=1, coupling="bogus")
+    with pytest.raises(ValueError, match="^router.capacity_factor: not supported by the adapters"):
+        wrap(build("gla"), num_slots=2, topk=1, router={"capacity_factor": 1.0})
     with pytest.raises(TypeError, match="unknown options"):
         MemoryConfig.make(num_slots=2, topk=1, slots=3)
     with pytest.raises(ValueError, match="^cu_seqlens: expected strictly increasing offsets from 0 to T = 5"):
@@ -421,17 +426,6 @@ def test_load_pretrained_imports_only_trusted_model_classes(tmp_path):
 
     restored = load_pretrained(tmp_path, model_class=fla.models.GLAForCausalLM)  # named by the caller
     assert isinstance(restored, fla.models.GLAForCausalLM)
-
-
-def test_kimi_delta_attention_is_not_supported_yet():
-    import fla.models
-    from fla.layers import KimiDeltaAttention
-
-    with pytest.raises(NotImplementedError, match="KimiDeltaAttention is not supported yet: .*kda rule"):
-        wrap(KimiDeltaAttention(hidden_size=D, head_dim=8, num_heads=2, layer_idx=0), num_slots=2, topk=1)
-    config = fla.models.KDAConfig(hidden_size=D, num_hidden_layers=1, head_dim=8, num_heads=2, vocab_size=64)
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        wrap_model(fla.models.KDAForCausalLM(config), num_slots=2, topk=1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -381,13 +381,13 @@ def test_bench_runs_on_small_shapes(capsys):
     from memplug.experiments.bench import main
     threads = torch.get_num_threads()
     try:
-        assert main(["--rule", "mamba2,deltanet", "--T", "32", "--long-T", "64", "--m", "2", "--many-slots", "4",
+        assert main(["--rule", "mamba2,kda", "--T", "32", "--long-T", "64", "--m", "2", "--many-slots", "4",
                      "--H", "2", "--K", "4", "--V", "4", "--ref-tokens", "8", "--repeats", "1",
                      "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    assert printed.count("goal") == 6 and "rule deltanet" in printed
+    assert printed.count("goal") == 7 and "rule kda" in printed and "kda / gated_deltanet" in printed
 
 
 @pytest.mark.parametrize("rule", ["mamba2", "deltanet", "gated_deltanet"])

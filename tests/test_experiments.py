@@ -1,5 +1,6 @@
 """Experiments: task data, the model's cached decoding, config checks, the ablation grid end to end
 (table, JSONL, plots, resume) and the same grid under torchrun with two gloo processes."""
+import dataclasses
 import json
 import os
 import signal
@@ -219,6 +220,25 @@ def test_memory_configurations_differ_as_described():
     assert raven.per_head and raven.score == "sigmoid" and raven.gumbel_noise and raven.balance_rate > 0
 
 
+def test_model_router_options_go_over_each_configurations_router():
+    """`model.router` sets options on every routed configuration's own router (a capacity factor on
+    FM and MoM here), keeps the rest of it, draws no random numbers doing so, and leaves the
+    backbone (no router) as it was."""
+    config = ModelConfig(d_model=16, n_layers=1, num_heads=2, head_k_dim=4, head_v_dim=6, num_slots=4, topk=2)
+    capped = dataclasses.replace(config, router={"capacity_factor": 1.25})
+    for memory in ("fm_sparse", "mom"):
+        torch.manual_seed(0)
+        plain = LM(32, config, memory, "gla")
+        torch.manual_seed(0)
+        routed = LM(32, capped, memory, "gla")
+        own, got = plain.blocks[0].memory.router.config, routed.blocks[0].memory.router.config
+        assert got.capacity_factor == 1.25 and dataclasses.replace(got, capacity_factor=0.0) == own
+        for (name, a), b in zip(plain.named_parameters(), routed.parameters()):
+            assert torch.equal(a, b), name
+    torch.manual_seed(0)
+    assert LM(32, capped, "backbone", "gla").blocks[0].memory.router is None
+
+
 def test_training_updates_the_balancing_biases(tmp_path, monkeypatch):
     """`memplug ablate` moves a Raven router's bias after each optimizer step."""
     biases = []
@@ -299,6 +319,8 @@ def _tiny(tmp_path, **changes):
     ({"lrs": [1e-3, 1e-3]}, "lrs"),
     ({"lrs": [1e-3, -1.0]}, "lrs[1]"),
     ({"model.layer": {"backend": "nope"}}, "model.layer"),
+    ({"model.router": {"capacity_factor": -1.0}}, "model.router"),
+    ({"model.layer": {"router": {"kind": "dense"}}}, "model.layer.router"),
 ] + ([({"train.device": "cuda"}, "train.device")] if not torch.cuda.is_available() else []))
 def test_bad_configs_name_the_field_before_training(tmp_path, capsys, changes, field):
     path = _tiny(tmp_path, **changes)
@@ -477,11 +499,12 @@ def test_presets_parse():
     assert list(paper.rules) == list(RULES) and set(MEMORIES) <= set(paper.memories)
     assert {"backbone_x3", "backbone_x9"} <= set(paper.memories)
     assert set(paper.tasks) == {"mqar", "lm"} and len(paper.seeds) == 3 and len(paper.lrs) == 3
-    assert len(ablate.grid(paper)) == 5 * 7 * 2 * 3  # the sweep; then 2 more seeds per configuration
+    assert len(ablate.grid(paper)) == 6 * 7 * 2 * 3  # the sweep; then 2 more seeds per configuration
     quick = load_config(preset="quick")
     assert "mqar" in quick.tasks and "backbone" in quick.memories
     study = load_config(preset="study")
-    assert list(study.rules) == list(RULES) and len(study.lrs) >= 3 and len(study.seeds) >= 3
+    # the rules of its committed runs: every built-in rule but kda, which came after them
+    assert list(study.rules) == [r for r in RULES if r != "kda"] and len(study.lrs) >= 3 and len(study.seeds) >= 3
     assert {"backbone", "backbone_x3", "backbone_x9", "fm_dense", "fm_sparse", "mom"} <= set(study.memories)
     assert study.tasks["lm"].rules == ["mamba2", "gated_deltanet"]
     sweep = ablate.grid(study)  # every configuration at every rate, seed 0; the task's rules only for lm
@@ -492,6 +515,18 @@ def test_presets_parse():
 
 
 # ------------------------------------------------------------------------------- the grid itself
+def test_code_version_names_the_commit():
+    """Runs record the memplug code they trained with: in a git checkout, its commit (what
+    `git describe` says, "-dirty" with local changes)."""
+    import memplug
+
+    root = Path(memplug.__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("memplug is not a git checkout here")
+    assert ablate.code_version().startswith(head.stdout.strip())
+
+
 def test_grid_writes_table_jsonl_plots_and_resumes(tmp_path):
     config = load_config(str(_tiny(tmp_path)))
     out = tmp_path / "run"
@@ -507,6 +542,7 @@ def test_grid_writes_table_jsonl_plots_and_resumes(tmp_path):
             assert key in r, key
         assert r["diverged"] is False and r["diverged_step"] is None
         assert r["steps"] == 3
+        assert 0 < r["cpu_seconds"] and r["code"] == ablate.code_version()
         assert (r["routing"] == []) == (r["memory"] == "backbone")
     lm = [r for r in records if r["task"] == "lm"]
     assert all(len(r["loss_by_position"]) == 8 * 8 for r in lm)

@@ -1,5 +1,7 @@
 """Layers: shapes, cached decoding equals the full forward (with gradients too), caches advance in
 place, packed sequences, presets train."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -24,7 +26,8 @@ CONFIGS = [
     dict(num_slots=4, topk=2),
     dict(num_slots=1, topk=1, coupling="none"),
     dict(num_slots=3, topk=3, router={"kind": "dense"}),
-    dict(num_slots=4, topk=2, router={"kind": "threshold", "threshold": 0.3, "per_head": True}),
+    dict(num_slots=4, topk=2, coupling="none",
+         router={"kind": "threshold", "threshold": 0.3, "per_head": True, "capacity_factor": 1.0}),
     dict(num_slots=3, topk=2, coupling="none", per_slot_kv=True, shared_slot=True),
     dict(num_slots=2, topk=1, short_conv=False, output_gate=False),
     dict(num_slots=4, topk=2, router={"score": "sigmoid", "gumbel_noise": True, "balance_rate": 0.01,
@@ -122,7 +125,7 @@ def test_a_cache_passed_in_is_advanced_in_place(config):
         torch.testing.assert_close(y_branch, y_full[:, 4:], rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("config", CONFIGS[:1] + CONFIGS[4:5], ids=str)
+@pytest.mark.parametrize("config", CONFIGS[:1] + CONFIGS[3:5], ids=str)
 def test_packed_sequences_equal_separate_rows(config):
     layer, x = _layer("gated_deltanet", **config), _x(B=2, T=7)
     with torch.no_grad():
@@ -205,7 +208,6 @@ def test_state_lives_in_routed_slots_only():
     (dict(num_slots=0), "num_slots"),
     (dict(coupling="sometimes"), "coupling"),
     (dict(num_slots=4, topk=2, router={"kind": "dense"}), "topk"),
-    (dict(coupling="none", router={"kind": "threshold"}), "router.kind"),
     (dict(router={"kind": "hash"}), "router.kind"),
     (dict(router={"temperature": 0}), "router.temperature"),
     (dict(router={"colour": "red"}), "router"),
@@ -304,6 +306,8 @@ CACHE_MISMATCHES = {  # the layer that made the cache, the layer it is given to,
     "mom_into_fm": (lambda: _preset("mom", num_slots=4), lambda: _preset("fm", num_slots=4), "shared slot"),
     "per_slot_convs": (lambda: _layer(num_slots=4, per_slot_kv=True), lambda: _layer(num_slots=4), "channels"),
     "dtype": (lambda: _layer().float(), lambda: _layer(), "float64"),
+    "no_counts": (lambda: _layer(num_slots=4), lambda: _layer(num_slots=4, router={"capacity_factor": 1.0}),
+                  "slot counts"),
 }
 
 
@@ -331,7 +335,7 @@ def test_a_cache_for_another_batch_is_refused():
         layer(_x(B=1, T=3), cache=cache, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[4]], ids=str)
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3], CONFIGS[4]], ids=str)
 def test_a_reordered_cache_decodes_the_reordered_batch(config):
     """Beam search's reordering: decoding from `cache.reorder(index)` equals decoding each sequence
     from its own cache, rows dropped and repeated as `index` says."""
@@ -347,3 +351,25 @@ def test_a_reordered_cache_decodes_the_reordered_batch(config):
     for bad in (torch.tensor([[0]]), torch.tensor([0.0]), [0, 1]):
         with pytest.raises(ValueError, match="index"):
             cache.reorder(bad)
+
+
+def test_a_capacity_drops_routes():
+    """With capacity factor 1, every slot keeps at most its fair share of the routes so far: the
+    layer drops routes (weight 0) that the same router without a capacity keeps, and the counts in
+    the cache match the kept routes. (That a route of weight 0 writes nothing, under either
+    coupling, is the zero_weight law.)"""
+    x = _x(B=2, T=24)
+    free = _layer(num_slots=4, topk=2, coupling="none").eval()
+    capped = _layer(num_slots=4, topk=2, coupling="none", router={"capacity_factor": 1.0}).eval()
+    with torch.no_grad():
+        _, _, aux_free = free(x)
+        _, cache, aux = capped(x, use_cache=True)
+    chosen, kept = aux_free["routing"], aux["routing"]
+    assert torch.equal(chosen.idx, kept.idx)  # the same router: the capacity only drops
+    dropped = (kept.weight == 0) & (chosen.weight > 0)
+    assert dropped.any() and (kept.weight > 0).any()
+    sent = torch.zeros(2, 24, 1, 4, dtype=torch.float64).scatter_(-1, kept.idx, (kept.weight > 0).double())
+    torch.testing.assert_close(cache.counts.kept, sent.sum(1).long(), rtol=0, atol=0)
+    assert cache.counts.seen.tolist() == [24, 24]
+    for p in range(24):  # at most ceil(R (p + 1) / m) routes per slot from the first p + 1 tokens
+        assert (sent[:, :p + 1].sum(1) <= math.ceil(2 * (p + 1) / 4)).all()

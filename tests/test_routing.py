@@ -9,8 +9,8 @@ import memplug
 import memplug.routing
 from hypothesis import given, settings, strategies as st
 
-from memplug.routing import (Router, RouterConfig, Routing, dense_routing, load_balancing_loss,
-                             routing_stats, threshold_routing, topk_routing)
+from memplug.routing import (Router, RouterConfig, Routing, SlotCounts, apply_capacity, dense_routing,
+                             load_balancing_loss, routing_stats, threshold_routing, topk_routing)
 
 
 def _logits(B=2, T=5, Hr=1, m=6, seed=0):
@@ -197,7 +197,79 @@ def test_update_balance_biases_reaches_every_router():
     (dict(balance_rate=-1.0), "router.balance_rate"),
     (dict(kind="dense", balance_rate=0.1), "router.balance_rate"),
     (dict(gumbel_noise=1), "router.gumbel_noise"),
+    (dict(capacity_factor=-1.0), "router.capacity_factor"),
+    (dict(capacity_factor=float("nan")), "router.capacity_factor"),
+    (dict(kind="dense", capacity_factor=1.0), "router.capacity_factor"),
 ])
 def test_bad_router_options_are_named(config, field):
     with pytest.raises((ValueError, TypeError), match=field):
         RouterConfig(**config)
+
+
+def _capacity_by_loop(idx, weight, factor, lengths, m):
+    """apply_capacity written out: token by token, a counter per (sequence, head group, slot)."""
+    B, T, Hr, R = idx.shape
+    idx, weight = idx.reshape(B * T, Hr, R), weight.reshape(B * T, Hr, R).clone()
+    t = 0
+    for length in lengths:
+        kept = torch.zeros(Hr, m, dtype=torch.int64)
+        for p in range(length):
+            capacity = math.ceil(factor * R * (p + 1) / m)
+            for h in range(Hr):
+                for r in range(R):
+                    j = idx[t, h, r]
+                    if weight[t, h, r] > 0:
+                        if kept[h, j] < capacity:
+                            kept[h, j] += 1
+                        else:
+                            weight[t, h, r] = 0
+            t += 1
+    return weight.reshape(B, T, Hr, R)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(2, 6), data=st.data(), factor=st.sampled_from([0.5, 1.0, 1.25, 2.0]),
+       packed=st.booleans(), seed=st.integers(0, 10_000))
+def test_capacity_equals_the_token_by_token_count_and_resumes(m, data, factor, packed, seed):
+    """The closed form equals a loop over tokens (routes of weight 0 take no capacity; packed
+    sequences count from their own start), and cutting the tokens in two, the second call starting
+    from the first's counts, drops the same routes."""
+    R = data.draw(st.integers(1, m))
+    Hr = data.draw(st.integers(1, 2))
+    gen = torch.Generator().manual_seed(seed)
+    if packed:
+        lengths = data.draw(st.lists(st.integers(1, 9), min_size=1, max_size=3))
+        B, T = 1, sum(lengths)
+        cu = torch.tensor([0] + lengths).cumsum(0)
+    else:
+        B, T = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 12))
+        lengths, cu = [T] * B, None
+    idx = torch.rand(B, T, Hr, m, generator=gen).argsort(-1)[..., :R]
+    weight = torch.rand(B, T, Hr, R, generator=gen).masked_fill(torch.rand(B, T, Hr, R, generator=gen) < 0.2, 0.0)
+    probs = torch.full((B, T, Hr, m), 1.0 / m)
+    got, counts = apply_capacity(Routing(idx, weight, probs), factor, cu)
+    expected = _capacity_by_loop(idx, weight, factor, lengths, m)
+    assert torch.equal(got.weight, expected) and torch.equal(got.idx, idx)
+    assert counts.seen.tolist() == lengths
+    per_sequence = (expected > 0).reshape(B * T, Hr, R).split(lengths)
+    assert counts.kept.sum(-1).tolist() == [kept.sum((0, 2)).tolist() for kept in per_sequence]
+    if not packed and T > 1:
+        split = data.draw(st.integers(1, T - 1))
+        part = lambda x, a, b: x[:, a:b]
+        first, mid = apply_capacity(Routing(part(idx, 0, split), part(weight, 0, split), part(probs, 0, split)),
+                                    factor)
+        second, end = apply_capacity(Routing(part(idx, split, T), part(weight, split, T), part(probs, split, T)),
+                                     factor, counts=mid)
+        assert torch.equal(torch.cat([first.weight, second.weight], 1), expected)
+        assert torch.equal(end.kept, counts.kept) and torch.equal(end.seen, counts.seen)
+
+
+def test_capacity_is_applied_without_reading_values_back():
+    """No host sync: the decode path of a capacity router stays graph-capturable."""
+    from support.host_reads import count_host_reads
+
+    routing = topk_routing(_logits(B=2, T=1), 2)
+    counts = SlotCounts(torch.tensor([3, 5]), torch.ones(2, 1, 6, dtype=torch.int64))
+    with count_host_reads() as reads:
+        apply_capacity(routing, 1.0, None, counts)
+    assert reads == []

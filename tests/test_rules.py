@@ -23,6 +23,8 @@ def _spec_update(rule, S, k, v, g, beta, w):
         return torch.exp(w * g) * (eye - w * beta * kk) @ S + w * beta * kv
     if rule == "fm":
         return (1 - w * beta) * S + w * beta * kv
+    if rule == "kda":
+        return (eye - w * beta * kk) @ torch.diag(torch.exp(w * g)) @ S + w * beta * kv
     raise AssertionError(rule)
 
 
@@ -102,9 +104,13 @@ def test_a_new_family_is_explicit_about_where_it_runs():
     the families each backend runs."""
     from memplug.rules import Coupled, Family
 
-    kda_like = Family("delta_vector_decay", decay="vector", delta=True,
-                      step=lambda S, c: S * c.a.exp()[..., :, None] + c.b[..., None, None] * c.k[..., :, None]
-                      * (c.v - torch.einsum("...kv,...k->...v", S * c.a.exp()[..., :, None], c.k))[..., None, :])
+    # kda's update with the decay after the delta correction instead of before: a form of no family.
+    def correct_then_decay(S, c):
+        residual = c.v - torch.einsum("...kv,...k->...v", S, c.k)
+        S = S + c.b[..., None, None] * c.k[..., :, None] * residual[..., None, :]
+        return S * c.a.exp()[..., :, None]
+
+    kda_like = Family("delta_then_vector_decay", decay="vector", delta=True, step=correct_then_decay)
     with pytest.warns(UserWarning, match="reference backend only") as record:
         memplug.register_rule("kda_like", g="vector", beta=True, family=kda_like,
                               couple=lambda k, v, g, beta, w: Coupled(k, v, w[..., None] * g, w * beta))
@@ -116,7 +122,7 @@ def test_a_new_family_is_explicit_about_where_it_runs():
         q = torch.randn(1, 3, 1, 4)
         kw = dict(rule="kda_like", route_idx=torch.zeros(1, 3, 1, 1, dtype=torch.long), route_w=torch.ones(1, 3, 1, 1),
                   num_slots=1, g=-torch.rand(1, 3, 1, 4), beta=torch.rand(1, 3, 1))
-        with pytest.raises(ValueError, match=r"does not run rule 'kda_like' \(family 'delta_vector_decay'\); "
+        with pytest.raises(ValueError, match=r"does not run rule 'kda_like' \(family 'delta_then_vector_decay'\); "
                                              r"it runs the families \['additive_scalar'"):
             memplug.routed_scan(q, q, q, backend="chunked", **kw)
         o, _ = memplug.routed_scan(q, q, q, **kw)  # "auto" falls back to the reference backend

@@ -154,23 +154,38 @@ def additive_vector(q, k, v, a, b) -> ChunkForm:
     return ChunkForm(q * prefix.exp(), k * suffix.exp(), prefix[..., -1, :, None].exp(), attn, v, None)
 
 
+def _wy(L, b, v, k_from_start):
+    """The delta family's effective values d = u - w S_0: (I + L) [u, w] = b [v, exp(A) k], for
+    `L` the strictly lower decayed key products without b, and `k_from_start` = exp(A) k."""
+    rhs = b[..., None] * torch.cat([v, k_from_start], -1)
+    # `unitriangular` takes the unit diagonal as given, so b L itself is passed.
+    return torch.linalg.solve_triangular(b[..., :, None] * L, rhs, upper=False, unitriangular=True).split(
+        [v.shape[-1], k_from_start.shape[-1]], -1)
+
+
 def delta(q, k, v, a, b) -> ChunkForm:
     if a is None:
         a = q.new_zeros(q.shape[:-1])
     q_dec, k_dec, decay, gamma, prefix = _scalar_decay(q, k, a)
-    L = (b[..., :, None] * gamma * (k @ k.transpose(-1, -2))).tril_(-1)
-    rhs = b[..., None] * torch.cat([v, prefix.exp()[..., None] * k], -1)
-    # (I + L) x = rhs; `unitriangular` takes the unit diagonal as given, so L itself is passed.
-    u, w = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True).split(
-        [v.shape[-1], k.shape[-1]], -1)
+    u, w = _wy((gamma * (k @ k.transpose(-1, -2))).tril_(-1), b, v, prefix.exp()[..., None] * k)
     return ChunkForm(q_dec, k_dec, decay, causal_scores(q, k, gamma), u, w)
 
 
-INTRA_CHUNK = {"additive_scalar": additive_scalar, "additive_vector": additive_vector, "delta": delta}
+def delta_vector(q, k, v, a, b) -> ChunkForm:
+    """The delta family with one decay per key channel (Kimi Delta Attention): the decayed key
+    products of L are the per-channel attention of the keys with themselves."""
+    prefix, suffix = _prefix_suffix(a, -2)
+    u, w = _wy(_vector_attention(k, k, a).tril_(-1), b, v, prefix.exp() * k)
+    return ChunkForm(q * prefix.exp(), k * suffix.exp(), prefix[..., -1, :, None].exp(), _vector_attention(q, k, a),
+                     u, w)
+
+
+INTRA_CHUNK = {"additive_scalar": additive_scalar, "additive_vector": additive_vector, "delta": delta,
+               "delta_vector": delta_vector}
 
 
 def supports_rule(rule) -> bool:
-    """Whether the chunked scan runs `rule`: every rule of one of the three families."""
+    """Whether the chunked scan runs `rule`: every rule of one of the four built-in families."""
     return rule.family is not None and rule.family.name in INTRA_CHUNK
 
 

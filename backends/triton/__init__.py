@@ -19,10 +19,11 @@ Kernel inventory (forward / backward; "all" = every family):
     chunk.dd_local_kernel        all (bwd): output pass backward into the effective values
     chunk.state_bwd_kernel       all (bwd): state pass backward
     chunk.grad_kernel            all (bwd): gradients of q, k, decays (scalar decay: with M's part)
-    vector.attention_fwd_kernel  additive_vector (gla): intra-chunk attention with per-channel decay
-    vector.attention_bwd_kernel  additive_vector (bwd)
-    delta.wy_fwd_kernel          delta (deltanet, gated_deltanet): WY/UT transform (fwd; bwd recompute)
-    delta.wy_bwd_kernel          delta (bwd)
+    vector.attention_fwd_kernel  per-channel decay (gla, kda): intra-chunk attention (kda: also of the keys)
+    vector.attention_bwd_kernel  per-channel decay (bwd)
+    delta.wy_fwd_kernel          delta, delta_vector (deltanet, gated_deltanet, kda): WY/UT transform
+                                 (fwd; bwd recompute)
+    delta.wy_bwd_kernel          delta, delta_vector (bwd)
     decode.step_kernel           all: `routed_step`, the R routed slots of each head updated in place
 
 Scalar-decay rules (mamba2, fm) use only the shared kernels. Backward passes recompute the states
@@ -117,7 +118,7 @@ def triton_scan(args, chunk_size=None):
         return None if x is None else (x.contiguous() if identity else place(x, rows, E))
 
     w = routing_per_entry(args.write_weight, packing).to(f32)
-    vector = rule.family.decay == "vector"  # the delta family's decay is scalar (memplug.rules)
+    vector = rule.family.decay == "vector"
     # The coupling is elementwise per route: apply it in entry order, then pack. Decays, write strengths
     # and weights are float32; k and v keep their dtype (float16/bfloat16 promote to float32 where they
     # meet a float32 weight, and pass through uncopied where the coupling leaves them alone).

@@ -46,6 +46,7 @@ SPECIALIZATIONS = {
     "additive_vector (gla)": specialization("vector", False),
     "delta, no decay (deltanet)": specialization(None, True),
     "delta (gated_deltanet)": specialization("scalar", True),
+    "delta_vector (kda)": specialization("vector", True),
 }
 
 # Per-token log-decays below this are raised to it (in the chunk-local cumulative sum only):

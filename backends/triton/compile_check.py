@@ -85,11 +85,12 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
                 vec = dict(K=K, BT=BT, BK=BK, BC=BC)
                 yield ("attention_fwd_kernel", family, dtype, K, BT, vec, set(), {})
                 yield ("attention_bwd_kernel", family, dtype, K, BT, vec, set(), {})
-            if delta:
+            if delta:  # with a per-channel decay, L comes from the keys' attention (Lk) and goes back to it (dLk)
                 for compute_T in (True, False):
-                    yield ("wy_fwd_kernel", family, dtype, K, BT, dict(base, COMPUTE_T=compute_T), no_A, {})
-                yield ("wy_bwd_kernel", family, dtype, K, BT, base, no_A | ({"dA", "dA_in"} if decay == 0 else set()),
-                       {})
+                    yield ("wy_fwd_kernel", family, dtype, K, BT, dict(base, COMPUTE_T=compute_T),
+                           no_A | ({"Lk"} if decay != 2 or not compute_T else set()), {})
+                yield ("wy_bwd_kernel", family, dtype, K, BT, base,
+                       no_A | ({"dA", "dA_in"} if decay == 0 else set()) | ({"Lk", "dLk"} if decay != 2 else set()), {})
             # the decode step: q in the input dtype; the coupled per-route inputs in float32
             yield ("step_kernel", family, dtype, K, BT, dict(R=2, K=K, V=V, BK=BK, DECAY=decay, DELTA=delta),
                    ({"a"} if decay == 0 else set()) | ({"b"} if not delta else set()),
@@ -105,8 +106,9 @@ def _kernel(name):
 
 
 def compile_all(arch: int = 90, full: bool = False, verbose: bool = False, kernels=None, dtypes=None, Ks=None,
-                BTs=None) -> list:
-    """Compile every case (or those of `kernels`, `dtypes`, key widths `Ks`, chunk sizes `BTs`);
+                BTs=None, families=None) -> list:
+    """Compile every case (or those of `kernels`, `dtypes`, key widths `Ks`, chunk sizes `BTs`, and
+    `families`: first words of the labels of `common.SPECIALIZATIONS`, such as "delta_vector");
     returns a list of (case, error) for those that fail."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("compile_check: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
@@ -119,7 +121,7 @@ def compile_all(arch: int = 90, full: bool = False, verbose: bool = False, kerne
     failures, count, start = [], 0, time.perf_counter()
     seen = set()
     for name, family, dtype, K, BT, constexprs, none, overrides in _cases(full, dtypes, Ks, BTs):
-        if kernels and name not in kernels:
+        if (kernels and name not in kernels) or (families and family.split(" ")[0].rstrip(",") not in families):
             continue
         tuned = _kernel(name)
         # Under `triton.heuristics`, the JIT function it wraps: the cases give the flags it would derive.
@@ -169,10 +171,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", help="comma-separated, e.g. bfloat16,float16")
     parser.add_argument("--K", help="comma-separated key widths")
     parser.add_argument("--BT", help="comma-separated chunk sizes")
+    parser.add_argument("--families", help="comma-separated families, e.g. delta_vector (default: all)")
     args = parser.parse_args(argv)
     split = lambda x, f=str: None if x is None else [f(v) for v in x.split(",")]
     failures = compile_all(args.arch, args.full, verbose=not args.quiet, kernels=split(args.kernels),
-                           dtypes=split(args.dtypes), Ks=split(args.K, int), BTs=split(args.BT, int))
+                           dtypes=split(args.dtypes), Ks=split(args.K, int), BTs=split(args.BT, int),
+                           families=split(args.families))
     if failures:
         raise SystemExit("compile_check: failed to compile:\n" + "\n".join(f"  {w}\n    {e}" for w, e in failures))
     return 0

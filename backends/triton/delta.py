@@ -1,9 +1,14 @@
-"""The rule-specific part of the delta family (`deltanet`, `gated_deltanet`): the WY/UT transform.
+"""The rule-specific part of the delta families (`deltanet`, `gated_deltanet`; `kda`): the WY/UT transform.
 
-Within a chunk, with b the write strengths and A the chunk-local cumulative (scalar) log-decays,
+Within a chunk, with b the write strengths and A the chunk-local cumulative log-decays (scalar, or
+per key channel),
 
     L_ts = b_t exp(A_t - A_s) k_t.k_s  (s < t, else 0),   T = (I + L)^-1,
     u = T (b v),   w = T (b exp(A) k),
+
+For a per-channel decay (DECAY 2), L_ts = b_t sum_c k_tc k_sc exp(A_tc - A_sc) is b times the
+per-channel attention of the keys with themselves (`vector.attention_fwd_kernel` with q = k), given
+as `Lk`; its gradient goes back as `dLk` through `vector.attention_bwd_kernel`.
 
 so that the effective values are d = u - w S_0 (S_0: the state entering the chunk; the shared state
 pass applies this). `wy_fwd_kernel` forms T blockwise (forward substitution inside blocks of 16
@@ -26,7 +31,7 @@ _CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (32,
 
 @autotune_or_first(_CONFIGS, key=["K", "V", "BT", "DECAY", "COMPUTE_T"])
 @triton.jit
-def wy_fwd_kernel(k, v, b, A, T, u, w, chunk_indices, offsets, Hb,
+def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DECAY: tl.constexpr, COMPUTE_T: tl.constexpr):
     """u [E,Hb,V] and w [E,Hb,K] of a chunk; T [E,Hb,BT] is computed and stored, or read.
@@ -48,9 +53,12 @@ def wy_fwd_kernel(k, v, b, A, T, u, w, chunk_indices, offsets, Hb,
     if DECAY == 1:
         b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
     if COMPUTE_T:
-        b_L = mm(b_k, tl.trans(b_k)) * b_b[:, None]
-        if DECAY == 1:
-            b_L = b_L * exp_nonpos(b_a[:, None] - b_a[None, :])
+        if DECAY == 2:
+            b_L = tl.load(Lk + p_T, mask=m_T, other=0.0) * b_b[:, None]
+        else:
+            b_L = mm(b_k, tl.trans(b_k)) * b_b[:, None]
+            if DECAY == 1:
+                b_L = b_L * exp_nonpos(b_a[:, None] - b_a[None, :])
         b_L = tl.where(lower_mask(o_t, m_t, 1), b_L, 0.0)
         finite_L = tl.abs(b_L) < float("inf")
         bad_row = tl.max(tl.where(finite_L, 0, 1), 1) > 0
@@ -75,7 +83,11 @@ def wy_fwd_kernel(k, v, b, A, T, u, w, chunk_indices, offsets, Hb,
     else:
         b_T = tl.load(T + p_T, mask=m_T, other=0.0)
     b_Td = b_T.to(DT)
-    b_xk, first_bad_k = split_finite(b_k.to(tl.float32) * (b_b * tl.exp(b_a))[:, None], o_t, BT)
+    if DECAY == 2:
+        b_xk = b_k.to(tl.float32) * tl.exp(tl.load(A + p_k, mask=m_tk, other=0.0)) * b_b[:, None]
+    else:
+        b_xk = b_k.to(tl.float32) * (b_b * tl.exp(b_a))[:, None]
+    b_xk, first_bad_k = split_finite(b_xk, o_t, BT)
     tl.store(w + p_k, poison_from(mm(b_Td, b_xk.to(DT)), o_t, first_bad_k).to(w.dtype.element_ty), mask=m_tk)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_tv = tile(rows * Hb + i_h, m_t, i_v * BV + tl.arange(0, BV), V)
@@ -86,10 +98,11 @@ def wy_fwd_kernel(k, v, b, A, T, u, w, chunk_indices, offsets, Hb,
 
 @autotune_or_first(_CONFIGS, key=["K", "V", "BT", "DECAY"])
 @triton.jit
-def wy_bwd_kernel(k, v, b, A, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, chunk_indices, offsets, Hb,
+def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, chunk_indices, offsets, Hb,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   DECAY: tl.constexpr):
-    """dv, db and (added to the shared pass's) dk, dA of a chunk from du (= dd) and dw."""
+    """dv, db and (added to the shared pass's) dk, dA of a chunk from du (= dd) and dw; for a
+    per-channel decay also dLk, the gradient of the keys' attention `Lk`."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     o_t, rows, m_t = row_block(start, n, BT)
@@ -104,8 +117,11 @@ def wy_bwd_kernel(k, v, b, A, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, chunk_ind
     b_a = tl.zeros([BT], dtype=tl.float32)
     if DECAY == 1:
         b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
-    b_e = tl.exp(b_a)
-    b_xk = b_kf * (b_b * b_e)[:, None]
+    if DECAY == 2:
+        b_e = tl.exp(tl.load(A + p_k, mask=m_tk, other=0.0))  # [BT, BK]
+    else:
+        b_e = tl.exp(b_a)[:, None]
+    b_xk = b_kf * b_e * b_b[:, None]
     b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0).to(DT)
     b_dxk = mm(b_Tt, b_dw)
     b_dT = mm(b_dw, tl.trans(b_xk.to(DT)))
@@ -118,25 +134,32 @@ def wy_bwd_kernel(k, v, b, A, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, chunk_ind
         tl.store(dv + p_v, b_dxv * b_b[:, None], mask=m_tv)
         b_db += tl.sum(b_dxv * b_v, 1)
         b_dT = mma(b_du, tl.trans((b_v * b_b[:, None]).to(DT)), b_dT)
-    b_dk = b_dxk * (b_b * b_e)[:, None]
-    b_db += tl.sum(b_dxk * b_kf * b_e[:, None], 1)
-    b_da = tl.sum(b_dxk * b_xk, 1)
+    b_dk = b_dxk * b_e * b_b[:, None]
+    b_db += tl.sum(b_dxk * b_kf * b_e, 1)
 
     b_dL = -mm(b_Tt, mm(b_dT.to(DT), b_Tt).to(DT))
     b_dL = tl.where(lower_mask(o_t, m_t, 1), b_dL, 0.0)
-    b_G = b_dL * mm(b_k, tl.trans(b_k))  # dL * (k k^T)
-    if DECAY == 1:
-        b_G = b_G * exp_nonpos(b_a[:, None] - b_a[None, :])
-    b_db += tl.sum(b_G, 1)
-    b_P = b_G * b_b[:, None]  # dL * L
-    b_da += tl.sum(b_P, 1) - tl.sum(b_P, 0)
-    b_dkk = b_dL * b_b[:, None]
-    if DECAY == 1:
-        b_dkk = b_dkk * exp_nonpos(b_a[:, None] - b_a[None, :])
-    b_dk = mma(b_dkk.to(DT), b_k, b_dk)
-    b_dk = mma(tl.trans(b_dkk).to(DT), b_k, b_dk)
+    if DECAY == 2:  # L = b Lk: dLk = b dL goes on to the keys' attention backward
+        b_db += tl.sum(b_dL * tl.load(Lk + p_T, mask=m_T, other=0.0), 1)
+        tl.store(dLk + p_T, b_dL * b_b[:, None], mask=m_T)
+        p_a, m_a = p_k, m_tk
+        b_da = b_dxk * b_xk
+    else:
+        p_a, m_a = rows * Hb + i_h, m_t
+        b_da = tl.sum(b_dxk * b_xk, 1)
+        b_G = b_dL * mm(b_k, tl.trans(b_k))  # dL * (k k^T)
+        if DECAY == 1:
+            b_G = b_G * exp_nonpos(b_a[:, None] - b_a[None, :])
+        b_db += tl.sum(b_G, 1)
+        b_P = b_G * b_b[:, None]  # dL * L
+        b_da += tl.sum(b_P, 1) - tl.sum(b_P, 0)
+        b_dkk = b_dL * b_b[:, None]
+        if DECAY == 1:
+            b_dkk = b_dkk * exp_nonpos(b_a[:, None] - b_a[None, :])
+        b_dk = mma(b_dkk.to(DT), b_k, b_dk)
+        b_dk = mma(tl.trans(b_dkk).to(DT), b_k, b_dk)
 
     tl.store(dk + p_k, tl.load(dk_in + p_k, mask=m_tk, other=0.0) + b_dk, mask=m_tk)
     tl.store(db + rows * Hb + i_h, b_db, mask=m_t)
-    if DECAY == 1:
-        tl.store(dA + rows * Hb + i_h, tl.load(dA_in + rows * Hb + i_h, mask=m_t, other=0.0) + b_da, mask=m_t)
+    if DECAY != 0:
+        tl.store(dA + p_a, tl.load(dA_in + p_a, mask=m_a, other=0.0) + b_da, mask=m_a)

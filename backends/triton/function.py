@@ -6,8 +6,9 @@ and v `[E,Hb,V]` in the dot dtype (float32, float16 or bfloat16), the per-row lo
 `[E,Hb,K]` or None) and write strength b (`[E,Hb]`, delta family, or None) in float32, and the
 initial states `[S,Hb,K,V]` (float32, or None) of the S packed sequences `offsets`.
 
-Forward: chunk-local cumulative decays -> (per-channel decay: intra-chunk attention | delta: WY
-transform) -> state pass -> output pass. Backward recomputes the states entering each chunk (and,
+Forward: chunk-local cumulative decays -> (per-channel decay: intra-chunk attention) -> (delta: WY
+transform; with a per-channel decay its L from the keys' own intra-chunk attention) -> state pass ->
+output pass. Backward recomputes the states entering each chunk (and,
 for the delta family, u and w from the stored T) instead of storing them, then runs the output pass
 backward (dd_local), the state pass backward, the shared gradient kernel, the family's intra-chunk
 backward (attention or WY) and the reverse chunk-local cumulative sum for the decays. That backward is
@@ -62,11 +63,31 @@ def _cumsum(x, layout: VarlenChunks, reverse: bool):
     return y
 
 
-def _wy(k, v, b, A, T, layout: VarlenChunks, decay: int, compute_T: bool):
+def _attention(q, k, A, layout: VarlenChunks):
+    """M [E,Hb,BT] float32: sum_c q_tc k_sc exp(A_tc - A_sc) for s <= t within each chunk, else 0."""
+    E, Hb, K = q.shape
+    M = q.new_zeros(E, Hb, layout.BT, dtype=torch.float32)
+    vector.attention_fwd_kernel[(layout.num_chunks, Hb, layout.BT // vector.BC)](
+        q=q, k=k, A=A, M=M, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb, K=K, BT=layout.BT,
+        BK=block(K), BC=vector.BC)
+    return M
+
+
+def _attention_bwd(q, k, A, dM, dq, dk, dA, layout: VarlenChunks):
+    """(dq, dk, dA) with the gradients through `_attention(q, k, A)` from dM added."""
+    E, Hb, K = q.shape
+    dq2, dk2, dA2 = torch.empty_like(dq), torch.empty_like(dk), torch.empty_like(dA)
+    vector.attention_bwd_kernel[(layout.num_chunks, Hb, layout.BT // vector.BC)](
+        q=q, k=k, A=A, dM=dM, dq_in=dq, dk_in=dk, dA_in=dA, dq=dq2, dk=dk2, dA=dA2, chunk_indices=layout.chunk_indices,
+        offsets=layout.offsets, Hb=Hb, K=K, BT=layout.BT, BK=block(K), BC=vector.BC)
+    return dq2, dk2, dA2
+
+
+def _wy(k, v, b, A, Lk, T, layout: VarlenChunks, decay: int, compute_T: bool):
     E, Hb, K = k.shape
     u, w = torch.empty_like(v), torch.empty_like(k)
     delta.wy_fwd_kernel[(layout.num_chunks, Hb)](
-        k=k, v=v, b=b, A=A, T=T, u=u, w=w, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb,
+        k=k, v=v, b=b, A=A, Lk=Lk, T=T, u=u, w=w, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb,
         K=K, V=v.shape[-1], BT=layout.BT, BK=block(K), DECAY=decay, COMPUTE_T=compute_T)
     return u, w
 
@@ -100,15 +121,13 @@ class ChunkScan(torch.autograd.Function):
         BT, NT = layout.BT, layout.num_chunks
         decay, is_delta = specialization(None if a is None else ("scalar" if a.dim() == 2 else "vector"), b is not None)
         A = None if a is None else _cumsum(a, layout, reverse=False)
-        M = T = u = w = None
+        M = Lk = T = u = w = None
         if decay == 2:
-            M = q.new_zeros(E, Hb, BT, dtype=torch.float32)
-            vector.attention_fwd_kernel[(NT, Hb, BT // vector.BC)](
-                q=q, k=k, A=A, M=M, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb, K=K, BT=BT,
-                BK=block(K), BC=vector.BC)
+            M = _attention(q, k, A, layout)
+            Lk = _attention(k, k, A, layout) if is_delta else None
         if is_delta:
             T = q.new_empty(E, Hb, BT, dtype=torch.float32)
-            u, w = _wy(k, v, b, A, T, layout, decay, compute_T=True)
+            u, w = _wy(k, v, b, A, Lk, T, layout, decay, compute_T=True)
         hs, d, ht = _states(k, u if is_delta else v, w, A, h0, layout, decay, is_delta, output_final_state)
         o = q.new_empty(E, Hb, V, dtype=torch.float32)
         grid = lambda meta: (NT, Hb, triton.cdiv(V, meta["BV"]))
@@ -116,7 +135,7 @@ class ChunkScan(torch.autograd.Function):
             q=q, k=k, d=d if is_delta else v, A=A, M=M, hs=hs, o=o, chunk_indices=layout.chunk_indices,
             offsets=layout.offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=block(K), DECAY=decay)
 
-        ctx.save_for_backward(q, k, v, A, b, h0, T, M)
+        ctx.save_for_backward(q, k, v, A, b, h0, T, M, Lk)
         ctx.layout, ctx.scale, ctx.decay, ctx.is_delta = layout, scale, decay, is_delta
         ctx.set_materialize_grads(False)
         return o, ht
@@ -130,7 +149,7 @@ class ChunkScan(torch.autograd.Function):
         # combine in PyTorch give another path, a partial sum) without an error.
         if torch.is_grad_enabled():
             raise RuntimeError(HIGHER_ORDER_ERROR)
-        q, k, v, A, b, h0, T, M = ctx.saved_tensors
+        q, k, v, A, b, h0, T, M, Lk = ctx.saved_tensors
         layout, scale, decay, is_delta = ctx.layout, ctx.scale, ctx.decay, ctx.is_delta
         E, Hb, K = q.shape
         V = v.shape[-1]
@@ -142,7 +161,7 @@ class ChunkScan(torch.autograd.Function):
 
         u = w = None
         if is_delta:
-            u, w = _wy(k, v, b, A, T, layout, decay, compute_T=False)
+            u, w = _wy(k, v, b, A, None, T, layout, decay, compute_T=False)
         hs, d, _ = _states(k, u if is_delta else v, w, A, h0, layout, decay, is_delta, False)
         d = d if is_delta else v
 
@@ -170,21 +189,21 @@ class ChunkScan(torch.autograd.Function):
             q=q, k=k, d=d, A=A, hs=hs, dhs=dhs, do=do, dd=dd, dq=dq, dk=dk, dA=dA, dM=dM, dw=dw, **idx, scale=scale,
             Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta)
         if decay == 2:
-            dq2, dk2, dA2 = torch.empty_like(dq), torch.empty_like(dk), torch.empty_like(dA)
-            vector.attention_bwd_kernel[(NT, Hb, BT // vector.BC)](
-                q=q, k=k, A=A, dM=dM, dq_in=dq, dk_in=dk, dA_in=dA, dq=dq2, dk=dk2, dA=dA2, **idx, Hb=Hb, K=K, BT=BT,
-                BK=BK, BC=vector.BC)
-            dq, dk, dA = dq2, dk2, dA2
+            dq, dk, dA = _attention_bwd(q, k, A, dM, dq, dk, dA, layout)
         db = None
         if is_delta:
             dk2 = torch.empty_like(dk)
             dA2 = None if dA is None else torch.empty_like(dA)
             dv = q.new_empty(E, Hb, V, **f32)
             db = q.new_empty(E, Hb, **f32)
+            dLk = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
             delta.wy_bwd_kernel[(NT, Hb)](
-                k=k, v=v, b=b, A=A, T=T, dd=dd, dw=dw, dk_in=dk, dA_in=dA, dk=dk2, dv=dv, db=db, dA=dA2, **idx, Hb=Hb,
-                K=K, V=V, BT=BT, BK=BK, DECAY=decay)
+                k=k, v=v, b=b, A=A, Lk=Lk, T=T, dd=dd, dw=dw, dk_in=dk, dA_in=dA, dk=dk2, dv=dv, db=db, dA=dA2, dLk=dLk,
+                **idx, Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay)
             dk, dA = dk2, dA2
+            if decay == 2:  # Lk is the keys' attention with themselves: its gradient reaches k on both sides
+                dk_as_q, dk, dA = _attention_bwd(k, k, A, dLk, torch.zeros_like(dk), dk, dA, layout)
+                dk = dk + dk_as_q
         else:
             dv = dd
         da = None if dA is None else _cumsum(dA, layout, reverse=True)

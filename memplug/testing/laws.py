@@ -302,8 +302,8 @@ def frozen_slots(ctx: Context, spec: CaseSpec) -> None:
 
 
 def zero_weight(ctx: Context, spec: CaseSpec) -> None:
-    """Contract law 6.8: with coupling "dt", a route of weight 0 is the same as no route; a slot that
-    only gets routes of weight 0 keeps its initial state (within tolerance)."""
+    """Contract law 6.8: under either coupling, a route of weight 0 is the same as no route; a slot
+    that only gets routes of weight 0 keeps its initial state (within tolerance)."""
     inputs = make_inputs(spec, ctx.device)
     dt = spec.torch_dtype
     idx = inputs["route_idx"]
@@ -311,7 +311,7 @@ def zero_weight(ctx: Context, spec: CaseSpec) -> None:
     route_w = inputs["route_w"].masked_fill(idx == target, 0.0)
     o, S = scan(ctx, inputs, route_w=route_w)
     init = inputs["initial_state"]
-    assert_close(f"final state of slot {target}, whose every route has weight 0 (coupling 'dt')",
+    assert_close(f"final state of slot {target}, whose every route has weight 0 (coupling {spec.coupling!r})",
                  S[:, :, target], init[:, :, target], ctx.tol(dt, "state"))
 
 
@@ -398,6 +398,7 @@ _FLA_NAIVE = {  # rule -> (module, function) of flash-linear-attention's naive r
     "gla": ("fla.ops.gla.naive", "naive_recurrent_gla"),
     "deltanet": ("fla.ops.delta_rule.naive", "delta_rule_recurrence"),
     "gated_deltanet": ("fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule"),
+    "kda": ("fla.ops.kda.naive", "naive_recurrent_kda"),
 }
 
 
@@ -477,6 +478,8 @@ def plain_reference(rule_name, q, k, v, g, beta, initial_state):
         t = lambda x: x.transpose(1, 2).contiguous()
         o, S = fn(t(q), t(k), t(v), t(beta), initial_state=h0, output_final_state=True)
         return o.transpose(1, 2), S
+    if rule_name == "kda":
+        return fn(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     return fn(q, k, v, beta, g, initial_state=h0, output_final_state=True)  # gated_deltanet
 
 
@@ -555,8 +558,7 @@ LAWS: dict[str, Law] = {law.name: law for law in (
     Law("frozen_slots", "frozen slots (contract law 6.5)", frozen_slots, _one(min_unused_slots=1, initial_state=True)),
     Law("backbone_reduction", "backbone reduction (contract law 6.6)", backbone_reduction, _one(backbone=True)),
     Law("relabeling", "relabeling (contract law 6.7)", relabeling, _one(min_m=2)),
-    Law("zero_weight", "zero weight is no route (contract law 6.8, coupling dt)", zero_weight,
-        _one(coupling="dt", initial_state=True)),
+    Law("zero_weight", "zero weight is no route (contract law 6.8)", zero_weight, _one(initial_state=True)),
     Law("nonfinite_inputs", "non-finite q, k, v stay causal (contract law 6.9)", nonfinite_inputs, _poison_cases),
 )}
 

@@ -39,6 +39,10 @@ CASES = {
     "gated_deltanet_sigmoid_noconv": ("fla.layers.gated_deltanet.GatedDeltaNet",
                                       dict(hidden_size=D, num_heads=2, head_dim=8, expand_v=2,
                                            output_gate_activation="sigmoid", use_short_conv=False), "vk"),
+    "kda": ("fla.layers.kda.KimiDeltaAttention", dict(hidden_size=D, num_heads=2, head_dim=8, expand_v=2), "vk"),
+    "kda_gva_bounded_noconv": ("fla.layers.kda.KimiDeltaAttention",
+                               dict(hidden_size=D, num_heads=2, num_v_heads=4, head_dim=8, expand_v=2,
+                                    lower_bound=-5.0, safe_gate=True, use_short_conv=False), "vk"),
     "mamba2": ("fla.layers.mamba2.Mamba2",
                dict(hidden_size=D, head_dim=8, state_size=6, expand=2, n_groups=1, chunk_size=8, backend="triton"),
                "vk"),
@@ -57,7 +61,7 @@ DECODE_ONLY = {"mamba2_groups"}
 
 # Cases whose reference also decodes with a padding mask (one per layer type; decoding under the
 # interpreter is the slow part).
-PADDED_DECODE = {"gla", "simple_gla", "deltanet", "gated_deltanet", "mamba2"}
+PADDED_DECODE = {"gla", "simple_gla", "deltanet", "gated_deltanet", "kda", "mamba2"}
 
 B, T, PREFILL = 2, 10, 7
 PAD = (3, 0)  # left padding of each row in the padded batch
@@ -104,6 +108,7 @@ _FAMILIES = {
 MODELS = {f"{family}{suffix}": (config, model, dict(kwargs, use_short_conv=conv))
           for family, (config, model, kwargs) in _FAMILIES.items()
           for suffix, conv in (("", True), ("_noconv", False))}
+MODELS["kda"] = ("fla.models.KDAConfig", "fla.models.KDAForCausalLM", dict(num_heads=2, head_dim=8))
 MODELS["mamba2"] = ("fla.models.Mamba2Config", "fla.models.Mamba2ForCausalLM",
                     dict(head_dim=8, state_size=6, expand=2, chunk_size=8))
 
