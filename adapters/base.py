@@ -39,11 +39,12 @@ import torch.nn as nn
 from memplug.checks import check_cache_tensor, check_conv_histories, check_cu_seqlens, compute_dtype
 from memplug.core import MemoryCore, WriteInputs
 from memplug.layers import check_memory_options
+from memplug.modules import causal_conv
 from memplug.routing import Router, RouterConfig, Routing
 from memplug.rules import get_rule
 
 from .slots import SlotConv, is_slotted, slot_copies
-from .torch_ops import causal_conv
+from .torch_ops import activation as activation_by_name
 
 _FROM_MODULE = object()
 
@@ -163,10 +164,13 @@ class AdapterContext:
         found = self.memo.get(("conv", key))
         if found is None or found[0] is not y:
             act = getattr(module, "activation", None) if activation is _FROM_MODULE else activation
-            out, state = causal_conv(y.flatten(-2), module.weight, module.bias, act, self.conv_cache.get(key),
-                                     self.cu_seqlens, self.output_conv_state)
-            if state is not None:
-                self.new_conv[key] = state
+            cache = self.conv_cache.get(key)  # fla's layout [N, C, W]: the last W inputs, newest last
+            out, last = causal_conv(y.flatten(-2), module.weight, module.bias,
+                                    activation_by_name(act, "short convolution"),
+                                    None if cache is None else cache[..., 1:].transpose(1, 2), self.cu_seqlens,
+                                    module.weight.shape[-1] if self.output_conv_state else None)
+            if last is not None:
+                self.new_conv[key] = last.transpose(1, 2).contiguous()
             found = self.memo[("conv", key)] = (y, out.unflatten(-1, y.shape[-2:]))
         return found[1]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from memplug.modules import at_least_float32
+from memplug.modules import at_least_float32, l2norm
 
 from . import torch_ops as ops
 from .base import AdapterContext, RoutedAdapter, RuleInputs
@@ -174,7 +174,7 @@ class RoutedDeltaNet(RoutedAdapter):
         if self.qk_norm == "sum":
             q, k = ops.sum_norm(q), ops.sum_norm(k)
         else:
-            q, k = ops.l2norm(q), ops.l2norm(k)
+            q, k = l2norm(q), l2norm(k)
         if self.use_beta:
             beta = torch.sigmoid(at_least_float32(ctx.heads(ctx.linear("b_proj", x), 1)[..., 0]))
         else:
@@ -210,7 +210,7 @@ class RoutedGatedDeltaNet(RoutedAdapter):
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = ctx.heads(q, K).squeeze(3), ctx.heads(k, K), ctx.heads(v, V)
-        q, k = ops.l2norm(q), ops.l2norm(k)
+        q, k = l2norm(q), l2norm(k)
         groups = self.num_v_heads // self.num_heads
         if groups > 1:
             q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
@@ -248,7 +248,7 @@ class RoutedKimiDeltaAttention(RoutedAdapter):
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = ctx.heads(q, K).squeeze(3), ctx.heads(k, K), ctx.heads(v, V)
-        q, k = ops.l2norm(q), ops.l2norm(k)
+        q, k = l2norm(q), l2norm(k)
         groups = self.num_v_heads // self.num_heads
         if groups > 1:
             q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from memplug.checks import check_bool
 from memplug.imports import import_object
+from memplug.modules import rms_norm
 
 from .base import MemoryConfig, RoutedAdapter
 from .registry import qualified_name, adapter_for, supported_layers
-from .torch_ops import rms_norm
 
 CONFIG_KEY = "memplug"  # the attribute of the model's config that records the memory
 

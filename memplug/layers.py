@@ -26,7 +26,7 @@ from .cache import MemoryCache
 from .checks import (COUPLINGS, check_bool, check_cache_tensor, check_conv_histories, check_cu_seqlens,
                      check_finite_number, check_positive_int, compute_dtype)
 from .core import MemoryCore, WriteInputs
-from .modules import RMSNorm, ShortConv, at_least_float32
+from .modules import RMSNorm, ShortConv, at_least_float32, l2norm
 from .registry import check_backend_name
 from .routing import Router, RouterConfig
 from .rules import get_rule
@@ -264,7 +264,7 @@ class RoutedMemory(nn.Module):
         chosen = core.route(self.router, x)
         routing, counts = core.limit(self.router, chosen, cu_seqlens, None if cache is None else cache.counts)
         # l2 norms act on each key alone, so they are taken before the routes are selected
-        l2 = (lambda t: F.normalize(t, dim=-1)) if self.qk_norm == "l2" else (lambda t: t)
+        l2 = l2norm if self.qk_norm == "l2" else (lambda t: t)
         k, v, g, beta, write_conv = self.writes(x, conv, cu_seqlens, want_cache)
         new_conv = {"q": q_conv, **write_conv}
         shared = None

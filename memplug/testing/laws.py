@@ -6,7 +6,6 @@ hypothesis and names the law, the rule and the minimal failing case in the final
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ import torch
 from hypothesis import strategies as st
 
 from memplug.checks import check_scan, compute_dtype
+from memplug.imports import import_object
 from memplug.registry import Backend, get_backend
 from memplug.rules import get_rule
 from memplug.scan import routed_scan, routed_step
@@ -421,7 +421,7 @@ def _load_fla_naive(module: str, function: str) -> Callable:
                 return getattr(sys.modules[name], function)
             except Exception:  # fall back to the package import
                 sys.modules.pop(name, None)
-    return getattr(importlib.import_module(module), function)
+    return import_object(f"{module}.{function}")
 
 
 def plain_fm(q, k, v, beta, initial_state=None):
