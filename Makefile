@@ -9,8 +9,10 @@ PY := $(VENV)/bin/python
 quick: $(VENV)/.installed  ## the main job: the quick ablation on an embedded default
 	$(VENV)/bin/memplug ablate --preset quick --out runs/quick
 
+# Two pytest workers: the Triton interpreter's tests run on one core, so a single process leaves
+# the other idle for most of the suite (tests/conftest.py gives each worker one torch thread).
 test: $(VENV)/.installed  ## the CPU test suite
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist worksteal
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -12,6 +12,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs two pytest-xdist workers on two cores: one torch thread each, so that they do not
+# oversubscribe the cores (two threads each spend more time waiting on each other than computing).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (compiled Triton kernels, half precision, timing)")
