@@ -156,7 +156,7 @@ def cuda_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--backend", default="triton", help=argparse.SUPPRESS)  # accepted for symmetry
     args = parser.parse_args(argv)
     if args.smoke:
-        args.B, args.T, args.H, args.K, args.V, args.sparse_T, args.decode_B = 1, 128, 2, 32, 32, 64, 4
+        args.B, args.T, args.H, args.K, args.V, args.sparse_T, args.decode_B = 1, 64, 2, 32, 32, 32, 4
     return args
 
 
