@@ -175,9 +175,10 @@ def delta_vector(q, k, v, a, b) -> ChunkForm:
     """The delta family with one decay per key channel (Kimi Delta Attention): the decayed key
     products of L are the per-channel attention of the keys with themselves."""
     prefix, suffix = _prefix_suffix(a, -2)
-    u, w = _wy(_vector_attention(k, k, a).tril_(-1), b, v, prefix.exp() * k)
-    return ChunkForm(q * prefix.exp(), k * suffix.exp(), prefix[..., -1, :, None].exp(), _vector_attention(q, k, a),
-                     u, w)
+    # The queries' and the keys' attention to the keys in one pass: they share the decayed keys.
+    attn, keys = _vector_attention(torch.stack([q, k]), k, a).unbind(0)
+    u, w = _wy(keys.tril(-1), b, v, prefix.exp() * k)
+    return ChunkForm(q * prefix.exp(), k * suffix.exp(), prefix[..., -1, :, None].exp(), attn, u, w)
 
 
 INTRA_CHUNK = {"additive_scalar": additive_scalar, "additive_vector": additive_vector, "delta": delta,
