@@ -131,7 +131,7 @@ class RoutedSimpleGatedLinearAttention(RoutedAdapter):
 
 
 def _delta_output(adapter, o, x, ctx):
-    if adapter.use_gate:
+    if getattr(adapter, "use_gate", True):  # KimiDeltaAttention has no option: it always gates
         g = ctx.linear("g_proj", x).squeeze(-2).unflatten(-1, (-1, o.shape[-1]))
         o = ops.norm(o, adapter.o_norm, g, getattr(adapter.o_norm, "activation", "swish"))
     else:
@@ -214,54 +214,33 @@ class RoutedGatedDeltaNet(RoutedAdapter):
         groups = self.num_v_heads // self.num_heads
         if groups > 1:
             q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
-        a = at_least_float32(ctx.heads(ctx.linear("a_proj", x), 1)[..., 0])  # [B,T,HV,c]
-        g = -at_least_float32(self.A_log).exp()[:, None] * F.softplus(a + at_least_float32(self.dt_bias)[:, None])
         beta = torch.sigmoid(at_least_float32(ctx.heads(ctx.linear("b_proj", x), 1)[..., 0]))
-        return RuleInputs(q, k, v, g=g, beta=beta)
+        return RuleInputs(q, k, v, g=self.decay(x, ctx), beta=beta)
+
+    def decay(self, x, ctx):
+        """g = -exp(A_log) softplus(a_proj x + dt_bias), one per head `[B,T,HV,c]`."""
+        a = at_least_float32(ctx.heads(ctx.linear("a_proj", x), 1)[..., 0])
+        return -at_least_float32(self.A_log).exp()[:, None] * F.softplus(a + at_least_float32(self.dt_bias)[:, None])
 
     def output(self, o, x, inputs, ctx):
         return _delta_output(self, o, x, ctx)
 
 
 @register_adapter("fla.layers.kda.KimiDeltaAttention")
-class RoutedKimiDeltaAttention(RoutedAdapter):
-    """fla's `KimiDeltaAttention` over rule "kda" (num_v_heads > num_heads supported)."""
+class RoutedKimiDeltaAttention(RoutedGatedDeltaNet):
+    """fla's `KimiDeltaAttention` over rule "kda": Gated DeltaNet's inputs (num_v_heads > num_heads
+    supported) with one decay per key channel, and an output norm always gated by sigmoid."""
 
     rule = "kda"
     per_slot_modules = ("k_proj", "v_proj", "k_conv1d", "v_conv1d", "f_proj", "b_proj")
 
-    @classmethod
-    def check_layer(cls, layer):
-        if layer.allow_neg_eigval:
-            _reject(layer, "allow_neg_eigval", True, "beta in (0, 2) lies outside memplug's write strengths [0, 1]")
-        if layer.num_v_heads % layer.num_heads != 0:
-            _reject(layer, "num_v_heads", layer.num_v_heads, f"expected a multiple of num_heads = {layer.num_heads}")
-
-    def state_dims(self):
-        return self.num_v_heads, self.head_k_dim, self.head_v_dim
-
-    def rule_inputs(self, x, ctx):
-        K, V = self.head_k_dim, self.head_v_dim
-        q, k, v = (ctx.linear(n, x) for n in ("q_proj", "k_proj", "v_proj"))
-        if self.use_short_conv:
-            q, k, v = ctx.conv("q_conv1d", q), ctx.conv("k_conv1d", k), ctx.conv("v_conv1d", v)
-        else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q, k, v = ctx.heads(q, K).squeeze(3), ctx.heads(k, K), ctx.heads(v, V)
-        q, k = l2norm(q), l2norm(k)
-        groups = self.num_v_heads // self.num_heads
-        if groups > 1:
-            q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
+    def decay(self, x, ctx):
+        """g = -exp(A_log) softplus(f_proj x + dt_bias) per key channel `[B,T,HV,c,K]`, or with
+        `lower_bound`, lower_bound sigmoid(exp(A_log) (f_proj x + dt_bias))."""
+        K = self.head_k_dim
         f = at_least_float32(ctx.heads(ctx.linear("f_proj", x), K)) + at_least_float32(self.dt_bias).view(-1, 1, K)
         A = at_least_float32(self.A_log).exp()[:, None, None]  # [HV, 1, 1] against f [B,T,HV,c,K]
-        g = -A * F.softplus(f) if self.lower_bound is None else self.lower_bound * torch.sigmoid(A * f)
-        beta = torch.sigmoid(at_least_float32(ctx.heads(ctx.linear("b_proj", x), 1)[..., 0]))
-        return RuleInputs(q, k, v, g=g, beta=beta)
-
-    def output(self, o, x, inputs, ctx):
-        g = ctx.linear("g_proj", x).squeeze(-2).unflatten(-1, (-1, o.shape[-1]))
-        o = ops.norm(o, self.o_norm, g, self.o_norm.activation)
-        return self.o_proj(o.flatten(-2))
+        return -A * F.softplus(f) if self.lower_bound is None else self.lower_bound * torch.sigmoid(A * f)
 
 
 @register_adapter("fla.layers.mamba2.Mamba2")
