@@ -35,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -180,19 +181,27 @@ def replica_drift(model) -> float:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The memplug code a run trained with: its git commit, with "-dirty" if files differ from it, or
-    the installed version where memplug is not a git checkout."""
+    """The memplug code a run trained with: `git_version` of its checkout, or the installed version
+    where memplug is not a git checkout."""
     import memplug
 
-    root = Path(memplug.__file__).resolve().parent.parent
+    described = git_version(Path(memplug.__file__).resolve().parent.parent)
+    return described or "memplug " + importlib.metadata.version("memplug")
+
+
+def git_version(root: Path) -> Optional[str]:
+    """The commit checked out at `root`, with "-dirty" if tracked files other than committed results
+    (`experiments/results/`, which a grid itself appends to) differ from it; None if not a checkout."""
+    git = ["git", "-C", str(root)]
     try:
-        described = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12",
-                                    "--exclude=*"], capture_output=True, text=True, timeout=30)
+        commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=30)
+        changed = subprocess.run(git + ["diff", "--quiet", "HEAD", "--", ":/", ":(exclude,top)experiments/results"],
+                                 capture_output=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        described = None
-    if described is not None and described.returncode == 0 and described.stdout.strip():
-        return described.stdout.strip()
-    return "memplug " + importlib.metadata.version("memplug")
+        return None
+    if commit.returncode != 0 or changed.returncode not in (0, 1):
+        return None
+    return commit.stdout.strip() + ("-dirty" if changed.returncode else "")
 
 
 def train_run(run: Run, task, env, progress=None) -> dict:
@@ -200,6 +209,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
     called after every step with the step's loss (a tensor), and with None for each step a diverged
     run did not train. A run whose loss or memory inputs turn non-finite stops there and is recorded
     as diverged, with its step and no metrics."""
+    cpu_start = time.process_time()  # the run's whole CPU time: building, training, validating, testing
     device, rank, world = env["device"], env["rank"], env["world_size"]
     train = run.train
     if train.batch_size % world:
@@ -219,7 +229,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
     curve = []  # validation loss and accuracy at those steps and at the end
     checkpoints = {max(1, round(train.steps * f)) for f in (0.25, 0.5, 0.75)}
     refused_at = None  # the step at which the memory's checks refused non-finite values
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start = time.perf_counter()
     model.train()
     for step in range(train.steps):
         for group in opt.param_groups:
@@ -253,7 +263,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
         for _ in range(train.steps - (step + 1 if refused_at is None else step)):
             progress(None)
     losses = torch.stack(losses) if losses else torch.zeros(0)
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    seconds = time.perf_counter() - start
     drift = None
     if world > 1:  # the record is rank 0's: give it the global batch's loss, and check the replicas agree
         dist.all_reduce(losses)
@@ -270,7 +280,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
                   "memory_flops_per_token": model.memory_flops_per_token()}
     record = {"run": run.id, "config_hash": run.hash, **run.settings(), **accounting, "steps": train.steps,
               "diverged": diverged_step is not None, "diverged_step": diverged_step,
-              "train_seconds": seconds, "cpu_seconds": cpu_seconds, "code": code_version(), "world_size": world,
+              "train_seconds": seconds, "code": code_version(), "world_size": world,
               "ddp_param_drift": drift, "device": str(device.type),
               "backend": run.model.layer.get("backend", "auto"), "routing_history": routing_history,
               "curve": curve}
@@ -278,7 +288,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
         print(f"warning: {run.id}: diverged at step {diverged_step} (non-finite loss or memory inputs)",
               file=sys.stderr)
         return {**record, "train_loss": None, "eval_loss": None, "accuracy": None, "tokens_per_s": None,
-                "routing": None}
+                "routing": None, "cpu_seconds": time.process_time() - cpu_start}
     model.eval()
     validation = task.validate(model, device, rank, world)
     curve.append({"step": train.steps, **validation})
@@ -292,6 +302,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
         **metrics,
     })
     record.update(task.provenance())
+    record["cpu_seconds"] = time.process_time() - cpu_start
     return record
 
 

@@ -70,39 +70,61 @@ def causal_conv(x, weight, bias=None, activation=None, history=None, cu_seqlens=
     separately; weight `[C, W]` (or `[C, 1, W]`); bias `[C]` or None; `activation` a function or
     None. history `[N, W - 1, C]`: the inputs before each sequence, oldest first (zeros if None).
     Returns `(y [B, T, C], the last `keep` inputs of each sequence [N, keep, C], oldest first, or
-    None without `keep`)`; `keep` is at most W. Every tap is a gather from one source (the inputs, then
-    the histories), so packed sequences cost no host sync."""
+    None without `keep`)`; `keep` is at most W. The output is a sum of W shifted copies of the
+    inputs (taps) times a weight per channel: elementwise products, which on a CPU cost a fraction
+    of a gather or a grouped convolution at the small widths of short convolutions."""
     B, T, C = x.shape
-    w = weight.reshape(C, -1)
-    W = w.shape[-1]
-    if cu_seqlens is None:  # rows are sequences: the same as packing them
-        cu_seqlens = torch.arange(B + 1, device=x.device) * T
-    N = cu_seqlens.numel() - 1
-    past = x.new_zeros(N, W - 1, C) if history is None else history.to(x.dtype)
-    source = torch.cat([x.reshape(B * T, C), past.reshape(N * (W - 1), C)])
-    seq, pos = sequence_positions(cu_seqlens, B * T)
-    taps = _taps(seq, pos, torch.arange(B * T, device=x.device), B * T, W, W)  # [BT, W]
-    y = torch.einsum("tcw,cw->tc", source[taps].transpose(1, 2), w.to(x.dtype))
+    w = weight.reshape(C, -1).t().contiguous().to(x.dtype)  # [W, C]: row j weighs tap j, oldest first
+    W = w.shape[0]
+    if cu_seqlens is None:  # rows are sequences: each is its history, then its inputs
+        past = x.new_zeros(B, W - 1, C) if history is None else history.to(x.dtype)
+        padded = torch.cat([past, x], 1)
+        taps = [padded[:, j:j + T] for j in range(W)]
+        last = None if keep is None else padded[:, padded.shape[1] - keep:]
+    else:
+        taps, last = _packed_taps(x.reshape(B * T, C), history, cu_seqlens, W, keep)
+        taps = [tap.reshape(B, T, C) for tap in taps]
+    y = taps[0] * w[0]
+    for j in range(1, W):
+        y = y + taps[j] * w[j]
     if bias is not None:
         y = y + bias.to(x.dtype)
     if activation is not None:
         y = activation(y)
+    return y, last
+
+
+def _packed_taps(x, history, cu_seqlens, W, keep):
+    """The W taps `[T, C]` of packed inputs `x [T, C]`, oldest first, and the last `keep` inputs of
+    each sequence (or None). Tap j of a token is the input W - 1 - j rows earlier in the stream or,
+    before its sequence's start, a row of its history: shifted views and a mask, no host sync. The
+    mask is a `where`, not a product, so a NaN never crosses into the next sequence."""
+    T, C = x.shape
+    N = cu_seqlens.numel() - 1
+    past = None if history is None else history.to(x.dtype).reshape(N * (W - 1), C)
+    seq, pos = sequence_positions(cu_seqlens, T)
+    padded = F.pad(x, (0, 0, W - 1, 0))  # row W - 1 + t is input t
+    taps = []
+    for j in range(W):
+        back = W - 1 - j
+        tap = padded[j:j + T]
+        if back:
+            inside = (pos >= back)[:, None]
+            if past is None:
+                tap = torch.where(inside, tap, 0)
+            else:  # history row (W - 1) - (back - pos) of the token's sequence, oldest first
+                rows = torch.where(inside[:, 0], 0, seq * (W - 1) + (W - 1) - (back - pos))
+                tap = torch.where(inside, tap, past[rows])
+        taps.append(tap)
     if keep is None:
-        return y.reshape(B, T, C), None
-    # The last `keep` inputs of a sequence are the taps of its last token, back `keep` - 1 steps.
+        return taps, None
+    # The last `keep` inputs of a sequence: counting back from its last token into its history.
+    source = torch.cat([x, x.new_zeros(N * (W - 1), C) if past is None else past])
+    back = torch.arange(keep - 1, -1, -1, device=x.device)
     ends = cu_seqlens[1:] - 1
-    last = _taps(torch.arange(N, device=x.device), ends - cu_seqlens[:-1], ends, B * T, W, keep)
-    return y.reshape(B, T, C), source[last]
-
-
-def _taps(seq, pos, flat, num_tokens, W, count):
-    """Rows of the convolution's source read at each token: the `count` inputs up to and including
-    the token's own, oldest first, from the packed inputs or, before the sequence start, its
-    history of W - 1 inputs (`count` - 1 <= `pos` + W - 1, which `count` <= W ensures)."""
-    back = torch.arange(count - 1, -1, -1, device=seq.device)  # steps back of each tap
-    in_sequence = pos[:, None] >= back
-    from_history = num_tokens + seq[:, None] * (W - 1) + (W - 1) - (back - pos[:, None])
-    return torch.where(in_sequence, flat[:, None] - back, from_history)
+    length = (ends - cu_seqlens[:-1])[:, None]
+    from_history = T + torch.arange(N, device=x.device)[:, None] * (W - 1) + (W - 1) - (back - length)
+    return taps, source[torch.where(length >= back, ends[:, None] - back, from_history)]
 
 
 class ShortConv(nn.Module):

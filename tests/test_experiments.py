@@ -527,6 +527,26 @@ def test_code_version_names_the_commit():
     assert ablate.code_version().startswith(head.stdout.strip())
 
 
+def test_git_version_is_dirty_for_code_changes_not_for_committed_results(tmp_path):
+    """A grid appends to its committed results.jsonl while it runs: that must not mark the code it
+    trains with as modified; a change to any other tracked file must."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "rules.py").write_text("a = 1\n")
+    (tmp_path / "experiments" / "results" / "results.jsonl").write_text("{}\n")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "c"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    head = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert ablate.git_version(tmp_path) == head
+    with open(tmp_path / "experiments" / "results" / "results.jsonl", "a") as f:
+        f.write("{}\n")
+    assert ablate.git_version(tmp_path) == head
+    (tmp_path / "rules.py").write_text("a = 2\n")
+    assert ablate.git_version(tmp_path) == head + "-dirty"
+    assert ablate.git_version(tmp_path / "experiments") == head + "-dirty"  # from a subfolder too
+    assert ablate.git_version(tmp_path.parent / "not-a-checkout-here") is None
+
+
 def test_grid_writes_table_jsonl_plots_and_resumes(tmp_path):
     config = load_config(str(_tiny(tmp_path)))
     out = tmp_path / "run"

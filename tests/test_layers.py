@@ -287,6 +287,18 @@ def test_short_conv_is_causal_resumable_and_packable(T, split, width, lengths):
         y_n, s_n = conv(packed[:, cu[n]:cu[n + 1]], output_state=True)
         torch.testing.assert_close(y_packed[:, cu[n]:cu[n + 1]], y_n)
         torch.testing.assert_close(s_packed[n:n + 1], s_n)
+    # ... each from its own history when resumed ...
+    history = torch.randn(len(lengths), width - 1, 3, dtype=torch.float64)
+    y_packed, s_packed = conv(packed, state=history, cu_seqlens=cu, output_state=True)
+    for n in range(len(lengths)):
+        y_n, s_n = conv(packed[:, cu[n]:cu[n + 1]], state=history[n:n + 1], output_state=True)
+        torch.testing.assert_close(y_packed[:, cu[n]:cu[n + 1]], y_n)
+        torch.testing.assert_close(s_packed[n:n + 1], s_n)
+    # ... and a NaN in one sequence never reaches another (nor its own earlier tokens).
+    poisoned = packed.clone()
+    poisoned[0, cu[1] - 1] = float("nan")  # the last token of the first sequence
+    y_poisoned, _ = conv(poisoned, cu_seqlens=cu)
+    assert y_poisoned[:, :cu[1] - 1].isfinite().all() and y_poisoned[:, cu[1]:].isfinite().all()
 
 
 def _preset(name, **kw):
