@@ -17,8 +17,9 @@ so its time is linear in the tokens).
     memplug bench [--backend chunked] [--device cpu] [--rule gated_deltanet,fm] [--threads 2] ...
     python -m memplug.experiments.bench ...
 
-`memplug bench --device cuda` runs the GPU program instead (`bench_cuda.py`) and `memplug bench
---peers` the comparison with the CPU peers (`peers.py`).
+`memplug bench --device cuda` runs the GPU program instead (`bench_cuda.py`), `memplug bench
+--peers` the comparison with the CPU peers (`peers.py`) and `memplug bench --model` the performance
+model of the Triton kernels against fla's (`cost.py`).
 """
 from __future__ import annotations
 
@@ -192,6 +193,9 @@ def main(argv=None) -> int:
     if "--peers" in argv:
         from .peers import main as bench_peers
         return bench_peers(argv)
+    if "--model" in argv:
+        from .cost import main as bench_model
+        return bench_model(argv)
     if _cuda_requested(argv):
         from .bench_cuda import main as bench_cuda
         return bench_cuda(argv)

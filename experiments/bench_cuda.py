@@ -88,22 +88,6 @@ def fla_mom_path(q, k, v, g, beta, route_idx, route_w, num_slots: int, chunk_fn=
     return o.view(B, T, H, V)
 
 
-def scan_cost(family: str, E: int, K: int, V: int, BT: int, itemsize: int, backward: bool):
-    """A model of (FLOPs, bytes) of the chunked scan over E (route entry, head) rows, for the
-    achieved-fraction columns. Per row: the intra-chunk products q k^T and M d, causal halves,
-    BT (K + V); the inter-chunk products q S and k^T d, 4 K V; the delta family's WY transform
-    (k k^T, T (b v), T (b k)) and w S add 2 BT K + 2 BT (K + V) + 2 K V. Bytes: q, k, v read and o
-    written (float32), once. The backward is counted as 3.5x the forward's FLOPs (recomputed state
-    pass included) and 3x its bytes."""
-    flops = E * (BT * (K + V) + 4 * K * V)
-    if family == "delta":
-        flops += E * (2 * BT * K + 2 * BT * (K + V) + 2 * K * V)
-    nbytes = E * ((2 * K + V) * itemsize + 4 * V)
-    if backward:
-        flops, nbytes = flops * 3.5, nbytes * 3
-    return flops, nbytes
-
-
 def _bench_ms(fn, smoke: bool) -> float:
     import triton.testing
     return triton.testing.do_bench(fn, warmup=2 if smoke else 25, rep=5 if smoke else 200, return_mode="median")
@@ -187,31 +171,32 @@ def triton_against_fla(args, dev, time_ms) -> None:
     bandwidth, matmul = measured_peaks(dtype, dev, time_ms, args.smoke)
     print(f"measured peaks: memory bandwidth {bandwidth / 1e9:,.0f} GB/s (device copy), "
           f"{args.dtype} matmul {matmul / 1e12:,.1f} TFLOP/s")
-    print("achieved fractions below use a FLOP/byte model of the chunked scan (experiments.bench_cuda.scan_cost)")
+    print("achieved fractions below: bytes and FLOPs of memplug's Triton kernels for the same work, by the model "
+          "of `memplug bench --model` (backends/triton/cost_model.py; PyTorch operations not included)")
+    from memplug.backends.triton import CHUNK_SIZE
+    from memplug.backends.triton.cost_model import balanced_layout, scan_launches, totals
 
-    def timed(label, run, leaves, E, family, tokens=B * T):
+    def timed(label, run, leaves, rule, m, R, T=T):
         """Forward and forward+backward times (ms) of `run`, with tokens/s and the achieved fractions
-        of the measured bandwidth and matmul rate (model: `scan_cost` over E rows)."""
+        of the measured bandwidth and matmul rate (the kernel model at `rule`, m, R, T)."""
         fwd = time_ms(lambda: run())
         both = time_ms(_fwd_bwd(run, leaves))
-        f_fwd, b_fwd = scan_cost(family, E, K, V, 64, dtype.itemsize, False)
-        f_all, b_all = scan_cost(family, E, K, V, 64, dtype.itemsize, True)
+        cost = totals(scan_launches(rule, balanced_layout(B, T, H, m, R, 1, CHUNK_SIZE), K, V, dtype), "h100")
+        b_fwd, f_fwd = cost["forward"]["bytes"], cost["forward"]["flops"]
+        b_all, f_all = b_fwd + cost["backward"]["bytes"], f_fwd + cost["backward"]["flops"]
+        tokens = B * T
         print(f"  {label:34s} fwd {fwd:8.3f} ms {tokens / fwd / 1e3:8.2f} Mtok/s"
               f"  bw {b_fwd / fwd / 1e-3 / bandwidth:5.1%}  mm {f_fwd / fwd / 1e-3 / matmul:5.1%}"
               f" | fwd+bwd {both:8.3f} ms {tokens / both / 1e3:8.2f} Mtok/s"
               f"  bw {b_all / both / 1e-3 / bandwidth:5.1%}  mm {f_all / both / 1e-3 / matmul:5.1%}")
         return both
 
-    def family_of(rule):
-        return "delta" if memplug.get_rule(rule).family.delta else "additive"
-
     # 1. m = 1 against fla's chunk kernels
     print("\nm = 1 (plain rule): triton vs fla")
     for rule in args.rule.split(","):
         x = cuda_inputs(rule, B, T, H, K, V, 1, 1, dtype, dev)
         leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "route_w") if n in x]
-        mine = timed(f"{rule} triton", lambda: routed_scan(**x, backend="triton")[0], leaves, B * T * H,
-                     family_of(rule))
+        mine = timed(f"{rule} triton", lambda: routed_scan(**x, backend="triton")[0], leaves, rule, 1, 1)
         if rule == "deltanet" and dtype == torch.float32:  # fla's chunk_delta_rule asserts this
             print("  deltanet: fla's chunk_delta_rule takes no float32 inputs: no comparison in float32")
             continue
@@ -221,7 +206,7 @@ def triton_against_fla(args, dev, time_ms) -> None:
             fla_run = lambda: op(x["q"], x["k"], x["v"], x["beta"])[0]
         else:
             fla_run = lambda: op(x["q"], x["k"], x["v"], **fla_kw)[0]
-        theirs = timed(f"{rule} fla {FLA_PLAIN[rule].rsplit('.', 1)[1]}", fla_run, leaves, B * T * H, family_of(rule))
+        theirs = timed(f"{rule} fla {FLA_PLAIN[rule].rsplit('.', 1)[1]}", fla_run, leaves, rule, 1, 1)
         print(f"  {rule}: triton / fla fwd+bwd = {mine / theirs:.2f}   {cuda_verdict('m1_over_fla', mine / theirs)}")
 
     # 2. routed gated_deltanet against fla's MoM path
@@ -229,11 +214,10 @@ def triton_against_fla(args, dev, time_ms) -> None:
     for m in (4, 16):
         x = cuda_inputs("gated_deltanet", B, T, H, K, V, m, 2, dtype, dev)
         leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "route_w")]
-        E = B * T * 2 * H
-        mine = timed(f"m={m} triton", lambda: routed_scan(**x, backend="triton")[0], leaves, E, "delta")
+        mine = timed(f"m={m} triton", lambda: routed_scan(**x, backend="triton")[0], leaves, "gated_deltanet", m, 2)
         mom = lambda: fla_mom_path(x["q"], x["k"], x["v"], x["g"], x["beta"], x["route_idx"][:, :, 0],
                                    x["route_w"][:, :, 0], m)
-        theirs = timed(f"m={m} fla MoM path", mom, leaves, E, "delta")
+        theirs = timed(f"m={m} fla MoM path", mom, leaves, "gated_deltanet", m, 2)
         ratio = theirs / mine
         print(f"  m={m}: fla MoM / triton fwd+bwd = {ratio:.2f}   {cuda_verdict('mom_over_routed', ratio)}")
 
@@ -243,8 +227,8 @@ def triton_against_fla(args, dev, time_ms) -> None:
     for R in (2, 64):
         x = cuda_inputs("gated_deltanet", B, args.sparse_T, H, K, V, 64, R, dtype, dev)
         leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "route_w")]
-        times[R] = timed(f"R={R}", lambda: routed_scan(**x, backend="triton")[0], leaves,
-                         B * args.sparse_T * R * H, "delta", tokens=B * args.sparse_T)
+        times[R] = timed(f"R={R}", lambda: routed_scan(**x, backend="triton")[0], leaves, "gated_deltanet", 64, R,
+                         T=args.sparse_T)
     ratio = times[2] / times[64]
     print(f"  R=2 / dense fwd+bwd = {ratio:.3f}   {cuda_verdict('sparse_over_dense', ratio)}")
 

@@ -34,6 +34,7 @@ backends. The key width K is limited to 256 (one block of the state per program)
 registry (`triton_supports`): "auto" runs wider keys on the chunked backend, and asking for `triton`
 by name with them is an error that says so. The kernels run on CPU tensors in Triton's interpreter when
 `TRITON_INTERPRET=1` is set before the backend's first call (for tests; "auto" never picks it on CPU).
+`cost_model.py` models what every kernel launch moves and computes (`memplug bench --model`).
 """
 from __future__ import annotations
 
