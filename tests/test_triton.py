@@ -330,6 +330,33 @@ def test_kernels_compile_for_h100():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+def test_compile_check_reports_what_ptxas_makes_of_a_real_launch(tmp_path):
+    """One kernel compiled for sm_90 as a launch specializes it, with its registers, spills, shared
+    memory and occupancy in the table (`compile_check --table`)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "table.md"
+    proc = subprocess.run([sys.executable, "-m", "memplug.backends.triton.compile_check", "--quiet", "--kernels",
+                           "cumsum_kernel", "--families", "delta", "--dtypes", "bfloat16", "--table", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    text = out.read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| cumsum_kernel")]
+    assert [r[5] for r in rows] == ["REVERSE=0", "REVERSE=1"]  # the forward and the reverse sum
+    for r in rows:
+        assert r[7].startswith("w1") and int(r[8]) > 0 and r[9] == "0/0"  # first config: registers, no spill
+    assert "- the first configuration is spill-free (K = V <= 128): PASS" in text
+
+
+def test_occupancy_is_limited_by_registers_shared_memory_and_blocks():
+    from memplug.backends.triton.compile_check import Report
+    # Review figures (sm_90): 126 registers, 80 KB of shared memory, 4 warps: shared memory allows 2 blocks.
+    assert Report(126, 0, 0, 82180, 4).warps_per_sm == 8
+    assert Report(255, 136, 136, 96 * 1024, 8).warps_per_sm == 8  # registers allow one block of 8 warps
+    assert Report(18, 0, 0, 0, 1).warps_per_sm == 32  # at most 32 blocks
+    assert Report(18, 0, 0, 0, 4).spills is False and Report(18, 4, 0, 0, 4).spills is True
+
+
 @cuda
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
