@@ -179,7 +179,7 @@ def state_bwd_kernel(q, k, w, A, do, dd_local, dht, dhs, dd, dh0, offsets, chunk
             b_dd += mm(b_kd.to(DT), b_dh.to(DT))
             b_dh = b_dh * tl.exp(a_last)[:, None]
             b_q = b_q * tl.exp(b_a)
-        tl.store(dd + p_v, b_dd, mask=m_tv)
+        tl.store(dd + p_v, b_dd.to(dd.dtype.element_ty), mask=m_tv)
         b_dh = mma(tl.trans(b_q.to(DT)), (b_do.to(tl.float32) * scale).to(DT), b_dh)
         if DELTA:
             b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
@@ -190,14 +190,24 @@ def state_bwd_kernel(q, k, w, A, do, dd_local, dht, dhs, dd, dh0, offsets, chunk
 
 # --------------------------------------------------------------------------------- output pass
 
+@helper
+def chunk_and_v_block(V: tl.constexpr, BV: tl.constexpr):
+    """(chunk, V block, head) of a program of the grid (chunks x V blocks, heads): the V blocks of a
+    chunk are consecutive programs, so all but the first find the chunk's q and k in L2 instead of
+    reading them from memory again."""
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_cv = tl.program_id(0).to(tl.int64)
+    return i_cv // NV, i_cv % NV, tl.program_id(1)
+
+
 @autotune_or_first(_CHUNK_CONFIGS, key=["K", "V", "BT", "DECAY"])
 @triton.jit
 def output_fwd_kernel(q, k, d, A, M, hs, o, chunk_indices, offsets, scale, Hb,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       DECAY: tl.constexpr):
-    """o = scale (Qd S_0 + M d), one program per (chunk, head, V block). M d takes the finite part of
+    """o = scale (Qd S_0 + M d), one program per (chunk, V block; head). M d takes the finite part of
     d; a non-finite d_s makes rows t >= s NaN (`common.split_finite`), never rows before it."""
-    i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_c, i_v, i_h = chunk_and_v_block(V, BV)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
@@ -232,8 +242,9 @@ def output_fwd_kernel(q, k, d, A, M, hs, o, chunk_indices, offsets, scale, Hb,
 def dd_local_kernel(q, k, A, M, do, dd_local, chunk_indices, offsets, scale, Hb,
                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     DECAY: tl.constexpr):
-    """The output pass backward to the effective values within a chunk: dd_local = scale M^T dO."""
-    i_c, i_h, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    """The output pass backward to the effective values within a chunk: dd_local = scale M^T dO, one
+    program per (chunk, V block; head)."""
+    i_c, i_v, i_h = chunk_and_v_block(V, BV)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
@@ -297,7 +308,7 @@ def grad_kernel(q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, chunk_indices, 
     b_dqd *= scale
     b_dM *= scale
     if DELTA:
-        tl.store(dw + p_k, -b_dw, mask=m_tk)
+        tl.store(dw + p_k, (-b_dw).to(dw.dtype.element_ty), mask=m_tk)
 
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
@@ -336,5 +347,5 @@ def grad_kernel(q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, chunk_indices, 
             tl.store(dA + rows * Hb + i_h, b_da, mask=m_t)
         b_dq = mma(b_Mg.to(DT), b_k, b_dq)
         b_dk = mma(tl.trans(b_Mg).to(DT), b_q, b_dk)
-    tl.store(dq + p_k, b_dq, mask=m_tk)
-    tl.store(dk + p_k, b_dk, mask=m_tk)
+    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)

@@ -15,15 +15,14 @@ Two parts, each with one source of truth:
   measures fla's paths (`memplug bench --model`).
 
 What a byte is here: a kernel reads each tensor it reads, and writes each tensor it writes, once,
-whole (re-reads within a kernel are assumed to hit L2), except where the V block is the slowest grid
-axis (`output_fwd_kernel`, `dd_local_kernel`): there q and k are read again for every V block after
-the first (`Launch.reread`). A PyTorch operation reads its inputs and writes its outputs once each (a
-broadcast input counts its stored elements; views and allocations cost nothing; an in-place
-operation writes its result and reads its other inputs). FLOPs count the tensor-core products only
-(`tl.dot`), at their padded block sizes, as the hardware executes them; "tf32x3" (float32 operands)
-is three TF32 products. Elementwise work is not counted: every kernel here is far from compute-bound
-on it. The floor of a launch is max(bytes / bandwidth, sum of FLOPs / peak rate): a lower bound, not
-a prediction.
+whole: re-reads within a kernel are assumed to hit L2, which the grids are ordered for (programs that
+share a chunk's rows, its V blocks, run one after another). A PyTorch operation reads its inputs and
+writes its outputs once each (a broadcast input counts its stored elements; views and allocations
+cost nothing; an in-place operation writes its result and reads its other inputs). FLOPs count the
+tensor-core products only (`tl.dot`), at their padded block sizes, as the hardware executes them;
+"tf32x3" (float32 operands) is three TF32 products. Elementwise work is not counted: every kernel
+here is far from compute-bound on it. The floor of a launch is max(bytes / bandwidth, sum of FLOPs /
+peak rate): a lower bound, not a prediction.
 """
 from __future__ import annotations
 
@@ -51,18 +50,17 @@ BC = 16  # sub-chunk rows of the per-channel attention kernels (`vector.BC`)
 @dataclass
 class Launch:
     """One kernel launch (or one PyTorch operation, `kind` "torch"): its tensors as
-    {argument: (bytes, "r" | "w" | "unused")}, extra bytes re-read from HBM, and FLOPs by precision."""
+    {argument: (bytes, "r" | "w" | "unused")} and its FLOPs by precision."""
 
     kernel: str
     phase: str  # "forward" or "backward"
     kind: str = "triton"
     tensors: dict = field(default_factory=dict)
-    reread: int = 0
     flops: dict = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
-        return sum(n for n, role in self.tensors.values() if role != "unused") + self.reread
+        return sum(n for n, role in self.tensors.values() if role != "unused")
 
     def floor_seconds(self, gpu: str) -> float:
         _, bandwidth, rates = GPUS[gpu]
@@ -136,15 +134,18 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     Vp = nv * BV  # V as the products see it: whole V blocks
     P = E * Hb
     rows = {"K": P * K * d, "V": P * V * d, "a": P * (K if decay == 2 else 1) * f4, "b": P * f4,
-            "BT": P * BT * f4, "state": S * Hb * K * V * f4, "hs": NT * Hb * K * V * d,
+            "BT": P * BT * f4, "T": P * BT * d, "state": S * Hb * K * V * f4, "hs": NT * Hb * K * V * d,
             "K32": P * K * f4, "V32": P * V * f4}
+    # Gradients kept in float32 where a later kernel adds to them (function.ChunkScan.backward).
+    dq_bytes = rows["K32"] if decay == 2 else rows["K"]
+    dk_bytes = rows["K32"] if decay == 2 or delta else rows["K"]
     chunks = {"chunk_indices": (NT * 2 * 4, "r"), "offsets": ((S + 1) * 8, "r")}
     sequences = {"offsets": ((S + 1) * 8, "r"), "chunk_offsets": ((S + 1) * 8, "r")}
     decay_in = {"A": (rows["a"], "r")} if decay else {}
     chunk_heads = NT * Hb
 
-    def launch(kernel, phase, tensors, flops=0.0, reread=0, indices=chunks):
-        return Launch(kernel, phase, tensors={**tensors, **indices}, reread=reread, flops={dot: flops} if flops else {})
+    def launch(kernel, phase, tensors, flops=0.0, indices=chunks):
+        return Launch(kernel, phase, tensors={**tensors, **indices}, flops={dot: flops} if flops else {})
 
     def attention(phase):
         # Active sub-chunk programs of each chunk; program i forms i off-diagonal [BC,BC] blocks.
@@ -170,7 +171,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         tensors = {"k": (rows["K"], "r"), "v": (rows["V"], "r"), "b": (rows["b"], "r"), **decay_in}
         if compute_T and decay == 2:
             tensors["Lk"] = (rows["BT"], "r")
-        tensors.update(T=(rows["BT"], "w" if compute_T else "r"), u=(rows["V"], "w"), w=(rows["K"], "w"))
+        tensors.update(T=(rows["T"], "w" if compute_T else "r"), u=(rows["V"], "w"), w=(rows["K"], "w"))
         flops = 2 * BT * BT * (BK + Vp)  # w = T (b exp(A) k), u = T (b v)
         if compute_T and decay != 2:  # k k^T in the kernel (per-channel decay: Lk from attention_fwd_kernel)
             flops += 2 * BT * BT * BK
@@ -211,9 +212,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         tensors["M"] = (rows["BT"], "r")
     tensors.update(hs=(rows["hs"], "r"), o=(rows["V32"], "w"))
     flops = 2 * BT * BK * Vp + 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BK * nv)
-    # q (and k) are read again for every V block after the first: the V block is the slowest grid axis.
-    reread = (nv - 1) * rows["K"] * (1 if decay == 2 else 2)
-    out.append(launch("output_fwd_kernel", "forward", tensors, chunk_heads * flops, reread=reread))
+    out.append(launch("output_fwd_kernel", "forward", tensors, chunk_heads * flops))
     if not backward:
         return out
 
@@ -228,7 +227,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         tensors = {"q": (rows["K"], "r"), "k": (rows["K"], "r"), **decay_in}
     tensors.update(do=(rows["V"], "r"), dd_local=(rows["V32"], "w"))
     flops = 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BK * nv)
-    out.append(launch("dd_local_kernel", "backward", tensors, chunk_heads * flops, reread=reread))
+    out.append(launch("dd_local_kernel", "backward", tensors, chunk_heads * flops))
 
     tensors = {"q": (rows["K"], "r"), "k": (rows["K"], "r")}
     if delta:
@@ -237,7 +236,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     tensors.update(do=(rows["V"], "r"), dd_local=(rows["V32"], "r"))
     if state_grad:
         tensors["dht"] = (rows["state"], "r")
-    tensors.update(dhs=(rows["hs"], "w"), dd=(rows["V32"], "w"))
+    tensors.update(dhs=(rows["hs"], "w"), dd=(rows["V"], "w"))
     if initial_state:
         tensors["dh0"] = (rows["state"], "w")
     flops = chunk_heads * 2 * BT * BK * Vp * (3 if delta else 2)  # k dS, q^T dO (and w^T dd)
@@ -245,13 +244,13 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
 
     tensors = {"q": (rows["K"], "r"), "k": (rows["K"], "r"), "d": (rows["V"], "r"), **decay_in,
                "hs": (rows["hs"], "r"), "dhs": (rows["hs"], "r"), "do": (rows["V"], "r"),
-               "dd": (rows["V32"], "r" if delta else "unused"), "dq": (rows["K32"], "w"), "dk": (rows["K32"], "w")}
+               "dd": (rows["V"], "r" if delta else "unused"), "dq": (dq_bytes, "w"), "dk": (dk_bytes, "w")}
     if decay:
         tensors["dA"] = (rows["a"], "w")
     if decay == 2:
         tensors["dM"] = (rows["BT"], "w")
     if delta:
-        tensors["dw"] = (rows["K32"], "w")
+        tensors["dw"] = (rows["K"], "w")
     flops = 2 * BT * Vp * BK * (3 if delta else 2) + 2 * BT * BT * Vp  # dO S^T, d dS^T (dd S^T), dO d^T
     if decay != 2:  # the intra-chunk part through M: dM k, dM^T q (and q k^T to weigh dA)
         flops += 2 * 2 * BT * BT * BK + (2 * BT * BT * BK if decay == 1 else 0)
@@ -262,11 +261,10 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         tensors = {"k": (rows["K"], "r"), "v": (rows["V"], "r"), "b": (rows["b"], "r"), **decay_in}
         if decay == 2:
             tensors["Lk"] = (rows["BT"], "r")
-        tensors.update(T=(rows["BT"], "r"), dd=(rows["V32"], "r"), dw=(rows["K32"], "r"),
-                       dk_in=(rows["K32"], "r"))
+        tensors.update(T=(rows["T"], "r"), dd=(rows["V"], "r"), dw=(rows["K"], "r"), dk_in=(dk_bytes, "r"))
         if decay:
             tensors["dA_in"] = (rows["a"], "r")
-        tensors.update(dk=(rows["K32"], "w"), dv=(rows["V32"], "w"), db=(rows["b"], "w"))
+        tensors.update(dk=(rows["K32"] if decay == 2 else rows["K"], "w"), dv=(rows["V"], "w"), db=(rows["b"], "w"))
         if decay:
             tensors["dA"] = (rows["a"], "w")
         if decay == 2:

@@ -79,7 +79,7 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
             b_T = b_T + mm(mm(b_M, b_M), b_T)
             b_T = b_T - mm(b_M, b_T)
         b_T = tl.where(bad_row[:, None], float("nan"), b_T)
-        tl.store(T + p_T, b_T, mask=m_T)
+        tl.store(T + p_T, b_T.to(T.dtype.element_ty), mask=m_T)
     else:
         b_T = tl.load(T + p_T, mask=m_T, other=0.0)
     b_Td = b_T.to(DT)
@@ -131,7 +131,7 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
         b_du = tl.load(dd + p_v, mask=m_tv, other=0.0).to(DT)
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
         b_dxv = mm(b_Tt, b_du)
-        tl.store(dv + p_v, b_dxv * b_b[:, None], mask=m_tv)
+        tl.store(dv + p_v, (b_dxv * b_b[:, None]).to(dv.dtype.element_ty), mask=m_tv)
         b_db += tl.sum(b_dxv * b_v, 1)
         b_dT = mma(b_du, tl.trans((b_v * b_b[:, None]).to(DT)), b_dT)
     b_dk = b_dxk * b_e * b_b[:, None]
@@ -159,7 +159,7 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
         b_dk = mma(b_dkk.to(DT), b_k, b_dk)
         b_dk = mma(tl.trans(b_dkk).to(DT), b_k, b_dk)
 
-    tl.store(dk + p_k, tl.load(dk_in + p_k, mask=m_tk, other=0.0) + b_dk, mask=m_tk)
+    tl.store(dk + p_k, (tl.load(dk_in + p_k, mask=m_tk, other=0.0) + b_dk).to(dk.dtype.element_ty), mask=m_tk)
     tl.store(db + rows * Hb + i_h, b_db, mask=m_t)
     if DECAY != 0:
         tl.store(dA + p_a, tl.load(dA_in + p_a, mask=m_a, other=0.0) + b_da, mask=m_a)

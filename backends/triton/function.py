@@ -126,11 +126,11 @@ class ChunkScan(torch.autograd.Function):
             M = _attention(q, k, A, layout)
             Lk = _attention(k, k, A, layout) if is_delta else None
         if is_delta:
-            T = q.new_empty(E, Hb, BT, dtype=torch.float32)
+            T = q.new_empty(E, Hb, BT)  # in the dot dtype: every use casts it to that
             u, w = _wy(k, v, b, A, Lk, T, layout, decay, compute_T=True)
         hs, d, ht = _states(k, u if is_delta else v, w, A, h0, layout, decay, is_delta, output_final_state)
         o = q.new_empty(E, Hb, V, dtype=torch.float32)
-        grid = lambda meta: (NT, Hb, triton.cdiv(V, meta["BV"]))
+        grid = lambda meta: (NT * triton.cdiv(V, meta["BV"]), Hb)
         chunk.output_fwd_kernel[grid](
             q=q, k=k, d=d if is_delta else v, A=A, M=M, hs=hs, o=o, chunk_indices=layout.chunk_indices,
             offsets=layout.offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=block(K), DECAY=decay)
@@ -166,12 +166,12 @@ class ChunkScan(torch.autograd.Function):
         d = d if is_delta else v
 
         dd_local = q.new_empty(E, Hb, V, dtype=torch.float32)
-        grid = lambda meta: (NT, Hb, triton.cdiv(V, meta["BV"]))
+        grid = lambda meta: (NT * triton.cdiv(V, meta["BV"]), Hb)
         chunk.dd_local_kernel[grid](q=q, k=k, A=A, M=M, do=do, dd_local=dd_local, **idx, scale=scale, Hb=Hb, K=K, V=V,
                                     BT=BT, BK=BK, DECAY=decay)
 
         dhs = k.new_empty(NT, Hb, K, V)
-        dd = q.new_empty(E, Hb, V, dtype=torch.float32)
+        dd = q.new_empty(E, Hb, V)  # in the dot dtype: every consumer casts it to that, or returns it as dv
         want_dh0 = h0 is not None and ctx.needs_input_grad[5]
         dh0 = q.new_empty(S, Hb, K, V, dtype=torch.float32) if want_dh0 else None
         grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
@@ -181,10 +181,13 @@ class ChunkScan(torch.autograd.Function):
             DELTA=is_delta)
 
         f32 = dict(dtype=torch.float32)
-        dq, dk = q.new_empty(E, Hb, K, **f32), q.new_empty(E, Hb, K, **f32)
+        # Gradients in the dot dtype where they are final (they are returned in it), in float32 where a
+        # later kernel adds to them: the per-channel attention (dq, dk) and the WY backward (dk).
+        dq = q.new_empty(E, Hb, K, **(f32 if decay == 2 else {}))
+        dk = q.new_empty(E, Hb, K, **(f32 if decay == 2 or is_delta else {}))
         dA = None if A is None else torch.empty_like(A)
         dM = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
-        dw = q.new_empty(E, Hb, K, **f32) if is_delta else None
+        dw = q.new_empty(E, Hb, K) if is_delta else None  # its consumer casts it to the dot dtype
         chunk.grad_kernel[(NT, Hb)](
             q=q, k=k, d=d, A=A, hs=hs, dhs=dhs, do=do, dd=dd, dq=dq, dk=dk, dA=dA, dM=dM, dw=dw, **idx, scale=scale,
             Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta)
@@ -192,9 +195,9 @@ class ChunkScan(torch.autograd.Function):
             dq, dk, dA = _attention_bwd(q, k, A, dM, dq, dk, dA, layout)
         db = None
         if is_delta:
-            dk2 = torch.empty_like(dk)
+            dk2 = q.new_empty(E, Hb, K, **(f32 if decay == 2 else {}))
             dA2 = None if dA is None else torch.empty_like(dA)
-            dv = q.new_empty(E, Hb, V, **f32)
+            dv = q.new_empty(E, Hb, V)
             db = q.new_empty(E, Hb, **f32)
             dLk = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
             delta.wy_bwd_kernel[(NT, Hb)](
