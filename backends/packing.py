@@ -12,11 +12,12 @@ Vocabulary:
   are packed: empty slots cost nothing, and the work is proportional to the E entries, not to m.
 
 `pack` computes the packing once, with one sort, and no Python loop over tokens or slots. A backend
-then brings its inputs into route-entry order (`per_entry`, `routing_per_entry`; the coupling is
-elementwise per route, so it can be applied there) and into its packed layout (`place` into rows,
-possibly padded), runs a variable-length scan over the packed sequences (`Packing.offsets` are their
-cu_seqlens), reads and writes the slot states with `read_states` / `write_states`, and mixes the
-route outputs back into tokens with `combine`. A backend that works part by part (some packed
+then brings its inputs into its packed layout: into route-entry order (`per_entry`) and then into
+rows (`place`, possibly padded), or with one gather straight into the unpadded packed order
+(`pack_rows`); the coupling is elementwise per route, so it can be applied in either order. It runs
+a variable-length scan over the packed sequences (`Packing.offsets` are their cu_seqlens), reads
+and writes the slot states with `read_states` / `write_states`, and mixes the route outputs back
+into tokens with `combine`. A backend that works part by part (some packed
 sequences at a time) gathers and scatters each part's entries instead (`gather_parts`,
 `gather_routing_parts`, `scatter_parts`, then `mix`). How the scan is computed (chunked PyTorch, a
 kernel, ...) and whether the layout has padding is the backend's business.
@@ -99,11 +100,6 @@ def per_entry(x: torch.Tensor, p: Packing, event_dims: int) -> torch.Tensor:
     return x.reshape(p.B * p.T * p.Hr * p.R, p.Hb, *event)
 
 
-def routing_per_entry(w: torch.Tensor, p: Packing) -> torch.Tensor:
-    """A routing tensor `[B,T,Hr,R]` in route-entry order, `[E, Hb]` (the same for every head of a group)."""
-    return w.reshape(-1, 1).expand(-1, p.Hb)
-
-
 class _Place(torch.autograd.Function):
     """`out[rows[e]] = x[e]` in `num_rows` zero rows. Each row receives at most one entry, so the
     backward is a gather, not an atomic scatter-add."""
@@ -132,6 +128,35 @@ class _Take(torch.autograd.Function):
     def backward(ctx, grad):
         rows, = ctx.saved_tensors
         return _Place.apply(grad, rows, ctx.num_rows), None
+
+
+class _GatherRoutes(torch.autograd.Function):
+    """`out[i] = x[entries[i] // R]`: the token row of every packed route entry. A token's R routes
+    read the same row, so the backward brings the gradient into entry order (a gather through the
+    inverse permutation) and sums each token's R routes, instead of an atomic scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, entries, R):
+        ctx.save_for_backward(entries)
+        ctx.R = R
+        return x.index_select(0, entries // R)
+
+    @staticmethod
+    def backward(ctx, grad):
+        entries, = ctx.saved_tensors
+        positions = torch.empty_like(entries)
+        positions[entries] = torch.arange(entries.numel(), device=entries.device)
+        by_entry = grad.index_select(0, positions)
+        return by_entry.view(-1, ctx.R, *grad.shape[1:]).sum(1), None, None
+
+
+def pack_rows(x: torch.Tensor, p: Packing, event_dims: int) -> torch.Tensor:
+    """A per-token input (as `per_entry` takes it) in the packed order, `[E, Hb, *event]`, with one
+    gather: neither the R-fold copy of `per_entry` nor the zero fill and scatter of `place`."""
+    event = x.shape[x.dim() - event_dims:]
+    if x.dim() == 3 + event_dims:  # shared by the routes: every route entry reads its token's row
+        return _GatherRoutes.apply(x.reshape(p.B * p.T * p.Hr, p.Hb, *event), p.entries, p.R)
+    return take(per_entry(x, p, event_dims), p.entries)
 
 
 def place(x: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:

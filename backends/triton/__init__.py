@@ -1,9 +1,9 @@
 """The Triton backend: docs/contract.md section 5 with Triton kernels, the default of `backend="auto"` on CUDA.
 
 1. pack: `backends/packing.py` (one sort) groups the route entries of each (sequence, head group,
-   slot) into one packed sequence; every per-route input is gathered into packed rows `[E, Hb, ...]`
-   (E = B*T*Hr*R route entries, Hb heads per head group). Work from here on is proportional to R*T.
-2. couple: the rule's `couple` runs in PyTorch on the route entries (decays and weights in float32),
+   slot) into one packed sequence; every input is gathered into packed rows `[E, Hb, ...]` with one
+   gather (E = B*T*Hr*R route entries, Hb heads per head group). Work from here on is proportional to R*T.
+2. couple: the rule's `couple` runs in PyTorch on the packed rows (decays and weights in float32),
    as in the chunked backend, so autograd carries gradients through the coupling into route_w, g and
    beta, and a new rule of an existing family needs no new kernel. One slot with one routing for all
    heads (the plain rule) skips the sort and the gathers: its packed order is the token order.
@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from ..layout import routes_per_head, rule_inputs_per_route
-from ..packing import Packing, combine, pack, per_entry, place, read_states, routing_per_entry, write_states
+from ..packing import Packing, combine, pack, pack_rows, per_entry, read_states, take, write_states
 
 # Rows per chunk. Each of CHUNK_SIZES gives the same result (up to rounding); tests vary it. (Powers
 # of two >= 16 for the products; at most 64 for the delta family's blockwise WY inverse.)
@@ -110,26 +110,26 @@ def triton_scan(args, chunk_size=None):
     else:
         packing = pack(route_idx, args.num_slots, H, cu_seqlens)
     E, Hb = packing.entries.numel(), packing.Hb
-    rows = None if identity else packing.positions  # entry -> row of the (unpadded) packed order
 
-    def entries(x, event_dims, dtype=f32):  # [E, Hb, ...] in route-entry order
-        return None if x is None else per_entry(x, packing, event_dims).to(dtype)
+    def packed(x, event_dims, dtype=f32):  # [E, Hb, ...] in the packed order
+        if x is None:
+            return None
+        rows = per_entry(x, packing, event_dims) if identity else pack_rows(x, packing, event_dims)
+        return rows.to(dtype)
 
-    def packed(x):  # entry order -> packed order (contiguous)
-        return None if x is None else (x.contiguous() if identity else place(x, rows, E))
-
-    w = routing_per_entry(args.write_weight, packing).to(f32)
+    weights = args.write_weight.reshape(-1, 1)  # [E, 1] in entry order, shared by the heads of a group
+    w = (weights if identity else take(weights, packing.entries)).expand(E, Hb).to(f32)
     vector = rule.family.decay == "vector"
-    # The coupling is elementwise per route: apply it in entry order, then pack. Decays, write strengths
-    # and weights are float32; k and v keep their dtype (float16/bfloat16 promote to float32 where they
-    # meet a float32 weight, and pass through uncopied where the coupling leaves them alone).
-    c = rule.couple(entries(k, 1, k.dtype), entries(v, 1, v.dtype), entries(g, 1 if rule.g == "vector" else 0),
-                    entries(beta, 0), w)
-    a = None if c.a is None else packed(c.a.expand(*((E, Hb, K) if vector else (E, Hb))).to(f32))
-    b = packed(c.b.expand(E, Hb).to(f32)) if rule.family.delta else None
-    qp = packed(entries(q, 1, dt))
-    kp = packed(c.k.expand(E, Hb, K).to(dt))
-    vp = packed(c.v.expand(E, Hb, V).to(dt))
+    # The coupling is elementwise per route: apply it in the packed order, to rows gathered once. Decays,
+    # write strengths and weights are float32; k and v keep their dtype (float16/bfloat16 promote to
+    # float32 where they meet a float32 weight, and pass through uncopied where the coupling leaves them alone).
+    c = rule.couple(packed(k, 1, k.dtype), packed(v, 1, v.dtype), packed(g, 1 if rule.g == "vector" else 0),
+                    packed(beta, 0), w)
+    a = None if c.a is None else c.a.expand(*((E, Hb, K) if vector else (E, Hb))).to(f32).contiguous()
+    b = c.b.expand(E, Hb).to(f32).contiguous() if rule.family.delta else None
+    qp = packed(q, 1, dt).contiguous()
+    kp = c.k.expand(E, Hb, K).to(dt).contiguous()
+    vp = c.v.expand(E, Hb, V).to(dt).contiguous()
 
     h0 = None
     if initial_state is not None:
