@@ -47,10 +47,12 @@ def cuda_inputs(rule: str, B: int, T: int, H: int, K: int, V: int, m: int, R: in
                 requires_grad: bool = True, seed: int = 0) -> dict:
     """`routed_scan` keywords for a MoM-like layer: `draw_inputs` with one routing shared by the
     heads and coupling "none" (MoM's); q, k, v in `dtype`, the gates and weights in float32, as MoM
-    computes them. With m = 1 every token routes to the one slot with weight 1: the plain rule."""
+    computes them. With m = 1 every token routes to the one slot with weight 1: the plain rule, whose
+    weight is a constant (no gradient), as in a layer with one slot."""
     x = draw_inputs(rule, B, T, H, K, V, 1, m, R, seed)
+    learned = lambda n: requires_grad and not (n == "route_w" and m == 1)
     out = {n: t.to(device) if n == "route_idx" else
-           t.to(device, dtype if n in ("q", "k", "v") else torch.float32).requires_grad_(requires_grad)
+           t.to(device, dtype if n in ("q", "k", "v") else torch.float32).requires_grad_(learned(n))
            for n, t in x.items()}
     out.update(rule=rule, num_slots=m, coupling="none")
     return out

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not interpreting(), reason="records and counts k
 B, H, K, V = 2, 2, 16, 40  # K != V and V not a multiple of the V block: a swapped or unpadded size shows
 
 
-def _inputs(rule, T, m, R, dtype, initial_state, seed=0):
+def _inputs(rule, T, m, R, dtype, initial_state, seed=0, learned_weights=True):
     torch.manual_seed(seed)
     r = memplug.get_rule(rule)
     x = dict(q=torch.randn(B, T, H, K, dtype=dtype), k=torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1),
@@ -33,7 +33,7 @@ def _inputs(rule, T, m, R, dtype, initial_state, seed=0):
     if initial_state:
         x["initial_state"] = torch.randn(B, H, m, K, V)
     for name in ("q", "k", "v", "g", "beta", "route_w", "initial_state"):
-        if name in x:
+        if name in x and (learned_weights or name != "route_w"):
             x[name].requires_grad_()
     return x
 
@@ -52,10 +52,11 @@ def _scan(rule, x, m, final_state):
 
 
 @pytest.mark.parametrize("rule", BUILT_IN_RULES)
-@pytest.mark.parametrize("m, R", [(1, 1), (4, 2)])
+@pytest.mark.parametrize("m, R, learned_weights", [(1, 1, True), (1, 1, False), (4, 2, True)],
+                         ids=["one_slot", "one_slot_constant_weight", "routed"])
 @pytest.mark.parametrize("states", [False, True], ids=["no_states", "initial_and_final_states"])
-def test_model_lists_every_launch_with_the_tensors_it_is_given(rule, m, R, states):
-    x = _inputs(rule, 150, m, R, torch.float16, initial_state=states)
+def test_model_lists_every_launch_with_the_tensors_it_is_given(rule, m, R, learned_weights, states):
+    x = _inputs(rule, 150, m, R, torch.float16, initial_state=states, learned_weights=learned_weights)
     with cost_model.record_traffic() as traffic:
         loss = _scan(rule, x, m, final_state=states)
         traffic.phase = "backward"
@@ -63,7 +64,7 @@ def test_model_lists_every_launch_with_the_tensors_it_is_given(rule, m, R, state
     recorded = [(x.phase, x.kernel, {n: b for n, (b, _) in x.tensors.items()}) for x in traffic.launches
                 if x.kind == "triton"]
     model = cost_model.scan_launches(rule, _layout(x, m), K, V, torch.float16, initial_state=states,
-                                     final_state=states)
+                                     final_state=states, read_w=not learned_weights)
     assert recorded == [(x.phase, x.kernel, {n: b for n, (b, _) in x.tensors.items()}) for x in model]
     assert all(x.bytes > 0 for x in model)
     # The PyTorch side is recorded too (packing, casts, the combine and their adjoints).

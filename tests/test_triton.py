@@ -330,6 +330,38 @@ def test_kernels_compile_for_h100():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rule", RULES)
+def test_a_constant_read_weight_is_applied_in_the_output_kernel(rule, dtype):
+    """One slot whose read weight gets no gradient (a layer's constant 1; here 0.5 to 1.5 per token,
+    varlen): the output kernel weighs the rows and writes the output in the input dtype. Outputs,
+    final states and gradients equal the reference backend's."""
+    torch.manual_seed(0)
+    r = get_rule(rule)
+    T, H, K, V = 37, 2, 16, 24
+    x = dict(q=torch.randn(1, T, H, K), k=torch.nn.functional.normalize(torch.randn(1, T, H, K), dim=-1),
+             v=torch.randn(1, T, H, V))
+    if r.g is not None:
+        x["g"] = -torch.rand(1, T, H, *((K,) if r.g == "vector" else ()))
+    if r.beta:
+        x["beta"] = 0.9 * torch.rand(1, T, H)
+    weight = 0.5 + torch.rand(1, T, 1, 1)  # no gradient
+    results = {}
+    for backend in ("reference", "triton"):
+        leaves = {n: t.to(torch.float64 if backend == "reference" else dtype if n in "qkv" else torch.float32)
+                  .requires_grad_() for n, t in x.items()}
+        o, final = routed_scan(**leaves, rule=rule, route_idx=torch.zeros(1, T, 1, 1, dtype=torch.long),
+                               route_w=weight.to(leaves["q"].dtype if backend == "reference" else torch.float32),
+                               num_slots=1, coupling="none", cu_seqlens=torch.tensor([0, 20, T]), backend=backend,
+                               output_final_state=True)
+        assert o.dtype == leaves["q"].dtype
+        (o.double().sin().sum() + final.double().sum()).backward()
+        results[backend] = [o, final] + [leaves[n].grad for n in x]
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for mine, ref in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(mine.double(), ref.double(), **tol)
+
+
 def test_compile_check_reports_what_ptxas_makes_of_a_real_launch(tmp_path):
     """One kernel compiled for sm_90 as a launch specializes it, with its registers, spills, shared
     memory and occupancy in the table (`compile_check --table`)."""

@@ -135,8 +135,14 @@ def triton_scan(args, chunk_size=None):
     if initial_state is not None:
         h0 = read_states(initial_state, packing, packing.segments, f32, K, V).contiguous()
     layout = varlen_chunks(packing.offsets, BT)
-    out, final = chunk_scan(qp, kp, vp, a, b, h0, layout, args.scale, args.output_final_state)
-    if identity:
+    # A read weight no gradient reaches (the plain rule's constant 1) is applied in the output kernel,
+    # which then writes the final output; otherwise the output is weighted here, where autograd sees it.
+    fold = identity and not (torch.is_grad_enabled() and args.read_w.requires_grad)
+    read_w = args.read_w.reshape(E).to(f32).contiguous() if fold else None
+    out, final = chunk_scan(qp, kp, vp, a, b, h0, layout, args.scale, args.output_final_state, read_w)
+    if fold:
+        o = out.view(B, T, H, V)
+    elif identity:
         o = (out.view(B, T, H, V) * args.read_w.reshape(B, T, 1, 1).to(f32)).to(dt)
     else:
         o = combine(out, args.read_w, packing).to(dt)

@@ -201,12 +201,14 @@ def chunk_and_v_block(V: tl.constexpr, BV: tl.constexpr):
 
 
 @autotune_or_first(_CHUNK_CONFIGS, key=["K", "V", "BT", "DECAY"])
+@triton.heuristics({"HAS_READ_W": lambda args: args["read_w"] is not None})
 @triton.jit
-def output_fwd_kernel(q, k, d, A, M, hs, o, chunk_indices, offsets, scale, Hb,
+def output_fwd_kernel(q, k, d, A, M, hs, read_w, o, chunk_indices, offsets, scale, Hb,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      DECAY: tl.constexpr):
-    """o = scale (Qd S_0 + M d), one program per (chunk, V block; head). M d takes the finite part of
-    d; a non-finite d_s makes rows t >= s NaN (`common.split_finite`), never rows before it."""
+                      DECAY: tl.constexpr, HAS_READ_W: tl.constexpr):
+    """o = scale (Qd S_0 + M d), times the row's read weight if `read_w [E]` is given, one program
+    per (chunk, V block; head). M d takes the finite part of d; a non-finite d_s makes rows t >= s
+    NaN (`common.split_finite`), never rows before it."""
     i_c, i_v, i_h = chunk_and_v_block(V, BV)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     o_t, rows, m_t = row_block(start, n, BT)
@@ -233,8 +235,10 @@ def output_fwd_kernel(q, k, d, A, M, hs, o, chunk_indices, offsets, scale, Hb,
             b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
             b_o = b_o * tl.exp(b_a)[:, None]
         b_M = scalar_attention(b_q, b_k, b_a, lower_mask(o_t, m_t, 0), DECAY)
-    b_o = poison_from(mma(b_M.to(DT), b_d, b_o), o_t, first_bad)
-    tl.store(o + p_v, b_o * scale, mask=m_tv)
+    b_o = poison_from(mma(b_M.to(DT), b_d, b_o), o_t, first_bad) * scale
+    if HAS_READ_W:
+        b_o = b_o * tl.load(read_w + rows, mask=m_t, other=0.0)[:, None]
+    tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 @autotune_or_first(_CHUNK_CONFIGS, key=["K", "V", "BT", "DECAY"])

@@ -141,7 +141,9 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
                        | ({"ht"} if not store_ht else set()), {})
             yield ("state_bwd_kernel", family, dtype, K, BT, dict(base, DELTA=delta, HAS_DHT=True, STORE_DH0=True),
                    no_A | ({"w"} if not delta else set()), {})
-            yield ("output_fwd_kernel", family, dtype, K, BT, base, no_A | not_vector, {})
+            for has_read_w in (False, True):
+                yield ("output_fwd_kernel", family, dtype, K, BT, dict(base, HAS_READ_W=has_read_w),
+                       no_A | not_vector | ({"read_w"} if not has_read_w else set()), {})
             yield ("dd_local_kernel", family, dtype, K, BT, base, no_A | not_vector, {})
             yield ("grad_kernel", family, dtype, K, BT, dict(base, DELTA=delta),
                    no_A | ({"dA"} if decay == 0 else set()) | ({"dM"} if decay != 2 else set())
@@ -170,7 +172,7 @@ def _kernel(name):
     raise KeyError(name)
 
 
-_VARIANT_FLAGS = ("REVERSE", "HAS_H0", "STORE_HT", "COMPUTE_T")
+_VARIANT_FLAGS = ("REVERSE", "HAS_H0", "STORE_HT", "COMPUTE_T", "HAS_READ_W")
 
 
 @dataclass

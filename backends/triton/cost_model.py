@@ -120,11 +120,13 @@ def _family(rule) -> tuple:
 
 
 def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, initial_state: bool = False,
-                  final_state: bool = False, backward: bool = True, state_grad: Optional[bool] = None) -> list:
+                  final_state: bool = False, backward: bool = True, state_grad: Optional[bool] = None,
+                  read_w: bool = False) -> list:
     """The Triton launches of one `routed_scan` (forward, then backward) of `rule` on `layout`, with q,
     k, v in `dtype`, as `Launch`es in launch order. `state_grad`: whether the backward is given a
     gradient of the final states (default: `final_state`); the initial states' gradient is computed
-    when they are given."""
+    when they are given. `read_w`: the output kernel weighs its rows by a constant read weight (one
+    slot, no gradient to the weights) and writes the output in `dtype`."""
     decay, delta = _family(rule)
     state_grad = final_state if state_grad is None else state_grad
     E, Hb, S, NT, BT = layout.E, layout.Hb, layout.S, layout.NT, layout.BT
@@ -210,7 +212,10 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     tensors = {"q": (rows["K"], "r"), "k": (rows["K"], "r"), "d": (rows["V"], "r"), **decay_in}
     if decay == 2:
         tensors["M"] = (rows["BT"], "r")
-    tensors.update(hs=(rows["hs"], "r"), o=(rows["V32"], "w"))
+    tensors["hs"] = (rows["hs"], "r")
+    if read_w:
+        tensors["read_w"] = (E * f4, "r")
+    tensors["o"] = (rows["V"] if read_w else rows["V32"], "w")
     flops = 2 * BT * BK * Vp + 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BK * nv)
     out.append(launch("output_fwd_kernel", "forward", tensors, chunk_heads * flops))
     if not backward:

@@ -115,7 +115,7 @@ HIGHER_ORDER_ERROR = ("memplug: backend 'triton' has first-order gradients only:
 
 class ChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, a, b, h0, layout: VarlenChunks, scale: float, output_final_state: bool):
+    def forward(ctx, q, k, v, a, b, h0, layout: VarlenChunks, scale: float, output_final_state: bool, read_w=None):
         E, Hb, K = q.shape
         V = v.shape[-1]
         BT, NT = layout.BT, layout.num_chunks
@@ -129,13 +129,14 @@ class ChunkScan(torch.autograd.Function):
             T = q.new_empty(E, Hb, BT)  # in the dot dtype: every use casts it to that
             u, w = _wy(k, v, b, A, Lk, T, layout, decay, compute_T=True)
         hs, d, ht = _states(k, u if is_delta else v, w, A, h0, layout, decay, is_delta, output_final_state)
-        o = q.new_empty(E, Hb, V, dtype=torch.float32)
+        # Weighted by a constant read weight in the kernel, o is final: in the input dtype.
+        o = q.new_empty(E, Hb, V, **({} if read_w is not None else dict(dtype=torch.float32)))
         grid = lambda meta: (NT * triton.cdiv(V, meta["BV"]), Hb)
         chunk.output_fwd_kernel[grid](
-            q=q, k=k, d=d if is_delta else v, A=A, M=M, hs=hs, o=o, chunk_indices=layout.chunk_indices,
+            q=q, k=k, d=d if is_delta else v, A=A, M=M, hs=hs, read_w=read_w, o=o, chunk_indices=layout.chunk_indices,
             offsets=layout.offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=block(K), DECAY=decay)
 
-        ctx.save_for_backward(q, k, v, A, b, h0, T, M, Lk)
+        ctx.save_for_backward(q, k, v, A, b, h0, T, M, Lk, read_w)
         ctx.layout, ctx.scale, ctx.decay, ctx.is_delta = layout, scale, decay, is_delta
         ctx.set_materialize_grads(False)
         return o, ht
@@ -149,14 +150,19 @@ class ChunkScan(torch.autograd.Function):
         # combine in PyTorch give another path, a partial sum) without an error.
         if torch.is_grad_enabled():
             raise RuntimeError(HIGHER_ORDER_ERROR)
-        q, k, v, A, b, h0, T, M, Lk = ctx.saved_tensors
+        q, k, v, A, b, h0, T, M, Lk, read_w = ctx.saved_tensors
         layout, scale, decay, is_delta = ctx.layout, ctx.scale, ctx.decay, ctx.is_delta
         E, Hb, K = q.shape
         V = v.shape[-1]
         BT, NT, S = layout.BT, layout.num_chunks, layout.num_sequences
         BK = block(K)
         idx = dict(chunk_indices=layout.chunk_indices, offsets=layout.offsets)
-        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        if do is None:
+            do = torch.zeros_like(v)
+        elif read_w is not None:  # o was weighted by the (constant) read weight of its row
+            do = (do * read_w[:, None, None]).to(v.dtype).contiguous()
+        else:
+            do = do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
 
         u = w = None
@@ -210,9 +216,10 @@ class ChunkScan(torch.autograd.Function):
         else:
             dv = dd
         da = None if dA is None else _cumsum(dA, layout, reverse=True)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da, db, dh0, None, None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da, db, dh0, None, None, None, None)
 
 
-def chunk_scan(q, k, v, a, b, h0, layout: VarlenChunks, scale: float, output_final_state: bool):
-    """(o [E,Hb,V] float32 (scaled), final states [S,Hb,K,V] float32 or None)."""
-    return ChunkScan.apply(q, k, v, a, b, h0, layout, scale, output_final_state)
+def chunk_scan(q, k, v, a, b, h0, layout: VarlenChunks, scale: float, output_final_state: bool, read_w=None):
+    """(o [E,Hb,V], final states [S,Hb,K,V] float32 or None). o is scaled, in float32; with `read_w
+    [E]` (float32, constant: no gradient reaches it) o is also weighted by it, in the input dtype."""
+    return ChunkScan.apply(q, k, v, a, b, h0, layout, scale, output_final_state, read_w)
