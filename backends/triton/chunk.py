@@ -54,6 +54,16 @@ def load_decay(A, rows, m_t, last_row, Hb, i_h, o_k, m_k, K: tl.constexpr, DECAY
 
 
 @helper
+def load_do(do, p_v, m_tv, read_w, rows, m_t, DT: tl.constexpr, HAS_READ_W: tl.constexpr):
+    """The output gradient of a block of rows, in the dot dtype DT; weighted by each row's read weight
+    when the output kernel applied one (`read_w`), with the one rounding a weighted copy would take."""
+    b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+    if HAS_READ_W:
+        b_do = b_do.to(tl.float32) * tl.load(read_w + rows, mask=m_t, other=0.0)[:, None]
+    return b_do.to(DT)
+
+
+@helper
 def scalar_attention(b_q, b_k, b_a, m_A, DECAY: tl.constexpr):
     """M [BT, BT]: (q_t.k_s) exp(A_t - A_s) on the causal mask `m_A`, else 0 (DECAY 0 or 1)."""
     b_M = mm(b_q, tl.trans(b_k))
@@ -133,11 +143,13 @@ def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb,
 
 @autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
 @triton.heuristics({"HAS_DHT": lambda args: args["dht"] is not None,
-                    "STORE_DH0": lambda args: args["dh0"] is not None})
+                    "STORE_DH0": lambda args: args["dh0"] is not None,
+                    "HAS_READ_W": lambda args: args["read_w"] is not None})
 @triton.jit
-def state_bwd_kernel(q, k, w, A, do, dd_local, dht, dhs, dd, dh0, offsets, chunk_offsets, scale, Hb,
+def state_bwd_kernel(q, k, w, A, do, read_w, dd_local, dht, dhs, dd, dh0, offsets, chunk_offsets, scale, Hb,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr):
+                     DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                     HAS_READ_W: tl.constexpr):
     """The state pass backward, chunks in reverse: stores the gradient of the state leaving each chunk
     (`dhs`), the gradient of the effective values (`dd` = dd_local + Kd dS) and of the initial state."""
     i_sh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -164,7 +176,7 @@ def state_bwd_kernel(q, k, w, A, do, dd_local, dht, dhs, dd, dh0, offsets, chunk
         p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
         b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
+        b_do = load_do(do, p_v, m_tv, read_w, rows, m_t, DT, HAS_READ_W)
         b_dd = tl.load(dd_local + p_v, mask=m_tv, other=0.0)
         if DECAY == 0:
             b_dd += mm(b_k, b_dh.to(DT))
@@ -242,10 +254,11 @@ def output_fwd_kernel(q, k, d, A, M, hs, read_w, o, chunk_indices, offsets, scal
 
 
 @autotune_or_first(_CHUNK_CONFIGS, key=["K", "V", "BT", "DECAY"])
+@triton.heuristics({"HAS_READ_W": lambda args: args["read_w"] is not None})
 @triton.jit
-def dd_local_kernel(q, k, A, M, do, dd_local, chunk_indices, offsets, scale, Hb,
+def dd_local_kernel(q, k, A, M, do, read_w, dd_local, chunk_indices, offsets, scale, Hb,
                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    DECAY: tl.constexpr):
+                    DECAY: tl.constexpr, HAS_READ_W: tl.constexpr):
     """The output pass backward to the effective values within a chunk: dd_local = scale M^T dO, one
     program per (chunk, V block; head)."""
     i_c, i_v, i_h = chunk_and_v_block(V, BV)
@@ -266,15 +279,16 @@ def dd_local_kernel(q, k, A, M, do, dd_local, chunk_indices, offsets, scale, Hb,
         if DECAY == 1:
             b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
         b_M = scalar_attention(b_q, b_k, b_a, lower_mask(o_t, m_t, 0), DECAY)
-    b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(DT)
+    b_do = load_do(do, p_v, m_tv, read_w, rows, m_t, DT, HAS_READ_W)
     tl.store(dd_local + p_v, mm(tl.trans(b_M).to(DT), b_do) * scale, mask=m_tv)
 
 
 @autotune_or_first(_GRAD_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
+@triton.heuristics({"HAS_READ_W": lambda args: args["read_w"] is not None})
 @triton.jit
-def grad_kernel(q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, chunk_indices, offsets, scale, Hb,
+def grad_kernel(q, k, d, A, hs, dhs, do, read_w, dd, dq, dk, dA, dM, dw, chunk_indices, offsets, scale, Hb,
                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                DECAY: tl.constexpr, DELTA: tl.constexpr):
+                DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_READ_W: tl.constexpr):
     """Gradients of a chunk's q, k and cumulative decays from the state and output passes, one program
     per (chunk, head), looping over V blocks. For scalar (or no) decay this includes the intra-chunk
     M = (q k^T) * exp(A_t - A_s); for per-channel decay it stores dM for `vector.attention_bwd_kernel`.
@@ -300,7 +314,7 @@ def grad_kernel(q, k, d, A, hs, dhs, do, dd, dq, dk, dA, dM, dw, chunk_indices, 
         # states as [BV, BK]
         b_ht = tl.load(hs + p_hs + tl.trans(p_state), mask=tl.trans(m_kv), other=0.0).to(DT)
         b_dht = tl.load(dhs + p_hs + tl.trans(p_state), mask=tl.trans(m_kv), other=0.0).to(DT)
-        b_do = tl.load(do + p_v, mask=m_tv, other=0.0).to(DT)
+        b_do = load_do(do, p_v, m_tv, read_w, rows, m_t, DT, HAS_READ_W)
         b_d = tl.load(d + p_v, mask=m_tv, other=0.0).to(DT)
         b_dqd = mma(b_do, b_ht, b_dqd)
         b_dkd = mma(b_d, b_dht, b_dkd)

@@ -139,15 +139,19 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
                        dict(base, DELTA=delta, HAS_H0=has_h0, STORE_HT=store_ht),
                        no_A | ({"w", "d_out"} if not delta else set()) | ({"h0"} if not has_h0 else set())
                        | ({"ht"} if not store_ht else set()), {})
-            yield ("state_bwd_kernel", family, dtype, K, BT, dict(base, DELTA=delta, HAS_DHT=True, STORE_DH0=True),
-                   no_A | ({"w"} if not delta else set()), {})
+            for has_read_w in (False, True):
+                yield ("state_bwd_kernel", family, dtype, K, BT,
+                       dict(base, DELTA=delta, HAS_DHT=True, STORE_DH0=True, HAS_READ_W=has_read_w),
+                       no_A | ({"w"} if not delta else set()) | ({"read_w"} if not has_read_w else set()), {})
             for has_read_w in (False, True):
                 yield ("output_fwd_kernel", family, dtype, K, BT, dict(base, HAS_READ_W=has_read_w),
                        no_A | not_vector | ({"read_w"} if not has_read_w else set()), {})
-            yield ("dd_local_kernel", family, dtype, K, BT, base, no_A | not_vector, {})
-            yield ("grad_kernel", family, dtype, K, BT, dict(base, DELTA=delta),
-                   no_A | ({"dA"} if decay == 0 else set()) | ({"dM"} if decay != 2 else set())
-                   | ({"dw", "dd"} if not delta else set()), {})
+                yield ("dd_local_kernel", family, dtype, K, BT, dict(base, HAS_READ_W=has_read_w),
+                       no_A | not_vector | ({"read_w"} if not has_read_w else set()), {})
+            for has_read_w in (False, True):
+                yield ("grad_kernel", family, dtype, K, BT, dict(base, DELTA=delta, HAS_READ_W=has_read_w),
+                       no_A | ({"dA"} if decay == 0 else set()) | ({"dM"} if decay != 2 else set())
+                       | ({"dw", "dd"} if not delta else set()) | ({"read_w"} if not has_read_w else set()), {})
             if decay == 2:
                 vec = dict(K=K, BT=BT, BK=BK, BC=BC)
                 yield ("attention_fwd_kernel", family, dtype, K, BT, vec, set(), {})

@@ -126,7 +126,8 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     k, v in `dtype`, as `Launch`es in launch order. `state_grad`: whether the backward is given a
     gradient of the final states (default: `final_state`); the initial states' gradient is computed
     when they are given. `read_w`: the output kernel weighs its rows by a constant read weight (one
-    slot, no gradient to the weights) and writes the output in `dtype`."""
+    slot, no gradient to the weights) and writes the output in `dtype`; the kernels that read dO
+    weigh it too."""
     decay, delta = _family(rule)
     state_grad = final_state if state_grad is None else state_grad
     E, Hb, S, NT, BT = layout.E, layout.Hb, layout.S, layout.NT, layout.BT
@@ -230,7 +231,10 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
                    "M": (rows["BT"], "r")}
     else:
         tensors = {"q": (rows["K"], "r"), "k": (rows["K"], "r"), **decay_in}
-    tensors.update(do=(rows["V"], "r"), dd_local=(rows["V32"], "w"))
+    tensors["do"] = (rows["V"], "r")
+    if read_w:
+        tensors["read_w"] = (E * f4, "r")
+    tensors["dd_local"] = (rows["V32"], "w")
     flops = 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BK * nv)
     out.append(launch("dd_local_kernel", "backward", tensors, chunk_heads * flops))
 
@@ -238,7 +242,10 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     if delta:
         tensors["w"] = (rows["K"], "r")
     tensors.update(decay_in)
-    tensors.update(do=(rows["V"], "r"), dd_local=(rows["V32"], "r"))
+    tensors["do"] = (rows["V"], "r")
+    if read_w:
+        tensors["read_w"] = (E * f4, "r")
+    tensors["dd_local"] = (rows["V32"], "r")
     if state_grad:
         tensors["dht"] = (rows["state"], "r")
     tensors.update(dhs=(rows["hs"], "w"), dd=(rows["V"], "w"))
@@ -249,6 +256,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
 
     tensors = {"q": (rows["K"], "r"), "k": (rows["K"], "r"), "d": (rows["V"], "r"), **decay_in,
                "hs": (rows["hs"], "r"), "dhs": (rows["hs"], "r"), "do": (rows["V"], "r"),
+               **({"read_w": (E * f4, "r")} if read_w else {}),
                "dd": (rows["V"], "r" if delta else "unused"), "dq": (dq_bytes, "w"), "dk": (dk_bytes, "w")}
     if decay:
         tensors["dA"] = (rows["a"], "w")

@@ -157,12 +157,8 @@ class ChunkScan(torch.autograd.Function):
         BT, NT, S = layout.BT, layout.num_chunks, layout.num_sequences
         BK = block(K)
         idx = dict(chunk_indices=layout.chunk_indices, offsets=layout.offsets)
-        if do is None:
-            do = torch.zeros_like(v)
-        elif read_w is not None:  # o was weighted by the (constant) read weight of its row
-            do = (do * read_w[:, None, None]).to(v.dtype).contiguous()
-        else:
-            do = do.to(v.dtype).contiguous()
+        # With `read_w`, o was weighted by its row's read weight: the kernels that read dO weigh it too.
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
         dht = None if dht is None else dht.float().contiguous()
 
         u = w = None
@@ -173,8 +169,8 @@ class ChunkScan(torch.autograd.Function):
 
         dd_local = q.new_empty(E, Hb, V, dtype=torch.float32)
         grid = lambda meta: (NT * triton.cdiv(V, meta["BV"]), Hb)
-        chunk.dd_local_kernel[grid](q=q, k=k, A=A, M=M, do=do, dd_local=dd_local, **idx, scale=scale, Hb=Hb, K=K, V=V,
-                                    BT=BT, BK=BK, DECAY=decay)
+        chunk.dd_local_kernel[grid](q=q, k=k, A=A, M=M, do=do, read_w=read_w, dd_local=dd_local, **idx, scale=scale,
+                                    Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay)
 
         dhs = k.new_empty(NT, Hb, K, V)
         dd = q.new_empty(E, Hb, V)  # in the dot dtype: every consumer casts it to that, or returns it as dv
@@ -182,9 +178,9 @@ class ChunkScan(torch.autograd.Function):
         dh0 = q.new_empty(S, Hb, K, V, dtype=torch.float32) if want_dh0 else None
         grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
         chunk.state_bwd_kernel[grid](
-            q=q, k=k, w=w, A=A, do=do, dd_local=dd_local, dht=dht, dhs=dhs, dd=dd, dh0=dh0, offsets=layout.offsets,
-            chunk_offsets=layout.chunk_offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay,
-            DELTA=is_delta)
+            q=q, k=k, w=w, A=A, do=do, read_w=read_w, dd_local=dd_local, dht=dht, dhs=dhs, dd=dd, dh0=dh0,
+            offsets=layout.offsets, chunk_offsets=layout.chunk_offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=BK,
+            DECAY=decay, DELTA=is_delta)
 
         f32 = dict(dtype=torch.float32)
         # Gradients in the dot dtype where they are final (they are returned in it), in float32 where a
@@ -195,8 +191,8 @@ class ChunkScan(torch.autograd.Function):
         dM = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
         dw = q.new_empty(E, Hb, K) if is_delta else None  # its consumer casts it to the dot dtype
         chunk.grad_kernel[(NT, Hb)](
-            q=q, k=k, d=d, A=A, hs=hs, dhs=dhs, do=do, dd=dd, dq=dq, dk=dk, dA=dA, dM=dM, dw=dw, **idx, scale=scale,
-            Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta)
+            q=q, k=k, d=d, A=A, hs=hs, dhs=dhs, do=do, read_w=read_w, dd=dd, dq=dq, dk=dk, dA=dA, dM=dM, dw=dw, **idx,
+            scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta)
         if decay == 2:
             dq, dk, dA = _attention_bwd(q, k, A, dM, dq, dk, dA, layout)
         db = None
