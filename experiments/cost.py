@@ -34,13 +34,6 @@ MODEL_GOALS = {  # name -> (comparison, goal)
     "routed_bytes_over_mom": ("<=", 0.6),
     "flops_over_fla": ("<=", 1.2),
 }
-FLA_PLAIN = {  # rule -> fla chunk op of the plain rule, and the keywords it takes
-    "mamba2": ("fla.ops.simple_gla.chunk_simple_gla", ("g",)),
-    "gla": ("fla.ops.gla.chunk_gla", ("g",)),
-    "deltanet": ("fla.ops.delta_rule.chunk_delta_rule", ("beta",)),
-    "gated_deltanet": ("fla.ops.gated_delta_rule.chunk_gated_delta_rule", ("g", "beta")),
-    "kda": ("fla.ops.kda.chunk_kda", ("g", "beta")),
-}
 
 
 def model_verdict(name: str, value: float) -> str:
@@ -122,15 +115,21 @@ def with_fla_flops(launches: list, per_chunk_head: dict, chunk_heads: int) -> li
 
 
 def fla_plain_path(rule: str, x: dict, BT: int, K: int, V: int, dtype) -> list:
+    """fla's chunk kernel of the plain rule (`fla_plain`) on `x`, with the rule's g and beta."""
     from memplug.imports import import_object
-    path, names = FLA_PLAIN[rule]
-    op = import_object(path)
+    op = import_object(fla_plain()[rule])
     B, T, H = x["q"].shape[:3]
-    call = lambda t: op(t["q"], t["k"], t["v"], **{n: t[n] for n in names})[0]
+    call = lambda t: op(t["q"], t["k"], t["v"], **{n: t[n] for n in ("g", "beta") if n in t})[0]
     launches = _record(lambda: call(x), x)
     small = _small_inputs(rule, BT, K, V, dtype)
     flops = fla_flops_per_chunk_head(lambda: _forward_backward(lambda: call(small)))
     return with_fla_flops(launches, flops, B * -(-T // BT) * H)
+
+
+def fla_plain() -> dict:
+    """rule -> fla's chunk op of the plain rule: the GPU benchmark's, and fla's KDA kernel."""
+    from .bench_cuda import FLA_PLAIN
+    return {**FLA_PLAIN, "kda": "fla.ops.kda.chunk_kda"}
 
 
 def _forward_backward(run) -> None:
@@ -148,9 +147,8 @@ def fla_mom_launches(x: dict, m: int, num_chunks: int, BT: int, K: int, V: int, 
                                  t["route_w"][:, :, 0], m)
     launches = _record(lambda: run(x), x)
     small = _small_inputs("gated_deltanet", BT, K, V, dtype)
-    op = FLA_PLAIN["gated_deltanet"][0]
     from memplug.imports import import_object
-    chunk = import_object(op)
+    chunk = import_object(fla_plain()["gated_deltanet"])
     call = lambda: chunk(small["q"], small["k"], small["v"], g=small["g"], beta=small["beta"])[0]
     flops = fla_flops_per_chunk_head(lambda: _forward_backward(call))
     return with_fla_flops(launches, flops, num_chunks * H)
@@ -240,8 +238,8 @@ def main(argv=None) -> int:
     plain = cuda_inputs(args.rule, B, T, H, K, V, 1, 1, dtype, "cpu")
     mine1 = print_path("memplug, m = 1", memplug_path(plain, B, T, H, K, V, 1, 1, dtype), B * T * H, args.gpu)
     verdicts = []
-    if args.rule in FLA_PLAIN:
-        fla1 = print_path(f"fla {FLA_PLAIN[args.rule][0]}", fla_plain_path(args.rule, plain, BT, K, V, dtype),
+    if args.rule in fla_plain():
+        fla1 = print_path(f"fla {fla_plain()[args.rule]}", fla_plain_path(args.rule, plain, BT, K, V, dtype),
                           B * T * H, args.gpu)
         verdicts += [("memplug m = 1 / fla, bytes", mine1["bytes"] / fla1["bytes"], "m1_bytes_over_fla"),
                      ("memplug m = 1 / fla, FLOPs", mine1["flops"] / fla1["flops"], "flops_over_fla"),
