@@ -24,6 +24,7 @@ kernel, ...) and whether the layout has padding is the backend's business.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -57,9 +58,10 @@ class Packing:
         """[S] tokens in each non-empty segment."""
         return self.offsets.diff()
 
-    @property
+    @functools.cached_property
     def positions(self) -> torch.Tensor:
-        """[E] place of each entry (in entry order) in the packed order: the inverse of `entries`."""
+        """[E] place of each entry (in entry order) in the packed order: the inverse of `entries`
+        (computed once per packing)."""
         positions = torch.empty_like(self.entries)
         positions[self.entries] = torch.arange(self.entries.numel(), device=self.entries.device)
         return positions
@@ -133,21 +135,19 @@ class _Take(torch.autograd.Function):
 class _GatherRoutes(torch.autograd.Function):
     """`out[i] = x[entries[i] // R]`: the token row of every packed route entry. A token's R routes
     read the same row, so the backward brings the gradient into entry order (a gather through the
-    inverse permutation) and sums each token's R routes, instead of an atomic scatter-add."""
+    inverse permutation, `positions`) and sums each token's R routes, instead of an atomic scatter-add."""
 
     @staticmethod
-    def forward(ctx, x, entries, R):
-        ctx.save_for_backward(entries)
+    def forward(ctx, x, entries, positions, R):
+        ctx.save_for_backward(positions)
         ctx.R = R
         return x.index_select(0, entries // R)
 
     @staticmethod
     def backward(ctx, grad):
-        entries, = ctx.saved_tensors
-        positions = torch.empty_like(entries)
-        positions[entries] = torch.arange(entries.numel(), device=entries.device)
+        positions, = ctx.saved_tensors
         by_entry = grad.index_select(0, positions)
-        return by_entry.view(-1, ctx.R, *grad.shape[1:]).sum(1), None, None
+        return by_entry.view(-1, ctx.R, *grad.shape[1:]).sum(1), None, None, None
 
 
 def pack_rows(x: torch.Tensor, p: Packing, event_dims: int) -> torch.Tensor:
@@ -155,7 +155,7 @@ def pack_rows(x: torch.Tensor, p: Packing, event_dims: int) -> torch.Tensor:
     gather: neither the R-fold copy of `per_entry` nor the zero fill and scatter of `place`."""
     event = x.shape[x.dim() - event_dims:]
     if x.dim() == 3 + event_dims:  # shared by the routes: every route entry reads its token's row
-        return _GatherRoutes.apply(x.reshape(p.B * p.T * p.Hr, p.Hb, *event), p.entries, p.R)
+        return _GatherRoutes.apply(x.reshape(p.B * p.T * p.Hr, p.Hb, *event), p.entries, p.positions, p.R)
     return take(per_entry(x, p, event_dims), p.entries)
 
 

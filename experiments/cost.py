@@ -82,28 +82,15 @@ def memplug_path(x: dict, B, T, H, K, V, m, R, dtype) -> list:
 def fla_flops_per_chunk_head(run_small) -> dict:
     """{kernel: {precision: FLOPs}} executed by fla's kernels in `run_small()` (forward and backward
     on two chunks of one head), per chunk-head: Triton's interpreter runs them, counting products."""
-    import triton.runtime.interpreter as interpreter
+    from memplug.backends.triton.cost_model import count_products
 
-    counts, current = collections.defaultdict(collections.Counter), [None]
-    run, dot = interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_dot
-
-    def named_run(self, *args, **kwargs):
-        current[0] = self.fn.__name__
-        return run(self, *args, **kwargs)
-
-    def counted_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        precision = "16-bit" if a.dtype.primitive_bitwidth == 16 else "tf32"
-        counts[current[0]][precision] += 2 * a.data.shape[-2] * a.data.shape[-1] * b.data.shape[-1]
-        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_dot = named_run, counted_dot
-    try:
-        with warnings.catch_warnings():  # random inputs overflow some of fla's float16 products: only counted
-            warnings.simplefilter("ignore", RuntimeWarning)
-            run_small()
-    finally:
-        interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_dot = run, dot
-    return {kernel: {p: f / 2 for p, f in c.items()} for kernel, c in counts.items()}
+    per_kernel = collections.defaultdict(collections.Counter)
+    with count_products() as counts, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # random inputs overflow some of fla's float16 products
+        run_small()
+    for kernel, counted in counts:
+        per_kernel[kernel].update(counted)
+    return {kernel: {p: f / 2 for p, f in c.items()} for kernel, c in per_kernel.items()}
 
 
 def with_fla_flops(launches: list, per_chunk_head: dict, chunk_heads: int) -> list:
@@ -171,9 +158,8 @@ def print_path(title: str, launches: list, rows: int, gpu: str) -> dict:
         chosen = [x for x in launches if x.phase == phase]
         torch_ops = [x for x in chosen if x.kind == "torch"]
         for x in [x for x in chosen if x.kind == "triton"]:
-            flops = sum(f * (3 if p == "tf32x3" else 1) for p, f in x.flops.items())
-            print(f"  {phase:8s} {x.kernel:52s} {x.bytes / 1e6:10.1f} {x.bytes / rows:8.0f} {flops / 1e9:9.2f} "
-                  f"{x.floor_seconds(gpu) * 1e6:9.1f}")
+            print(f"  {phase:8s} {x.kernel:52s} {x.bytes / 1e6:10.1f} {x.bytes / rows:8.0f} "
+                  f"{x.executed_flops / 1e9:9.2f} {x.floor_seconds(gpu) * 1e6:9.1f}")
         if torch_ops:
             nbytes = sum(x.bytes for x in torch_ops)
             seconds = sum(x.floor_seconds(gpu) for x in torch_ops)

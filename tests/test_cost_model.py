@@ -1,7 +1,6 @@
 """The performance model of the Triton kernels (`memplug.backends.triton.cost_model`) against the
 code: every launch of a forward and backward pass, the tensors it is given, and the products it
 executes in Triton's interpreter; and `memplug bench --model`, which prints it beside fla's."""
-import collections
 import subprocess
 import sys
 
@@ -71,36 +70,15 @@ def test_model_lists_every_launch_with_the_tensors_it_is_given(rule, m, R, learn
     assert any(x.kind == "torch" and x.phase == "backward" for x in traffic.launches)
 
 
-@pytest.fixture
-def executed_products(monkeypatch):
-    """{kernel launch index: {precision: FLOPs}} of the products Triton's interpreter executes."""
-    import triton.runtime.interpreter as interpreter
-
-    counts = []
-    run, dot = interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_dot
-
-    def counted_run(self, *args, **kwargs):
-        counts.append((self.fn.__name__, collections.Counter()))
-        return run(self, *args, **kwargs)
-
-    def counted_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        precision = "16-bit" if a.dtype.primitive_bitwidth == 16 else "tf32x3"
-        counts[-1][1][precision] += 2 * a.data.shape[-2] * a.data.shape[-1] * b.data.shape[-1]
-        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted_run)
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counted_dot)
-    return counts
-
-
 @pytest.mark.parametrize("rule", BUILT_IN_RULES)
 @pytest.mark.parametrize("m, R, dtype", [(1, 1, torch.float16), (4, 2, torch.float32)])
-def test_model_flops_are_the_products_the_kernels_execute(rule, m, R, dtype, executed_products):
+def test_model_flops_are_the_products_the_kernels_execute(rule, m, R, dtype):
     """Counted at the padded block sizes, per precision, for whole and partial chunks and sub-chunks."""
     x = _inputs(rule, 70, m, R, dtype, initial_state=False)
-    _scan(rule, x, m, final_state=False).backward()
+    with cost_model.count_products() as executed:
+        _scan(rule, x, m, final_state=False).backward()
     model = cost_model.scan_launches(rule, _layout(x, m), K, V, dtype)
-    assert [(name, dict(c)) for name, c in executed_products] == [(x.kernel, x.flops) for x in model]
+    assert [(name, dict(c)) for name, c in executed] == [(x.kernel, x.flops) for x in model]
 
 
 def test_floor_is_the_slower_of_memory_and_compute():
@@ -110,6 +88,9 @@ def test_floor_is_the_slower_of_memory_and_compute():
     assert launch.floor_seconds("h100") == pytest.approx(1e-6)  # both 1 us
     launch.flops = {"tf32x3": 494.5e6}  # three TF32 passes: 3 us
     assert launch.floor_seconds("h100") == pytest.approx(3e-6)
+    assert launch.executed_flops == pytest.approx(3 * 494.5e6)
+    launch.flops = {"fp32": 66.9e6}  # on CUDA cores: 1 us
+    assert launch.floor_seconds("h100") == pytest.approx(1e-6)
 
 
 def test_torch_operations_are_charged_what_they_read_and_write():

@@ -33,18 +33,18 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import chunk, delta as delta_kernels
 from .common import block
+from .vector import BC  # sub-chunk rows of the per-channel attention kernels
 
 # Peak rates of the GPUs the floors are given for (dense, no sparsity): HBM bytes/s, and FLOP/s of
-# tensor-core products by operand precision.
+# products by unit: tensor cores on 16-bit or TF32 operands, and CUDA cores for float32 ("ieee").
 GPUS = {
-    "h100": ("NVIDIA H100 SXM", 3.35e12, {"16-bit": 989e12, "tf32": 494.5e12}),
-    "h200": ("NVIDIA H200", 4.8e12, {"16-bit": 989e12, "tf32": 494.5e12}),
+    "h100": ("NVIDIA H100 SXM", 3.35e12, {"16-bit": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),
+    "h200": ("NVIDIA H200", 4.8e12, {"16-bit": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),
 }
-# The V block each kernel runs with: the first configuration of its list (what the interpreter, and
-# a launch with autotuning off, use). FLOPs depend on it only through V rounded up to a multiple.
-BV = 32
-BC = 16  # sub-chunk rows of the per-channel attention kernels (`vector.BC`)
+# How a product of each precision executes: (unit of `GPUS`, passes). "tf32x3" is three TF32 products.
+PASSES = {"16-bit": ("16-bit", 1), "tf32": ("tf32", 1), "tf32x3": ("tf32", 3), "fp32": ("fp32", 1)}
 
 
 @dataclass
@@ -62,11 +62,14 @@ class Launch:
     def bytes(self) -> int:
         return sum(n for n, role in self.tensors.values() if role != "unused")
 
+    @property
+    def executed_flops(self) -> float:
+        """FLOPs as the hardware executes them (a "tf32x3" product counts three times)."""
+        return sum(f * PASSES[precision][1] for precision, f in self.flops.items())
+
     def floor_seconds(self, gpu: str) -> float:
         _, bandwidth, rates = GPUS[gpu]
-        compute = sum(f * (3 if precision == "tf32x3" else 1) / rates["tf32" if precision.startswith("tf32") else
-                                                                       "16-bit"]
-                      for precision, f in self.flops.items())
+        compute = sum(f * PASSES[p][1] / rates[PASSES[p][0]] for p, f in self.flops.items())
         return max(self.bytes / bandwidth, compute)
 
 
@@ -133,8 +136,14 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     E, Hb, S, NT, BT = layout.E, layout.Hb, layout.S, layout.NT, layout.BT
     d, f4 = torch.tensor([], dtype=dtype).element_size(), 4
     dot = "16-bit" if d == 2 else "tf32x3"
-    BK, nv = block(K), math.ceil(V / BV)
-    Vp = nv * BV  # V as the products see it: whole V blocks
+    BK = block(K)
+
+    def v_blocks(kernel) -> tuple:
+        """(V blocks, V as the products see it: whole blocks) of a kernel's V block in the
+        configuration it runs with here: its first (the interpreter's, and autotuning off's)."""
+        nv = math.ceil(V / kernel.configs[0].kwargs["BV"])
+        return nv, nv * kernel.configs[0].kwargs["BV"]
+
     P = E * Hb
     rows = {"K": P * K * d, "V": P * V * d, "a": P * (K if decay == 2 else 1) * f4, "b": P * f4,
             "BT": P * BT * f4, "T": P * BT * d, "state": S * Hb * K * V * f4, "hs": NT * Hb * K * V * d,
@@ -175,7 +184,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         if compute_T and decay == 2:
             tensors["Lk"] = (rows["BT"], "r")
         tensors.update(T=(rows["T"], "w" if compute_T else "r"), u=(rows["V"], "w"), w=(rows["K"], "w"))
-        flops = 2 * BT * BT * (BK + Vp)  # w = T (b exp(A) k), u = T (b v)
+        flops = 2 * BT * BT * (BK + v_blocks(delta_kernels.wy_fwd_kernel)[1])  # w = T (b exp(A) k), u = T (b v)
         if compute_T and decay != 2:  # k k^T in the kernel (per-channel decay: Lk from attention_fwd_kernel)
             flops += 2 * BT * BT * BK
         wy_launch = launch("wy_fwd_kernel", phase, tensors, chunk_heads * flops)
@@ -196,7 +205,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
             tensors["d_out"] = (rows["V"], "w")
         if store_ht:
             tensors["ht"] = (rows["state"], "w")
-        flops = chunk_heads * 2 * BT * BK * Vp * (2 if delta else 1)  # k^T d (and w S)
+        flops = chunk_heads * 2 * BT * BK * v_blocks(chunk.state_fwd_kernel)[1] * (2 if delta else 1)  # k^T d, w S
         return launch("state_fwd_kernel", phase, tensors, flops, indices=sequences)
 
     # ---- forward
@@ -217,6 +226,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     if read_w:
         tensors["read_w"] = (E * f4, "r")
     tensors["o"] = (rows["V"] if read_w else rows["V32"], "w")
+    nv, Vp = v_blocks(chunk.output_fwd_kernel)
     flops = 2 * BT * BK * Vp + 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BK * nv)
     out.append(launch("output_fwd_kernel", "forward", tensors, chunk_heads * flops))
     if not backward:
@@ -235,6 +245,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     if read_w:
         tensors["read_w"] = (E * f4, "r")
     tensors["dd_local"] = (rows["V32"], "w")
+    nv, Vp = v_blocks(chunk.dd_local_kernel)
     flops = 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BK * nv)
     out.append(launch("dd_local_kernel", "backward", tensors, chunk_heads * flops))
 
@@ -251,6 +262,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     tensors.update(dhs=(rows["hs"], "w"), dd=(rows["V"], "w"))
     if initial_state:
         tensors["dh0"] = (rows["state"], "w")
+    Vp = v_blocks(chunk.state_bwd_kernel)[1]
     flops = chunk_heads * 2 * BT * BK * Vp * (3 if delta else 2)  # k dS, q^T dO (and w^T dd)
     out.append(launch("state_bwd_kernel", "backward", tensors, flops, indices=sequences))
 
@@ -264,6 +276,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         tensors["dM"] = (rows["BT"], "w")
     if delta:
         tensors["dw"] = (rows["K"], "w")
+    Vp = v_blocks(chunk.grad_kernel)[1]
     flops = 2 * BT * Vp * BK * (3 if delta else 2) + 2 * BT * BT * Vp  # dO S^T, d dS^T (dd S^T), dO d^T
     if decay != 2:  # the intra-chunk part through M: dM k, dM^T q (and q k^T to weigh dA)
         flops += 2 * 2 * BT * BT * BK + (2 * BT * BT * BK if decay == 1 else 0)
@@ -283,6 +296,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         if decay == 2:
             tensors["dLk"] = (rows["BT"], "w")
         # T^T dw, dw (b exp(A) k)^T, T^T du, du (b v)^T, dL = -T^T dT T^T (and through L = b k k^T)
+        Vp = v_blocks(delta_kernels.wy_bwd_kernel)[1]
         flops = 2 * BT * BT * BK * 2 + 2 * BT * BT * Vp * 2 + 2 * 2 * BT ** 3
         if decay != 2:
             flops += 3 * 2 * BT * BT * BK
@@ -376,12 +390,40 @@ def record_traffic():
         InterpretedFunction.run = run
 
 
+@contextlib.contextmanager
+def count_products():
+    """Count the products Triton's interpreter executes inside the block: yields a list that gets one
+    (kernel name, Counter {precision: FLOPs}) per launch. The precision is the operands' width and
+    the product's `input_precision`: "16-bit", or for float32 "tf32", "tf32x3" or "fp32" (IEEE)."""
+    import collections
+
+    import triton.runtime.interpreter as interpreter
+
+    counts = []
+    run, dot = interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_dot
+    float32 = {"TF32": "tf32", "TF32x3": "tf32x3", "IEEE": "fp32"}
+
+    def counted_run(self, *args, **kwargs):
+        counts.append((self.fn.__name__, collections.Counter()))
+        return run(self, *args, **kwargs)
+
+    def counted_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        precision = "16-bit" if a.dtype.primitive_bitwidth == 16 else float32[input_precision.name]
+        counts[-1][1][precision] += 2 * a.data.shape[-2] * a.data.shape[-1] * b.data.shape[-1]
+        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_dot = counted_run, counted_dot
+    try:
+        yield counts
+    finally:
+        interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_dot = run, dot
+
+
 def totals(launches: Sequence, gpu: str) -> dict:
-    """Bytes, FLOPs (tf32x3 as three TF32 products) and floor seconds of `launches`, by phase."""
+    """Bytes, executed FLOPs and floor seconds of `launches`, by phase."""
     out = {}
     for phase in ("forward", "backward"):
         chosen = [x for x in launches if x.phase == phase]
-        out[phase] = {"bytes": sum(x.bytes for x in chosen),
-                      "flops": sum(f * (3 if p == "tf32x3" else 1) for x in chosen for p, f in x.flops.items()),
+        out[phase] = {"bytes": sum(x.bytes for x in chosen), "flops": sum(x.executed_flops for x in chosen),
                       "seconds": sum(x.floor_seconds(gpu) for x in chosen)}
     return out
