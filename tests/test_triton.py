@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import memplug
 import memplug.backends.triton as triton_backend
@@ -332,13 +334,16 @@ def test_kernels_compile_for_h100():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rule", RULES)
-def test_a_constant_read_weight_is_applied_in_the_output_kernel(rule, dtype):
+@settings(max_examples=4, deadline=None)
+@given(T=st.integers(1, 80), split=st.integers(0, 80), seed=st.integers(0, 2**16))
+def test_a_constant_read_weight_is_applied_in_the_output_kernel(rule, dtype, T, split, seed):
     """One slot whose read weight gets no gradient (a layer's constant 1; here 0.5 to 1.5 per token,
-    varlen): the output kernel weighs the rows and writes the output in the input dtype. Outputs,
-    final states and gradients equal the reference backend's."""
-    torch.manual_seed(0)
+    over one or two packed sequences): the output kernel weighs the rows and writes the output in the
+    input dtype, and the kernels that read dO weigh it. Outputs, final states and gradients equal the
+    float64 reference's."""
+    torch.manual_seed(seed)
     r = get_rule(rule)
-    T, H, K, V = 37, 2, 16, 24
+    H, K, V = 2, 16, 24
     x = dict(q=torch.randn(1, T, H, K), k=torch.nn.functional.normalize(torch.randn(1, T, H, K), dim=-1),
              v=torch.randn(1, T, H, V))
     if r.g is not None:
@@ -346,13 +351,14 @@ def test_a_constant_read_weight_is_applied_in_the_output_kernel(rule, dtype):
     if r.beta:
         x["beta"] = 0.9 * torch.rand(1, T, H)
     weight = 0.5 + torch.rand(1, T, 1, 1)  # no gradient
+    cu_seqlens = torch.tensor(sorted({0, min(split, T), T}))
     results = {}
     for backend in ("reference", "triton"):
         leaves = {n: t.to(torch.float64 if backend == "reference" else dtype if n in "qkv" else torch.float32)
                   .requires_grad_() for n, t in x.items()}
         o, final = routed_scan(**leaves, rule=rule, route_idx=torch.zeros(1, T, 1, 1, dtype=torch.long),
                                route_w=weight.to(leaves["q"].dtype if backend == "reference" else torch.float32),
-                               num_slots=1, coupling="none", cu_seqlens=torch.tensor([0, 20, T]), backend=backend,
+                               num_slots=1, coupling="none", cu_seqlens=cu_seqlens, backend=backend,
                                output_final_state=True)
         assert o.dtype == leaves["q"].dtype
         (o.double().sin().sum() + final.double().sum()).backward()
