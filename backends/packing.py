@@ -8,8 +8,9 @@ Vocabulary:
   one head; with shared routing (Hr = 1) it is all H heads. Every packed row carries the Hb = H // Hr
   heads of its group, so shared routing is packed once and broadcast across heads.
 - a *segment* is one (sequence, head group, slot) with id `(n*Hr + hr)*m + slot`. Its packed
-  sequence holds the entries routed to that slot, in time order. Only segments that receive tokens
-  are packed: empty slots cost nothing, and the work is proportional to the E entries, not to m.
+  sequence holds the entries routed to that slot, in time order. By default only segments that
+  receive tokens are packed: empty slots cost nothing, and the work is proportional to the E entries,
+  not to m. (`pack(..., every_segment=True)` keeps the empty ones too, for static sizes.)
 
 `pack` computes the packing once, with one sort, and no Python loop over tokens or slots. A backend
 then brings its inputs into its packed layout: into route-entry order (`per_entry`) and then into
@@ -35,11 +36,12 @@ from memplug.modules import sequence_positions
 
 @dataclass(frozen=True)
 class Packing:
-    """Route entries grouped by segment. S is the number of non-empty segments."""
+    """Route entries grouped by segment. S is the number of packed segments: the non-empty ones, or
+    all N*Hr*m (`pack(..., every_segment=True)`)."""
 
     entries: torch.Tensor  # [E] entry ids in packed order: by segment id, then by time
-    offsets: torch.Tensor  # [S+1] where each non-empty segment starts in `entries` (its cu_seqlens)
-    segments: torch.Tensor  # [S] increasing ids of the non-empty segments
+    offsets: torch.Tensor  # [S+1] where each packed segment starts in `entries` (its cu_seqlens)
+    segments: torch.Tensor  # [S] increasing ids of the packed segments
     B: int
     T: int
     H: int
@@ -68,8 +70,13 @@ class Packing:
 
 
 def pack(route_idx: torch.Tensor, num_slots: int, num_heads: int,
-         cu_seqlens: Optional[torch.Tensor] = None) -> Packing:
-    """Group the route entries of `route_idx [B,T,Hr,R]` by segment, in time order within each."""
+         cu_seqlens: Optional[torch.Tensor] = None, every_segment: bool = False) -> Packing:
+    """Group the route entries of `route_idx [B,T,Hr,R]` by segment, in time order within each.
+
+    `every_segment`: keep all N*Hr*m segments, the empty ones as empty packed sequences, so every
+    size is known from the shapes alone and nothing is read back to the host (the Triton backend,
+    whose kernels pass over an empty sequence at no cost); otherwise only the non-empty ones (their
+    number is read back: one host sync on a GPU)."""
     B, T, Hr, R = route_idx.shape
     device = route_idx.device
     if cu_seqlens is None:
@@ -82,8 +89,12 @@ def pack(route_idx: torch.Tensor, num_slots: int, num_heads: int,
     segment = (group[..., None] * num_slots + route_idx.reshape(B * T, Hr, R)).flatten()  # [E]
     # A stable sort keeps entry order, which is time order, within each segment.
     segment_sorted, entries = torch.sort(segment, stable=True)
-    segments, lengths = torch.unique_consecutive(segment_sorted, return_counts=True)
-    offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    if every_segment:
+        segments = torch.arange(N * Hr * num_slots, device=device)
+        offsets = torch.searchsorted(segment_sorted, torch.arange(N * Hr * num_slots + 1, device=device))
+    else:
+        segments, lengths = torch.unique_consecutive(segment_sorted, return_counts=True)
+        offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
     return Packing(entries, offsets, segments, B=B, T=T, H=num_heads, Hr=Hr, R=R, m=num_slots, N=N)
 
 

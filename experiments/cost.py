@@ -68,7 +68,7 @@ def memplug_path(x: dict, B, T, H, K, V, m, R, dtype) -> list:
     from memplug.backends.triton.cost_model import Layout, scan_launches
 
     recorded = _record(lambda: routed_scan(**x, backend="triton", check_values=False)[0], x)
-    lengths = (T,) * B if m == 1 else tuple(pack(x["route_idx"], m, H).offsets.diff().tolist())
+    lengths = (T,) * B if m == 1 else tuple(pack(x["route_idx"], m, H, every_segment=True).offsets.diff().tolist())
     folded = m == 1 and not x["route_w"].requires_grad  # the constant weight 1 goes into the output kernel
     model = scan_launches(x["rule"], Layout(lengths, H, CHUNK_SIZE), K, V, dtype, read_w=folded)
     kernels = [r for r in recorded if r.kind == "triton"]
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     rows = B * T * R * H
     mine = print_path(f"memplug, m = {m}, R = {R}", memplug_path(routed, B, T, H, K, V, m, R, dtype), rows, args.gpu)
     if args.rule == "gated_deltanet":
-        NT = Layout(tuple(pack(routed["route_idx"], m, H).offsets.diff().tolist()), H, BT).NT
+        NT = Layout(tuple(pack(routed["route_idx"], m, H, every_segment=True).offsets.diff().tolist()), H, BT).NT
         mom = print_path(f"fla MoM path, m = {m}, R = {R}", fla_mom_launches(routed, m, NT, BT, K, V, dtype),
                          rows, args.gpu)
         verdicts += [("memplug routed / MoM path, bytes", mine["bytes"] / mom["bytes"], "routed_bytes_over_mom"),

@@ -24,10 +24,11 @@ def routed_scan(q, k, v, *, rule, route_idx, route_w, num_slots, g=None, beta=No
 
     Argument checks (docs/contract.md section 7): types, shapes, dtypes and devices always; with
     `check_values` (the default) also the values: slot indices in range and distinct within a
-    token, weights finite and >= 0, g finite and <= 0, beta finite in [0, 1], and the rule's own
-    check (fm: route_w * beta <= 1). Value checks read tensors back to the host (a sync on a GPU);
-    a caller whose inputs satisfy them by construction, as the layers' do, passes
-    `check_values=False`, and then breaking them is undefined (no error, no guarantee).
+    token, weights finite and >= 0, g finite and <= 0, beta finite in [0, 1], the rule's own
+    check (fm: route_w * beta <= 1), and cu_seqlens strictly increasing from 0 to T. Value checks
+    read tensors back to the host (a sync on a GPU); a caller whose inputs satisfy them by
+    construction, as the layers' do, passes `check_values=False`, and then breaking them is
+    undefined (no error, no guarantee).
 
     Non-finite values: a NaN or inf in g, beta, route_w or read_w raises ValueError (with
     `check_values`). q, k and v are data and are not checked (that would cost a pass over them): a NaN or

@@ -24,6 +24,7 @@ from memplug.checks import check_scan
 from memplug.registry import get_backend, resolve_backend
 from memplug.rules import get_rule
 from memplug.testing import LAWS, CaseSpec, check_backend, make_inputs
+from support.host_reads import count_host_reads
 from support.nonfinite import assert_bitwise_equal, nan_filled_memory, scan_with_grads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,6 +288,58 @@ def test_one_slot_skips_the_sort_with_the_same_packing():
             assert torch.equal(getattr(mine, field), getattr(theirs, field)), field
         assert (mine.B, mine.T, mine.H, mine.Hr, mine.R, mine.m, mine.N) == \
                (theirs.B, theirs.T, theirs.H, theirs.Hr, theirs.R, theirs.m, theirs.N)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=6), BT=st.sampled_from(triton_backend.CHUNK_SIZES))
+def test_the_chunk_layout_is_sized_from_shapes_and_skips_past_its_real_chunks(lengths, BT):
+    """`varlen_chunks` takes the number of rows, not their spread, so it reads nothing back; its chunks
+    are every sequence's chunks in order (empty sequences have none), then chunks with no rows."""
+    from memplug.backends.triton.function import max_chunks, varlen_chunks
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    rows = sum(lengths)
+    with count_host_reads(operators=True) as reads:
+        layout = varlen_chunks(offsets, rows, BT)
+    assert reads == []
+    real = [(s, j) for s, L in enumerate(lengths) for j in range(-(-L // BT))]
+    assert layout.num_chunks == max_chunks(rows, len(lengths), BT) >= len(real)
+    assert layout.chunk_indices[:len(real)].tolist() == [list(c) for c in real]
+    assert layout.chunk_offsets.tolist() == [sum(-(-L // BT) for L in lengths[:s]) for s in range(len(lengths) + 1)]
+    for s, j in layout.chunk_indices[len(real):].tolist():  # no rows: start at or past its sequence's end
+        assert offsets[s] + j * BT >= offsets[s + 1]
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("routing", ["one_slot", "routed_per_head"])
+def test_a_scan_and_its_backward_read_nothing_back(rule, routing):
+    """With value checks off, `routed_scan` forward and backward on `triton` reads no tensor value
+    back to the host (no sync on a GPU), with packed sequences, slot states in and out, and slots
+    no token routes to (whose final states are their initial ones, bit for bit)."""
+    r = get_rule(rule)
+    T, H, K, V = 21, 2, 16, 24
+    m, R = (1, 1) if routing == "one_slot" else (5, 2)
+    Hr = 1 if routing == "one_slot" else H
+    gen = torch.Generator().manual_seed(0)
+    x = dict(q=torch.randn(1, T, H, K, generator=gen), v=torch.randn(1, T, H, V, generator=gen),
+             k=torch.nn.functional.normalize(torch.randn(1, T, H, K, generator=gen), dim=-1))
+    if r.g is not None:
+        x["g"] = -torch.rand(1, T, H, *((K,) if r.g == "vector" else ()), generator=gen)
+    if r.beta:
+        x["beta"] = 0.9 * torch.rand(1, T, H, generator=gen)
+    x["route_w"] = torch.rand(1, T, Hr, R, generator=gen)
+    x["initial_state"] = torch.randn(3, H, m, K, V, generator=gen)
+    route_idx = torch.stack([torch.randperm(m - 1, generator=gen)[:R] for _ in range(T * Hr)]).view(1, T, Hr, R) \
+        if m > 1 else torch.zeros(1, T, 1, 1, dtype=torch.long)  # slot m - 1 is never routed to
+    for t in x.values():
+        t.requires_grad_()
+    with count_host_reads(operators=True) as reads:
+        o, final = routed_scan(**x, rule=rule, route_idx=route_idx, num_slots=m, cu_seqlens=torch.tensor([0, 5, 12, T]),
+                               backend="triton", output_final_state=True, check_values=False)
+        (o.sum() + final.square().sum()).backward()
+    assert reads == [], reads
+    if m > 1:
+        assert torch.equal(final[:, :, -1], x["initial_state"][:, :, -1])
+        assert torch.equal(x["initial_state"].grad[:, :, -1], 2 * x["initial_state"][:, :, -1])
 
 
 @pytest.mark.parametrize("rule", RULES)

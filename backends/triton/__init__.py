@@ -1,14 +1,18 @@
 """The Triton backend: docs/contract.md section 5 with Triton kernels, the default of `backend="auto"` on CUDA.
 
 1. pack: `backends/packing.py` (one sort) groups the route entries of each (sequence, head group,
-   slot) into one packed sequence; every input is gathered into packed rows `[E, Hb, ...]` with one
-   gather (E = B*T*Hr*R route entries, Hb heads per head group). Work from here on is proportional to R*T.
+   slot) into one packed sequence, empty ones included, so that every size follows from the shapes
+   and nothing is read back to the host; every input is gathered into packed rows `[E, Hb, ...]`
+   with one gather (E = B*T*Hr*R route entries, Hb heads per head group). Work from here on is
+   proportional to R*T (an empty packed sequence costs its state kernels' programs only their
+   initial and final states).
 2. couple: the rule's `couple` runs in PyTorch on the packed rows (decays and weights in float32),
    as in the chunked backend, so autograd carries gradients through the coupling into route_w, g and
    beta, and a new rule of an existing family needs no new kernel. One slot with one routing for all
    heads (the plain rule) skips the sort and the gathers: its packed order is the token order.
 3. scan: one chunked variable-length scan per family over all packed sequences at once
-   (`function.ChunkScan`); chunks of BT rows never span two packed sequences.
+   (`function.ChunkScan`); chunks of BT rows never span two packed sequences. The state kernels read
+   the initial slot states and write the final ones in place, in the `[N, H, m, K, V]` layout.
 4. combine: `backends/packing.py` mixes the route outputs back into tokens with `read_w`.
 
 Kernel inventory (forward / backward; "all" = every family):
@@ -45,7 +49,7 @@ from typing import Optional
 import torch
 
 from ..layout import routes_per_head, rule_inputs_per_route
-from ..packing import Packing, combine, pack, pack_rows, per_entry, read_states, take, write_states
+from ..packing import Packing, combine, pack, pack_rows, per_entry, take
 
 # Rows per chunk. Each of CHUNK_SIZES gives the same result (up to rounding); tests vary it. (Powers
 # of two >= 16 for the products; at most 64 for the delta family's blockwise WY inverse.)
@@ -107,8 +111,8 @@ def triton_scan(args, chunk_size=None):
     identity = args.num_slots == 1 and route_idx.shape[2] == 1
     if identity:
         packing = _token_order_packing(B, T, H, cu_seqlens, q.device)
-    else:
-        packing = pack(route_idx, args.num_slots, H, cu_seqlens)
+    else:  # every segment, the empty ones too: every size follows from the shapes, with no host sync
+        packing = pack(route_idx, args.num_slots, H, cu_seqlens, every_segment=True)
     E, Hb = packing.entries.numel(), packing.Hb
 
     def packed(x, event_dims, dtype=f32):  # [E, Hb, ...] in the packed order
@@ -131,24 +135,23 @@ def triton_scan(args, chunk_size=None):
     kp = c.k.expand(E, Hb, K).to(dt).contiguous()
     vp = c.v.expand(E, Hb, V).to(dt).contiguous()
 
-    h0 = None
-    if initial_state is not None:
-        h0 = read_states(initial_state, packing, packing.segments, f32, K, V).contiguous()
-    layout = varlen_chunks(packing.offsets, BT)
+    # The packed sequences are every (sequence, head group, slot) in order: the kernels read and write
+    # the slot states [N,H,m,K,V] in place.
+    h0 = None if initial_state is None else initial_state.to(f32).contiguous()
+    layout = varlen_chunks(packing.offsets, E, BT)
     # A read weight no gradient reaches (the plain rule's constant 1) is applied in the output kernel,
     # which then writes the final output; otherwise the output is weighted here, where autograd sees it.
     fold = identity and not (torch.is_grad_enabled() and args.read_w.requires_grad)
     read_w = args.read_w.reshape(E).to(f32).contiguous() if fold else None
-    out, final = chunk_scan(qp, kp, vp, a, b, h0, layout, args.scale, args.output_final_state, read_w)
+    out, final = chunk_scan(qp, kp, vp, a, b, h0, layout, args.scale, args.output_final_state, read_w,
+                            slots=args.num_slots)
     if fold:
         o = out.view(B, T, H, V)
     elif identity:
         o = (out.view(B, T, H, V) * args.read_w.reshape(B, T, 1, 1).to(f32)).to(dt)
     else:
         o = combine(out, args.read_w, packing).to(dt)
-    if not args.output_final_state:
-        return o, None
-    return o, write_states(initial_state, packing, packing.segments, final)
+    return o, None if final is None else final.view(packing.N, H, args.num_slots, K, V)
 
 
 def _token_order_packing(B: int, T: int, H: int, cu_seqlens, device) -> Packing:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, poison_from,
-                     row_block, sequence_span, split_finite, tile)
+                     row_block, sequence_span, split_finite, state_row, tile)
 
 # The first configuration of each list is the one the interpreter uses (small shapes).
 _STATE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
@@ -83,6 +83,8 @@ def cumsum_kernel(x, y, chunk_indices, offsets, Hb, D: tl.constexpr, BD: tl.cons
     REVERSE: from the chunk end (the backward of the forward sum)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
+        return
     _, rows, m_t = row_block(start, n, BT)
     p, m = tile(rows * Hb + i_h, m_t, tl.arange(0, BD), D)
     b_x = tl.load(x + p, mask=m, other=0.0).to(tl.float32)
@@ -96,7 +98,7 @@ def cumsum_kernel(x, y, chunk_indices, offsets, Hb, D: tl.constexpr, BD: tl.cons
 @autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
 @triton.heuristics({"HAS_H0": lambda args: args["h0"] is not None, "STORE_HT": lambda args: args["ht"] is not None})
 @triton.jit
-def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb,
+def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb, SLOTS,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
     """One program per (packed sequence, head, V block): runs the state through the sequence's chunks,
@@ -113,7 +115,7 @@ def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb,
     p_state, m_kv = tile(o_k, m_k, o_v, V)
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        b_h += tl.load(h0 + i_sh * K * V + p_state, mask=m_kv, other=0.0)
+        b_h += tl.load(h0 + state_row(i_s, i_h, Hb, SLOTS) * K * V + p_state, mask=m_kv, other=0.0)
 
     for i_j in range(tl.cdiv(L, BT)):
         tl.store(hs + ((first + i_j) * Hb + i_h) * K * V + p_state, b_h.to(hs.dtype.element_ty), mask=m_kv)
@@ -138,7 +140,7 @@ def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb,
             b_kt = (b_kt.to(tl.float32) * exp_nonpos(a_last[:, None] - tl.trans(b_a))).to(DT)
         b_h = mma(b_kt, b_d.to(DT), b_h)
     if STORE_HT:
-        tl.store(ht + i_sh * K * V + p_state, b_h, mask=m_kv)
+        tl.store(ht + state_row(i_s, i_h, Hb, SLOTS) * K * V + p_state, b_h, mask=m_kv)
 
 
 @autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
@@ -147,6 +149,7 @@ def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb,
                     "HAS_READ_W": lambda args: args["read_w"] is not None})
 @triton.jit
 def state_bwd_kernel(q, k, w, A, do, read_w, dd_local, dht, dhs, dd, dh0, offsets, chunk_offsets, scale, Hb,
+                     SLOTS,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
                      HAS_READ_W: tl.constexpr):
@@ -164,7 +167,7 @@ def state_bwd_kernel(q, k, w, A, do, read_w, dd_local, dht, dhs, dd, dh0, offset
     p_state, m_kv = tile(o_k, m_k, o_v, V)
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_DHT:
-        b_dh += tl.load(dht + i_sh * K * V + p_state, mask=m_kv, other=0.0)
+        b_dh += tl.load(dht + state_row(i_s, i_h, Hb, SLOTS) * K * V + p_state, mask=m_kv, other=0.0)
 
     for i_r in range(NT):
         i_j = NT - 1 - i_r
@@ -197,7 +200,7 @@ def state_bwd_kernel(q, k, w, A, do, read_w, dd_local, dht, dhs, dd, dh0, offset
             b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
             b_dh -= mm(tl.trans(b_w), b_dd.to(DT))
     if STORE_DH0:
-        tl.store(dh0 + i_sh * K * V + p_state, b_dh, mask=m_kv)
+        tl.store(dh0 + state_row(i_s, i_h, Hb, SLOTS) * K * V + p_state, b_dh, mask=m_kv)
 
 
 # --------------------------------------------------------------------------------- output pass
@@ -223,6 +226,8 @@ def output_fwd_kernel(q, k, d, A, M, hs, read_w, o, chunk_indices, offsets, scal
     NaN (`common.split_finite`), never rows before it."""
     i_c, i_v, i_h = chunk_and_v_block(V, BV)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
+        return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
     o_k = tl.arange(0, BK)
@@ -263,6 +268,8 @@ def dd_local_kernel(q, k, A, M, do, read_w, dd_local, chunk_indices, offsets, sc
     program per (chunk, V block; head)."""
     i_c, i_v, i_h = chunk_and_v_block(V, BV)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
+        return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
     o_k = tl.arange(0, BK)
@@ -295,6 +302,8 @@ def grad_kernel(q, k, d, A, hs, dhs, do, read_w, dd, dq, dk, dA, dM, dw, chunk_i
     The delta family also gets dw = -dd S_0^T (for `delta.wy_bwd_kernel`)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
+        return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
     o_k = tl.arange(0, BK)

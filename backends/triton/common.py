@@ -20,6 +20,7 @@
 - `helper`: how those small device functions are declared.
 - `mm` / `mma`: `tl.dot` with fp32 accumulation; fp32 operands as "tf32x3" (about fp32 accuracy on
   tensor cores; the interpreter computes every product exactly); fp16/bf16 operands as they are.
+  `solve_mm`: the float32 products of the WY inverse, at the precision the input dtype needs.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def block(n: int) -> int:
 @helper
 def chunk_rows(chunk_indices, offsets, i_c, BT: tl.constexpr):
     """Chunk `i_c` (a row of `chunk_indices`: packed sequence, chunk within it) -> (first row of the
-    chunk in the packed layout, number of its rows that belong to the sequence)."""
+    chunk in the packed layout, number of its rows that belong to the sequence: <= 0 for a chunk past
+    the layout's real chunks, which its kernel skips)."""
     i_s = tl.load(chunk_indices + i_c * 2).to(tl.int64)
     i_j = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
     bos = tl.load(offsets + i_s).to(tl.int64)
@@ -128,6 +130,14 @@ def sequence_span(offsets, chunk_offsets, i_s):
     """Packed sequence `i_s` -> (its first packed row, its length, the index of its first chunk)."""
     bos = tl.load(offsets + i_s).to(tl.int64)
     return bos, tl.load(offsets + i_s + 1).to(tl.int64) - bos, tl.load(chunk_offsets + i_s).to(tl.int64)
+
+
+@helper
+def state_row(i_s, i_h, Hb, SLOTS):
+    """Packed sequence `i_s` (a segment, (sequence, head group) * SLOTS + slot) and head `i_h` of its
+    group -> their state's row in the slot states `[N, H, SLOTS, K, V]`, which the state kernels read
+    and write in place."""
+    return ((i_s // SLOTS) * Hb + i_h) * SLOTS + i_s % SLOTS
 
 
 @helper
@@ -172,6 +182,16 @@ def mm(a, b):
     if a.dtype == tl.float32:
         return tl.dot(a, b, input_precision="tf32x3")
     return tl.dot(a, b)
+
+
+@helper
+def solve_mm(a, b, acc, DT: tl.constexpr):
+    """acc (or 0, if None) + a @ b for float32 blocks of the WY inverse (`delta.py`), at the precision
+    the input dtype DT needs: "tf32x3" (about float32) for float32 inputs; one TF32 pass for float16
+    and bfloat16, whose T is then rounded to at most TF32's 10 bits of mantissa anyway."""
+    if DT == tl.float32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc, input_precision="tf32")
 
 
 @helper

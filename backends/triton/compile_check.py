@@ -33,13 +33,13 @@ from itertools import product
 
 _DOT_DTYPE_ARGS = {"q", "k", "v", "w", "u", "hs", "dhs", "d", "d_out", "do"}
 _POINTER_TYPES = {"chunk_indices": "*i32", "offsets": "*i64", "chunk_offsets": "*i64", "idx": "*i64"}
-_SCALAR_TYPES = {"Hb": "i32", "H": "i32", "scale": "fp32", "s_b": "i64", "s_h": "i64", "s_m": "i64",
+_SCALAR_TYPES = {"Hb": "i32", "SLOTS": "i32", "H": "i32", "scale": "fp32", "s_b": "i64", "s_h": "i64", "s_m": "i64",
                  "s_k": "i64", "s_v": "i64"}
 H100_SHARED_MEMORY = 227 * 1024  # bytes per block
-# The values integer arguments have at a launch (H = 16 heads, a contiguous [B, H, m, K, V] state):
-# a real launch marks those divisible by 16 so and turns those equal to 1 into constants.
-LAUNCH_INTS = {"Hb": 16, "H": 16, "s_b": 16 * 8 * 128 * 128, "s_h": 8 * 128 * 128, "s_m": 128 * 128, "s_k": 128,
-               "s_v": 1}
+# The values integer arguments have at a launch (H = 16 heads, m = 8 slots, a contiguous [B, H, m, K, V]
+# state): a real launch marks those divisible by 16 so and turns those equal to 1 into constants.
+LAUNCH_INTS = {"Hb": 16, "SLOTS": 8, "H": 16, "s_b": 16 * 8 * 128 * 128, "s_h": 8 * 128 * 128, "s_m": 128 * 128,
+               "s_k": 128, "s_v": 1}
 # Per SM on an H100 (sm_90): registers, shared memory (228 KB, 1 KB of it reserved per block), warps and blocks.
 SM_REGISTERS, SM_SHARED_MEMORY, SM_WARPS, SM_BLOCKS = 65536, 228 * 1024, 64, 32
 _TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

@@ -5,9 +5,9 @@ them), its tensor-core products (FLOPs, by precision) and a roofline floor on a 
 Two parts, each with one source of truth:
 
 - `scan_launches(...)`: the Triton kernels, analytically, as functions of the packed layout (E route
-  entries of Hb heads, S packed sequences, their chunks), K, V, the chunk size, the dtype and the
-  rule's family. This mirrors `function.ChunkScan`; `tests/test_cost_model.py` checks it against the
-  tensors the kernels are actually given (every launch, every argument) and against the products
+  entries of Hb heads, S packed sequences, empty ones included, their chunks), K, V, the chunk
+  size, the dtype and the rule's family. This mirrors `function.ChunkScan`; `tests/test_cost_model.py`
+  checks it against the tensors the kernels are actually given (every launch, every argument) and against the products
   Triton's interpreter actually executes, so it cannot drift from the code.
 - `record_traffic(fn)`: everything else (packing, coupling, casts, the combine, and their adjoints)
   is counted, not modelled: `fn` runs on the CPU with every Triton launch replaced by a record of its
@@ -35,6 +35,7 @@ import torch
 
 from . import chunk, delta as delta_kernels
 from .common import block
+from .function import max_chunks
 from .vector import BC  # sub-chunk rows of the per-channel attention kernels
 
 # Peak rates of the GPUs the floors are given for (dense, no sparsity): HBM bytes/s, and FLOP/s of
@@ -76,7 +77,8 @@ class Launch:
 @dataclass(frozen=True)
 class Layout:
     """The packed layout a scan runs on: `lengths` of its S packed sequences (route entries of one
-    (sequence, head group, slot)), Hb heads per row, chunks of BT rows."""
+    (sequence, head group, slot), every slot's, empty ones included), Hb heads per row, chunks of BT
+    rows."""
 
     lengths: tuple
     Hb: int
@@ -97,7 +99,14 @@ class Layout:
 
     @property
     def NT(self) -> int:
+        """Real chunks: the ones whose programs run."""
         return len(self.chunk_rows)
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks the layout is sized for, from the shapes alone (`function.max_chunks`): the
+        per-chunk tensors have this many rows, and the programs past the real chunks return at once."""
+        return max_chunks(self.E, self.S, self.BT)
 
 
 def balanced_layout(B: int, T: int, H: int, m: int, R: int, Hr: int, BT: int) -> Layout:
@@ -106,7 +115,7 @@ def balanced_layout(B: int, T: int, H: int, m: int, R: int, Hr: int, BT: int) ->
     and head group."""
     per_slot, extra = divmod(T * R, m)
     lengths = [per_slot + (i < extra) for i in range(m)]
-    return Layout(tuple(L for _ in range(B * Hr) for L in lengths if L), H // Hr, BT)
+    return Layout(tuple(L for _ in range(B * Hr) for L in lengths), H // Hr, BT)
 
 
 def _family(rule) -> tuple:
@@ -133,7 +142,8 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     weigh it too."""
     decay, delta = _family(rule)
     state_grad = final_state if state_grad is None else state_grad
-    E, Hb, S, NT, BT = layout.E, layout.Hb, layout.S, layout.NT, layout.BT
+    E, Hb, S, BT = layout.E, layout.Hb, layout.S, layout.BT
+    NT = layout.num_chunks  # rows of the per-chunk tensors; FLOPs count the real chunks (chunk_heads)
     d, f4 = torch.tensor([], dtype=dtype).element_size(), 4
     dot = "16-bit" if d == 2 else "tf32x3"
     BK = block(K)
@@ -154,7 +164,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     chunks = {"chunk_indices": (NT * 2 * 4, "r"), "offsets": ((S + 1) * 8, "r")}
     sequences = {"offsets": ((S + 1) * 8, "r"), "chunk_offsets": ((S + 1) * 8, "r")}
     decay_in = {"A": (rows["a"], "r")} if decay else {}
-    chunk_heads = NT * Hb
+    chunk_heads = layout.NT * Hb
 
     def launch(kernel, phase, tensors, flops=0.0, indices=chunks):
         return Launch(kernel, phase, tensors={**tensors, **indices}, flops={dot: flops} if flops else {})
@@ -185,12 +195,14 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
             tensors["Lk"] = (rows["BT"], "r")
         tensors.update(T=(rows["T"], "w" if compute_T else "r"), u=(rows["V"], "w"), w=(rows["K"], "w"))
         flops = 2 * BT * BT * (BK + v_blocks(delta_kernels.wy_fwd_kernel)[1])  # w = T (b exp(A) k), u = T (b v)
-        if compute_T and decay != 2:  # k k^T in the kernel (per-channel decay: Lk from attention_fwd_kernel)
-            flops += 2 * BT * BT * BK
+        NB = BT // 16  # blocks of 16 rows of the inverse
+        if compute_T and decay != 2:  # the blocks of k k^T on and below the diagonal (per-channel decay: Lk given)
+            flops += NB * (NB + 1) // 2 * 2 * 16 * 16 * BK
         wy_launch = launch("wy_fwd_kernel", phase, tensors, chunk_heads * flops)
-        if compute_T:  # the inverse in float32: forward substitution in blocks of 16, then the merges
-            inverse = chunk_heads * 2 * BT ** 3 * (15 + (4 if BT > 16 else 0))
-            wy_launch.flops["tf32x3"] = wy_launch.flops.get("tf32x3", 0) + inverse
+        if compute_T:  # the inverse's merges: block (i, j) below the diagonal takes i - j + 1 products of 16x16
+            products = sum(i - j + 1 for i in range(NB) for j in range(i))
+            precision = "tf32x3" if d == 4 else "tf32"
+            wy_launch.flops[precision] = wy_launch.flops.get(precision, 0) + chunk_heads * products * 2 * 16 ** 3
         return [wy_launch]
 
     def states(phase, store_ht):

@@ -11,9 +11,12 @@ per-channel attention of the keys with themselves (`vector.attention_fwd_kernel`
 as `Lk`; its gradient goes back as `dLk` through `vector.attention_bwd_kernel`.
 
 so that the effective values are d = u - w S_0 (S_0: the state entering the chunk; the shared state
-pass applies this). `wy_fwd_kernel` forms T blockwise (forward substitution inside blocks of 16
-rows, all blocks at once, then a short product series across blocks; chunks of at most 64 rows) and
-applies it; the backward recomputes u and w from the stored T (`COMPUTE_T=False`). `wy_bwd_kernel` takes the
+pass applies this). `wy_fwd_kernel` forms T in blocks of 16 rows (chunks of at most 64 rows): the
+blocks of L on and below the diagonal (16x16 products), each diagonal block inverted by forward
+substitution a row at a time (elementwise, exact in float32), then the blocks below the diagonal
+by T_ij = -T_ii sum_{j <= c < i} L_ic T_cj (16x16 products at the precision the input dtype needs,
+`common.solve_mm`). It stores T and applies it; the backward recomputes u and w from the stored T
+(`COMPUTE_T=False`). `wy_bwd_kernel` takes the
 gradients of u (= of d) and w back to k, v, b and A:
 
     dT = du (b v)^T + dw (b exp(A) k)^T,   dL = -T^T dT T^T (strictly lower part).
@@ -23,10 +26,62 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (autotune_or_first, chunk_rows, exp_nonpos, lower_mask, mm, mma, poison_from, row_block,
-                     split_finite, tile)
+from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, poison_from,
+                     row_block, solve_mm, split_finite, tile)
 
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (32, 64) for nw in (4, 8)]
+
+
+@helper
+def wy_l_block(k, b, A, Lk, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+               BT: tl.constexpr, DECAY: tl.constexpr):
+    """Block (BI, BJ) of L (rows 16 BI.., columns 16 BJ.. of the chunk of `n` rows at packed row
+    `start`), BJ <= BI: (its finite part [16, 16] float32, [16] whether each of its rows holds a non-finite entry).
+    From the keys' own attention `Lk` for a per-channel decay, else from two blocks of keys."""
+    o_i = tl.arange(0, 16)
+    r_i, r_j = BI * 16 + o_i, BJ * 16 + o_i
+    m_i, m_j = r_i < n, r_j < n
+    if DECAY == 2:
+        p_L, m_L = tile((start + r_i) * Hb + i_h, m_i, r_j, BT)
+        b_L = tl.load(Lk + p_L, mask=m_L, other=0.0)
+    else:
+        o_k = tl.arange(0, BK)
+        p_i, m_ik = tile((start + r_i) * Hb + i_h, m_i, o_k, K)
+        p_j, m_jk = tile((start + r_j) * Hb + i_h, m_j, o_k, K)
+        b_L = mm(tl.load(k + p_i, mask=m_ik, other=0.0), tl.trans(tl.load(k + p_j, mask=m_jk, other=0.0)))
+        if DECAY == 1:
+            a_i = tl.load(A + (start + r_i) * Hb + i_h, mask=m_i, other=0.0)
+            a_j = tl.load(A + (start + r_j) * Hb + i_h, mask=m_j, other=0.0)
+            b_L = b_L * exp_nonpos(a_i[:, None] - a_j[None, :])
+    b_L = b_L * tl.load(b + (start + r_i) * Hb + i_h, mask=m_i, other=0.0).to(tl.float32)[:, None]
+    keep = m_i[:, None] & m_j[None, :]
+    if BI == BJ:
+        keep = keep & (o_i[:, None] > o_i[None, :])
+    b_L = tl.where(keep, b_L, 0.0)
+    finite = tl.abs(b_L) < float("inf")
+    return tl.where(finite, b_L, 0.0), tl.max(tl.where(finite, 0, 1), 1) > 0
+
+
+@helper
+def unit_lower_inverse(D):
+    """(I + D)^-1 of a strictly lower triangular [16, 16] block, by forward substitution a row at a
+    time: row r is e_r - D_r (I + D)^-1, from the rows above it (elementwise, exact in float32)."""
+    o_i = tl.arange(0, 16)
+    b_T = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    for r in range(1, 16):
+        at_r = o_i == r
+        d_r = tl.sum(tl.where(at_r[:, None], D, 0.0), 0)  # row r of D
+        t_r = tl.where(at_r, 1.0, 0.0) - tl.sum(d_r[:, None] * b_T, 0)
+        b_T = tl.where(at_r[:, None], t_r[None, :], b_T)
+    return b_T
+
+
+@helper
+def store_t_block(T, x, bad, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constexpr, BT: tl.constexpr):
+    """Block (BI, BJ) `x [16, 16]` of T into `T [E, Hb, BT]`, its rows marked `bad` set to NaN."""
+    o_i = tl.arange(0, 16)
+    p_T, m_T = tile((start + BI * 16 + o_i) * Hb + i_h, BI * 16 + o_i < n, BJ * 16 + o_i, BT)
+    tl.store(T + p_T, tl.where(bad[:, None], float("nan"), x).to(T.dtype.element_ty), mask=m_T)
 
 
 @autotune_or_first(_CONFIGS, key=["K", "V", "BT", "DECAY", "COMPUTE_T"])
@@ -43,6 +98,8 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
     row before s."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
+        return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
     p_k, m_tk = tile(rows * Hb + i_h, m_t, tl.arange(0, BK), K)
@@ -53,35 +110,57 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
     if DECAY == 1:
         b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
     if COMPUTE_T:
-        if DECAY == 2:
-            b_L = tl.load(Lk + p_T, mask=m_T, other=0.0) * b_b[:, None]
-        else:
-            b_L = mm(b_k, tl.trans(b_k)) * b_b[:, None]
-            if DECAY == 1:
-                b_L = b_L * exp_nonpos(b_a[:, None] - b_a[None, :])
-        b_L = tl.where(lower_mask(o_t, m_t, 1), b_L, 0.0)
-        finite_L = tl.abs(b_L) < float("inf")
-        bad_row = tl.max(tl.where(finite_L, 0, 1), 1) > 0
-        b_L = tl.where(finite_L, b_L, 0.0)
-        # L = D + N: D within the diagonal blocks of 16 rows, N below them. First (I + D)^-1 by forward
-        # substitution, row r of every block at once (16 steps, each one product). Then, with
-        # M = (I + D)^-1 N, strictly block-lower, so M^4 = 0 for up to 4 blocks (BT <= 64):
-        # T = (I + M)^-1 (I + D)^-1 = (I - M)(I + M^2)(I + D)^-1.
-        eye = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0)
-        same_block = (o_t[:, None] // 16) == (o_t[None, :] // 16)
-        b_D = tl.where(same_block, b_L, 0.0)
-        b_T = eye
-        for r in range(1, 16):
-            at_r = (o_t % 16 == r)[:, None]
-            b_T = tl.where(at_r, eye - mm(tl.where(at_r, b_D, 0.0), b_T), b_T)
-        if BT > 16:
-            b_M = mm(b_T, b_L - b_D)
-            b_T = b_T + mm(mm(b_M, b_M), b_T)
-            b_T = b_T - mm(b_M, b_T)
-        b_T = tl.where(bad_row[:, None], float("nan"), b_T)
-        tl.store(T + p_T, b_T.to(T.dtype.element_ty), mask=m_T)
-    else:
-        b_T = tl.load(T + p_T, mask=m_T, other=0.0)
+        # T = (I + L)^-1 in blocks of 16 rows (NB of them): the diagonal blocks by forward substitution,
+        # a row at a time (elementwise), then T_ij = -T_ii sum_{j <= c < i} L_ic T_cj, block by block
+        # (16x16 products). Each block is stored as it is made, and T is read back whole below.
+        NB: tl.constexpr = BT // 16
+        L00, bad0 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 0, 0, K, BK, BT, DECAY)
+        T00 = unit_lower_inverse(L00)
+        store_t_block(T, T00, bad0, start, n, i_h, Hb, 0, 0, BT)
+        if NB > 1:
+            L11, bad1 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 1, 1, K, BK, BT, DECAY)
+            L10, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 1, 0, K, BK, BT, DECAY)
+            bad1 = bad1 | bad
+            T11 = unit_lower_inverse(L11)
+            T10 = -solve_mm(T11, solve_mm(L10, T00, None, DT), None, DT)
+            store_t_block(T, T10, bad1, start, n, i_h, Hb, 1, 0, BT)
+            store_t_block(T, T11, bad1, start, n, i_h, Hb, 1, 1, BT)
+        if NB > 2:
+            L22, bad2 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 2, 2, K, BK, BT, DECAY)
+            L20, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 2, 0, K, BK, BT, DECAY)
+            bad2 = bad2 | bad
+            L21, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 2, 1, K, BK, BT, DECAY)
+            bad2 = bad2 | bad
+            T22 = unit_lower_inverse(L22)
+            T21 = -solve_mm(T22, solve_mm(L21, T11, None, DT), None, DT)
+            T20 = -solve_mm(T22, solve_mm(L21, T10, solve_mm(L20, T00, None, DT), DT), None, DT)
+            store_t_block(T, T20, bad2, start, n, i_h, Hb, 2, 0, BT)
+            store_t_block(T, T21, bad2, start, n, i_h, Hb, 2, 1, BT)
+            store_t_block(T, T22, bad2, start, n, i_h, Hb, 2, 2, BT)
+        if NB > 3:
+            L33, bad3 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 3, K, BK, BT, DECAY)
+            L30, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 0, K, BK, BT, DECAY)
+            bad3 = bad3 | bad
+            L31, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 1, K, BK, BT, DECAY)
+            bad3 = bad3 | bad
+            L32, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 2, K, BK, BT, DECAY)
+            bad3 = bad3 | bad
+            T33 = unit_lower_inverse(L33)
+            T32 = -solve_mm(T33, solve_mm(L32, T22, None, DT), None, DT)
+            T31 = -solve_mm(T33, solve_mm(L32, T21, solve_mm(L31, T11, None, DT), DT), None, DT)
+            T30 = -solve_mm(T33, solve_mm(L32, T20, solve_mm(L31, T10, solve_mm(L30, T00, None, DT), DT), DT),
+                            None, DT)
+            store_t_block(T, T30, bad3, start, n, i_h, Hb, 3, 0, BT)
+            store_t_block(T, T31, bad3, start, n, i_h, Hb, 3, 1, BT)
+            store_t_block(T, T32, bad3, start, n, i_h, Hb, 3, 2, BT)
+            store_t_block(T, T33, bad3, start, n, i_h, Hb, 3, 3, BT)
+        zero = tl.zeros([16, 16], dtype=tl.float32)
+        no_rows = tl.arange(0, 16) < 0
+        for i in tl.static_range(NB):
+            for j in tl.static_range(i + 1, NB):  # above the diagonal blocks
+                store_t_block(T, zero, no_rows, start, n, i_h, Hb, i, j, BT)
+        tl.debug_barrier()  # the blocks stored by every thread of the program, before T is read whole
+    b_T = tl.load(T + p_T, mask=m_T, other=0.0)
     b_Td = b_T.to(DT)
     if DECAY == 2:
         b_xk = b_k.to(tl.float32) * tl.exp(tl.load(A + p_k, mask=m_tk, other=0.0)) * b_b[:, None]
@@ -105,6 +184,8 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
     per-channel decay also dLk, the gradient of the keys' attention `Lk`."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
+    if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
+        return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
     p_k, m_tk = tile(rows * Hb + i_h, m_t, tl.arange(0, BK), K)

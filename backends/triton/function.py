@@ -4,7 +4,8 @@ and backward run the Triton kernels.
 Inputs are the packed, coupled rows `[E, Hb, ...]` (see `backends/triton/__init__.py`): q, k `[E,Hb,K]`
 and v `[E,Hb,V]` in the dot dtype (float32, float16 or bfloat16), the per-row log-decay a (`[E,Hb]`,
 `[E,Hb,K]` or None) and write strength b (`[E,Hb]`, delta family, or None) in float32, and the
-initial states `[S,Hb,K,V]` (float32, or None) of the S packed sequences `offsets`.
+initial states (float32, or None) of the S packed sequences `offsets`, in the slot states' layout
+(`chunk_scan`).
 
 Forward: chunk-local cumulative decays -> (per-channel decay: intra-chunk attention) -> (delta: WY
 transform; with a per-channel decay its L from the keys' own intra-chunk attention) -> state pass ->
@@ -30,10 +31,12 @@ from .common import DECAY_FLOOR, block, specialization
 class VarlenChunks(NamedTuple):
     """Chunks of BT rows over the packed sequences `offsets` (their cu_seqlens); no chunk spans two
     sequences. Chunk c is (sequence, chunk within it) = chunk_indices[c]; the chunks of sequence s
-    are chunk_offsets[s] ... chunk_offsets[s + 1] - 1."""
+    are chunk_offsets[s] ... chunk_offsets[s + 1] - 1. Every size is known from the shapes alone (no
+    host sync): `num_chunks` is an upper bound on the real chunks, and the chunks past the real ones
+    lie past the last sequence's end, so their programs return at once."""
 
     offsets: torch.Tensor  # [S+1] int64
-    chunk_indices: torch.Tensor  # [NT, 2] int32
+    chunk_indices: torch.Tensor  # [num_chunks, 2] int32
     chunk_offsets: torch.Tensor  # [S+1] int64
     num_chunks: int
     BT: int
@@ -43,13 +46,23 @@ class VarlenChunks(NamedTuple):
         return self.offsets.numel() - 1
 
 
-def varlen_chunks(offsets: torch.Tensor, BT: int) -> VarlenChunks:
+def max_chunks(rows: int, sequences: int, BT: int) -> int:
+    """The most chunks of BT rows that `rows` rows in `sequences` packed sequences can take: each
+    non-empty sequence (at most min(sequences, rows) of them) adds at most BT - 1 padding rows."""
+    return (rows + min(sequences, rows) * (BT - 1)) // BT
+
+
+def varlen_chunks(offsets: torch.Tensor, rows: int, BT: int) -> VarlenChunks:
+    """The chunks of `rows` packed rows in the sequences `offsets` (`offsets[-1] == rows`)."""
     device = offsets.device
+    S = offsets.numel() - 1
+    NT = max_chunks(rows, S, BT)
     counts = (offsets.diff() + BT - 1) // BT
     chunk_offsets = F.pad(counts.cumsum(0), (1, 0))
-    NT = int(chunk_offsets[-1])
-    sequence = torch.repeat_interleave(torch.arange(counts.numel(), device=device), counts, output_size=NT)
-    within = torch.arange(NT, device=device) - chunk_offsets[sequence]
+    chunk = torch.arange(NT, device=device)
+    # Chunks past the real ones map to the last sequence, past its end.
+    sequence = torch.searchsorted(chunk_offsets[1:], chunk, right=True).clamp_(max=S - 1)
+    within = chunk - chunk_offsets[sequence]
     chunk_indices = torch.stack([sequence, within], 1).to(torch.int32).contiguous()
     return VarlenChunks(offsets.contiguous(), chunk_indices, chunk_offsets.contiguous(), NT, BT)
 
@@ -92,19 +105,19 @@ def _wy(k, v, b, A, Lk, T, layout: VarlenChunks, decay: int, compute_T: bool):
     return u, w
 
 
-def _states(k, v, w, A, h0, layout: VarlenChunks, decay: int, is_delta: bool, store_ht: bool):
+def _states(k, v, w, A, h0, layout: VarlenChunks, slots: int, decay: int, is_delta: bool, store_ht: bool):
     """States entering every chunk [NT,Hb,K,V] (dot dtype), effective values d (delta) and final
-    states [S,Hb,K,V] (float32, if `store_ht`)."""
+    states [S/slots, Hb, slots, K, V] (float32, if `store_ht`)."""
     E, Hb, K = k.shape
     V = v.shape[-1]
     S = layout.num_sequences
     hs = k.new_empty(layout.num_chunks, Hb, K, V)
     d = torch.empty_like(v) if is_delta else None
-    ht = k.new_empty(S, Hb, K, V, dtype=torch.float32) if store_ht else None
+    ht = k.new_empty(S // slots, Hb, slots, K, V, dtype=torch.float32) if store_ht else None
     grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
     chunk.state_fwd_kernel[grid](
         k=k, v=v, w=w, A=A, h0=h0, hs=hs, d_out=d, ht=ht, offsets=layout.offsets, chunk_offsets=layout.chunk_offsets,
-        Hb=Hb, K=K, V=V, BT=layout.BT, BK=block(K), DECAY=decay, DELTA=is_delta)
+        Hb=Hb, SLOTS=slots, K=K, V=V, BT=layout.BT, BK=block(K), DECAY=decay, DELTA=is_delta)
     return hs, d, ht
 
 
@@ -115,7 +128,8 @@ HIGHER_ORDER_ERROR = ("memplug: backend 'triton' has first-order gradients only:
 
 class ChunkScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, a, b, h0, layout: VarlenChunks, scale: float, output_final_state: bool, read_w=None):
+    def forward(ctx, q, k, v, a, b, h0, layout: VarlenChunks, slots: int, scale: float, output_final_state: bool,
+                read_w=None):
         E, Hb, K = q.shape
         V = v.shape[-1]
         BT, NT = layout.BT, layout.num_chunks
@@ -128,7 +142,7 @@ class ChunkScan(torch.autograd.Function):
         if is_delta:
             T = q.new_empty(E, Hb, BT)  # in the dot dtype: every use casts it to that
             u, w = _wy(k, v, b, A, Lk, T, layout, decay, compute_T=True)
-        hs, d, ht = _states(k, u if is_delta else v, w, A, h0, layout, decay, is_delta, output_final_state)
+        hs, d, ht = _states(k, u if is_delta else v, w, A, h0, layout, slots, decay, is_delta, output_final_state)
         # Weighted by a constant read weight in the kernel, o is final: in the input dtype.
         o = q.new_empty(E, Hb, V, **({} if read_w is not None else dict(dtype=torch.float32)))
         grid = lambda meta: (NT * triton.cdiv(V, meta["BV"]), Hb)
@@ -137,7 +151,7 @@ class ChunkScan(torch.autograd.Function):
             offsets=layout.offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=block(K), DECAY=decay)
 
         ctx.save_for_backward(q, k, v, A, b, h0, T, M, Lk, read_w)
-        ctx.layout, ctx.scale, ctx.decay, ctx.is_delta = layout, scale, decay, is_delta
+        ctx.layout, ctx.slots, ctx.scale, ctx.decay, ctx.is_delta = layout, slots, scale, decay, is_delta
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -151,7 +165,7 @@ class ChunkScan(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(HIGHER_ORDER_ERROR)
         q, k, v, A, b, h0, T, M, Lk, read_w = ctx.saved_tensors
-        layout, scale, decay, is_delta = ctx.layout, ctx.scale, ctx.decay, ctx.is_delta
+        layout, slots, scale, decay, is_delta = ctx.layout, ctx.slots, ctx.scale, ctx.decay, ctx.is_delta
         E, Hb, K = q.shape
         V = v.shape[-1]
         BT, NT, S = layout.BT, layout.num_chunks, layout.num_sequences
@@ -164,7 +178,7 @@ class ChunkScan(torch.autograd.Function):
         u = w = None
         if is_delta:
             u, w = _wy(k, v, b, A, None, T, layout, decay, compute_T=False)
-        hs, d, _ = _states(k, u if is_delta else v, w, A, h0, layout, decay, is_delta, False)
+        hs, d, _ = _states(k, u if is_delta else v, w, A, h0, layout, slots, decay, is_delta, False)
         d = d if is_delta else v
 
         dd_local = q.new_empty(E, Hb, V, dtype=torch.float32)
@@ -175,11 +189,12 @@ class ChunkScan(torch.autograd.Function):
         dhs = k.new_empty(NT, Hb, K, V)
         dd = q.new_empty(E, Hb, V)  # in the dot dtype: every consumer casts it to that, or returns it as dv
         want_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        dh0 = q.new_empty(S, Hb, K, V, dtype=torch.float32) if want_dh0 else None
+        dh0 = torch.empty_like(h0) if want_dh0 else None
         grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
         chunk.state_bwd_kernel[grid](
             q=q, k=k, w=w, A=A, do=do, read_w=read_w, dd_local=dd_local, dht=dht, dhs=dhs, dd=dd, dh0=dh0,
-            offsets=layout.offsets, chunk_offsets=layout.chunk_offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=BK,
+            offsets=layout.offsets, chunk_offsets=layout.chunk_offsets, scale=scale, Hb=Hb, SLOTS=slots, K=K, V=V,
+            BT=BT, BK=BK,
             DECAY=decay, DELTA=is_delta)
 
         f32 = dict(dtype=torch.float32)
@@ -212,10 +227,14 @@ class ChunkScan(torch.autograd.Function):
         else:
             dv = dd
         da = None if dA is None else _cumsum(dA, layout, reverse=True)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da, db, dh0, None, None, None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), da, db, dh0, None, None, None, None, None)
 
 
-def chunk_scan(q, k, v, a, b, h0, layout: VarlenChunks, scale: float, output_final_state: bool, read_w=None):
-    """(o [E,Hb,V], final states [S,Hb,K,V] float32 or None). o is scaled, in float32; with `read_w
-    [E]` (float32, constant: no gradient reaches it) o is also weighted by it, in the input dtype."""
-    return ChunkScan.apply(q, k, v, a, b, h0, layout, scale, output_final_state, read_w)
+def chunk_scan(q, k, v, a, b, h0, layout: VarlenChunks, scale: float, output_final_state: bool, read_w=None,
+               slots: int = 1):
+    """(o [E,Hb,V], final states or None). o is scaled, in float32; with `read_w [E]` (float32,
+    constant: no gradient reaches it) o is also weighted by it, in the input dtype. The states of the
+    S packed sequences, initial `h0` (float32, or None) and final (float32), are `[S/slots, Hb,
+    slots, K, V]`: packed sequence s is slot s % slots of the group s // slots, as the slot states
+    `[N, H, m, K, V]` of a routed scan hold them (`slots` = m), so both are read and written in place."""
+    return ChunkScan.apply(q, k, v, a, b, h0, layout, slots, scale, output_final_state, read_w)

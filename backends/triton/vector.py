@@ -28,7 +28,7 @@ def attention_fwd_kernel(q, k, A, M, chunk_indices, offsets, Hb,
     diagonal are left as they are (zero)."""
     i_c, i_h, i_i = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
-    if i_i * BC >= n:  # the sub-chunk lies past the sequence's end
+    if i_i * BC >= n:  # past the sequence's end (or a chunk past the real ones)
         return
     DT = k.dtype.element_ty
     o_c = tl.arange(0, BC)
@@ -72,7 +72,7 @@ def attention_bwd_kernel(q, k, A, dM, dq_in, dk_in, dA_in, dq, dk, dA, chunk_ind
     rows of sub-chunk i, from dM [E, Hb, BT] (zero above the diagonal)."""
     i_c, i_h, i_i = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
-    if i_i * BC >= n:  # the sub-chunk lies past the sequence's end
+    if i_i * BC >= n:  # past the sequence's end (or a chunk past the real ones)
         return
     DT = k.dtype.element_ty
     o_c = tl.arange(0, BC)

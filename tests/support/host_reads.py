@@ -2,8 +2,10 @@
 
 `count_host_reads()` patches the Tensor methods that copy a value to the host (`item`, `bool`,
 `int`, `float`, `tolist`, `nonzero`, ...) to count their calls on the CPU, where no sync can be
-seen. It cannot see syncs made inside an operator (e.g. `unique` on CUDA); the GPU test with
-`torch.cuda.set_sync_debug_mode("error")` covers those.
+seen. With `operators=True` it also counts the operators that read values back inside (`SYNCING_OPS`:
+on a GPU, `unique` or a `repeat_interleave` without `output_size` must learn their output's size),
+seen through a dispatch mode; the GPU test with `torch.cuda.set_sync_debug_mode("error")` sees every
+sync.
 """
 from __future__ import annotations
 
@@ -12,11 +14,33 @@ import contextlib
 import torch
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+# Operators whose output size, or result on the host, depends on tensor values.
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "unique_consecutive", "_unique", "_unique2", "unique_dim",
+               "unique_dim_consecutive", "masked_select", "bincount", "histc", "equal", "is_nonzero"}
+
+
+class _SyncingOps:
+    """A dispatch mode that appends the name of every syncing operator to `reads`."""
+
+    def __new__(cls, reads):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                # repeat_interleave(repeats: Tensor) reaches here as its overload "Tensor"
+                unsized = (name == "repeat_interleave" and func._overloadname == "Tensor"
+                           and (kwargs or {}).get("output_size") is None)
+                if name in SYNCING_OPS or unsized:
+                    reads.append("op:" + name)
+                return func(*args, **(kwargs or {}))
+        return Mode()
 
 
 @contextlib.contextmanager
-def count_host_reads():
-    """Yields a list that receives the name of every read made in the block."""
+def count_host_reads(operators: bool = False):
+    """Yields a list that receives the name of every read made in the block (and with `operators`,
+    "op:" and the name of every syncing operator it runs)."""
     reads: list[str] = []
     originals = {name: getattr(torch.Tensor, name) for name in READS}
 
@@ -31,7 +55,8 @@ def count_host_reads():
             setattr(torch.Tensor, name, counted(name, method))
         torch_nonzero = torch.nonzero
         torch.nonzero = counted("torch.nonzero", torch_nonzero)
-        yield reads
+        with _SyncingOps(reads) if operators else contextlib.nullcontext():
+            yield reads
     finally:
         for name, method in originals.items():
             setattr(torch.Tensor, name, method)
