@@ -70,7 +70,7 @@ def memplug_path(x: dict, B, T, H, K, V, m, R, dtype) -> list:
     recorded = _record(lambda: routed_scan(**x, backend="triton", check_values=False)[0], x)
     lengths = (T,) * B if m == 1 else tuple(pack(x["route_idx"], m, H, every_segment=True).offsets.diff().tolist())
     folded = m == 1 and not x["route_w"].requires_grad  # the constant weight 1 goes into the output kernel
-    model = scan_launches(x["rule"], Layout(lengths, H, CHUNK_SIZE), K, V, dtype, read_w=folded)
+    model = scan_launches(x["rule"], Layout(lengths, H, CHUNK_SIZE, equal_lengths=m == 1), K, V, dtype, read_w=folded)
     kernels = [r for r in recorded if r.kind == "triton"]
     given = lambda launch: {n: b for n, (b, _) in launch.tensors.items()}
     if [(r.kernel, given(r)) for r in kernels] != [(r.kernel, given(r)) for r in model]:

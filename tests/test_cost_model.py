@@ -40,7 +40,7 @@ def _inputs(rule, T, m, R, dtype, initial_state, seed=0, learned_weights=True):
 def _layout(x, m):
     T = x["q"].shape[1]
     lengths = (T,) * B if m == 1 else tuple(pack(x["route_idx"], m, H, every_segment=True).offsets.diff().tolist())
-    return cost_model.Layout(lengths, H, memplug.backends.triton.CHUNK_SIZE)
+    return cost_model.Layout(lengths, H, memplug.backends.triton.CHUNK_SIZE, equal_lengths=m == 1)
 
 
 def _scan(rule, x, m, final_state):

@@ -291,18 +291,25 @@ def test_one_slot_skips_the_sort_with_the_same_packing():
 
 
 @settings(max_examples=60, deadline=None)
-@given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=6), BT=st.sampled_from(triton_backend.CHUNK_SIZES))
-def test_the_chunk_layout_is_sized_from_shapes_and_skips_past_its_real_chunks(lengths, BT):
+@given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=6), BT=st.sampled_from(triton_backend.CHUNK_SIZES),
+       equal=st.booleans())
+def test_the_chunk_layout_is_sized_from_shapes_and_skips_past_its_real_chunks(lengths, BT, equal):
     """`varlen_chunks` takes the number of rows, not their spread, so it reads nothing back; its chunks
-    are every sequence's chunks in order (empty sequences have none), then chunks with no rows."""
+    are every sequence's chunks in order (empty sequences have none), then chunks with no rows. Given
+    the one length of every sequence, it is sized exactly."""
     from memplug.backends.triton.function import max_chunks, varlen_chunks
+    if equal:
+        lengths = [lengths[0] or 1] * len(lengths)
     offsets = torch.tensor([0, *lengths]).cumsum(0)
     rows = sum(lengths)
+    length = lengths[0] if equal else None
     with count_host_reads(operators=True) as reads:
-        layout = varlen_chunks(offsets, rows, BT)
+        layout = varlen_chunks(offsets, rows, BT, length)
     assert reads == []
     real = [(s, j) for s, L in enumerate(lengths) for j in range(-(-L // BT))]
-    assert layout.num_chunks == max_chunks(rows, len(lengths), BT) >= len(real)
+    assert layout.num_chunks == max_chunks(rows, len(lengths), BT, length) >= len(real)
+    if equal:
+        assert layout.num_chunks == len(real)
     assert layout.chunk_indices[:len(real)].tolist() == [list(c) for c in real]
     assert layout.chunk_offsets.tolist() == [sum(-(-L // BT) for L in lengths[:s]) for s in range(len(lengths) + 1)]
     for s, j in layout.chunk_indices[len(real):].tolist():  # no rows: start at or past its sequence's end

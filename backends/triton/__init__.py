@@ -138,7 +138,7 @@ def triton_scan(args, chunk_size=None):
     # The packed sequences are every (sequence, head group, slot) in order: the kernels read and write
     # the slot states [N,H,m,K,V] in place.
     h0 = None if initial_state is None else initial_state.to(f32).contiguous()
-    layout = varlen_chunks(packing.offsets, E, BT)
+    layout = varlen_chunks(packing.offsets, E, BT, length=T if identity and cu_seqlens is None else None)
     # A read weight no gradient reaches (the plain rule's constant 1) is applied in the output kernel,
     # which then writes the final output; otherwise the output is weighted here, where autograd sees it.
     fold = identity and not (torch.is_grad_enabled() and args.read_w.requires_grad)

@@ -83,6 +83,7 @@ class Layout:
     lengths: tuple
     Hb: int
     BT: int
+    equal_lengths: bool = False  # every packed sequence's length follows from the shapes (one slot, no cu_seqlens)
 
     @property
     def E(self) -> int:
@@ -106,7 +107,7 @@ class Layout:
     def num_chunks(self) -> int:
         """Chunks the layout is sized for, from the shapes alone (`function.max_chunks`): the
         per-chunk tensors have this many rows, and the programs past the real chunks return at once."""
-        return max_chunks(self.E, self.S, self.BT)
+        return max_chunks(self.E, self.S, self.BT, self.lengths[0] if self.equal_lengths else None)
 
 
 def balanced_layout(B: int, T: int, H: int, m: int, R: int, Hr: int, BT: int) -> Layout:
@@ -115,7 +116,7 @@ def balanced_layout(B: int, T: int, H: int, m: int, R: int, Hr: int, BT: int) ->
     and head group."""
     per_slot, extra = divmod(T * R, m)
     lengths = [per_slot + (i < extra) for i in range(m)]
-    return Layout(tuple(L for _ in range(B * Hr) for L in lengths), H // Hr, BT)
+    return Layout(tuple(L for _ in range(B * Hr) for L in lengths), H // Hr, BT, equal_lengths=m == 1)
 
 
 def _family(rule) -> tuple:

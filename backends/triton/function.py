@@ -18,7 +18,7 @@ not differentiable again: asked for a graph of the gradients (`create_graph=True
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +46,21 @@ class VarlenChunks(NamedTuple):
         return self.offsets.numel() - 1
 
 
-def max_chunks(rows: int, sequences: int, BT: int) -> int:
+def max_chunks(rows: int, sequences: int, BT: int, length: Optional[int] = None) -> int:
     """The most chunks of BT rows that `rows` rows in `sequences` packed sequences can take: each
-    non-empty sequence (at most min(sequences, rows) of them) adds at most BT - 1 padding rows."""
+    non-empty sequence (at most min(sequences, rows) of them) adds at most BT - 1 padding rows.
+    With `length`, every sequence has that many rows (one slot, no cu_seqlens): exactly that."""
+    if length is not None:
+        return sequences * -(-length // BT)
     return (rows + min(sequences, rows) * (BT - 1)) // BT
 
 
-def varlen_chunks(offsets: torch.Tensor, rows: int, BT: int) -> VarlenChunks:
-    """The chunks of `rows` packed rows in the sequences `offsets` (`offsets[-1] == rows`)."""
+def varlen_chunks(offsets: torch.Tensor, rows: int, BT: int, length: Optional[int] = None) -> VarlenChunks:
+    """The chunks of `rows` packed rows in the sequences `offsets` (`offsets[-1] == rows`); `length`:
+    the rows of every sequence, where the shapes say it (`max_chunks`)."""
     device = offsets.device
     S = offsets.numel() - 1
-    NT = max_chunks(rows, S, BT)
+    NT = max_chunks(rows, S, BT, length)
     counts = (offsets.diff() + BT - 1) // BT
     chunk_offsets = F.pad(counts.cumsum(0), (1, 0))
     chunk = torch.arange(NT, device=device)
