@@ -57,7 +57,7 @@ class Packing:
 
     @property
     def lengths(self) -> torch.Tensor:
-        """[S] tokens in each non-empty segment."""
+        """[S] tokens in each packed segment."""
         return self.offsets.diff()
 
     @functools.cached_property
@@ -91,7 +91,7 @@ def pack(route_idx: torch.Tensor, num_slots: int, num_heads: int,
     segment_sorted, entries = torch.sort(segment, stable=True)
     if every_segment:
         segments = torch.arange(N * Hr * num_slots, device=device)
-        offsets = torch.searchsorted(segment_sorted, torch.arange(N * Hr * num_slots + 1, device=device))
+        offsets = torch.searchsorted(segment_sorted, torch.arange(segments.numel() + 1, device=device))
     else:
         segments, lengths = torch.unique_consecutive(segment_sorted, return_counts=True)
         offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))

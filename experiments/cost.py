@@ -63,14 +63,12 @@ def memplug_path(x: dict, B, T, H, K, V, m, R, dtype) -> list:
     """memplug's launches: the analytic kernels (checked against the recorded ones) and the recorded
     PyTorch operations."""
     from memplug import routed_scan
-    from memplug.backends.packing import pack
     from memplug.backends.triton import CHUNK_SIZE
-    from memplug.backends.triton.cost_model import Layout, scan_launches
+    from memplug.backends.triton.cost_model import packed_layout, scan_launches
 
     recorded = _record(lambda: routed_scan(**x, backend="triton", check_values=False)[0], x)
-    lengths = (T,) * B if m == 1 else tuple(pack(x["route_idx"], m, H, every_segment=True).offsets.diff().tolist())
     folded = m == 1 and not x["route_w"].requires_grad  # the constant weight 1 goes into the output kernel
-    model = scan_launches(x["rule"], Layout(lengths, H, CHUNK_SIZE, equal_lengths=m == 1), K, V, dtype, read_w=folded)
+    model = scan_launches(x["rule"], packed_layout(x["route_idx"], m, H, CHUNK_SIZE), K, V, dtype, read_w=folded)
     kernels = [r for r in recorded if r.kind == "triton"]
     given = lambda launch: {n: b for n, (b, _) in launch.tensors.items()}
     if [(r.kernel, given(r)) for r in kernels] != [(r.kernel, given(r)) for r in model]:
@@ -204,9 +202,8 @@ def main(argv=None) -> int:
     enable_triton_interpreter()
     args = model_arguments(argv)
     import memplug
-    from memplug.backends.packing import pack
     from memplug.backends.triton import CHUNK_SIZE as BT
-    from memplug.backends.triton.cost_model import GPUS, Layout
+    from memplug.backends.triton.cost_model import GPUS, packed_layout
 
     from .bench_cuda import cuda_inputs
 
@@ -238,7 +235,7 @@ def main(argv=None) -> int:
     rows = B * T * R * H
     mine = print_path(f"memplug, m = {m}, R = {R}", memplug_path(routed, B, T, H, K, V, m, R, dtype), rows, args.gpu)
     if args.rule == "gated_deltanet":
-        NT = Layout(tuple(pack(routed["route_idx"], m, H, every_segment=True).offsets.diff().tolist()), H, BT).NT
+        NT = packed_layout(routed["route_idx"], m, H, BT).NT
         mom = print_path(f"fla MoM path, m = {m}, R = {R}", fla_mom_launches(routed, m, NT, BT, K, V, dtype),
                          rows, args.gpu)
         verdicts += [("memplug routed / MoM path, bytes", mine["bytes"] / mom["bytes"], "routed_bytes_over_mom"),

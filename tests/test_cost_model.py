@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import memplug
-from memplug.backends.packing import pack
 from memplug.backends.triton import interpreting
 from memplug.backends.triton import cost_model
 from memplug.rules import BUILT_IN_RULES
@@ -38,9 +37,7 @@ def _inputs(rule, T, m, R, dtype, initial_state, seed=0, learned_weights=True):
 
 
 def _layout(x, m):
-    T = x["q"].shape[1]
-    lengths = (T,) * B if m == 1 else tuple(pack(x["route_idx"], m, H, every_segment=True).offsets.diff().tolist())
-    return cost_model.Layout(lengths, H, memplug.backends.triton.CHUNK_SIZE, equal_lengths=m == 1)
+    return cost_model.packed_layout(x["route_idx"], m, H, memplug.backends.triton.CHUNK_SIZE)
 
 
 def _scan(rule, x, m, final_state):

@@ -110,6 +110,19 @@ class Layout:
         return max_chunks(self.E, self.S, self.BT, self.lengths[0] if self.equal_lengths else None)
 
 
+def packed_layout(route_idx: torch.Tensor, num_slots: int, H: int, BT: int) -> Layout:
+    """The layout `triton_scan` packs the routing `route_idx [B,T,Hr,R]` (no cu_seqlens) into: at one
+    slot shared by the heads, one packed sequence per batch row in token order; otherwise one per
+    (batch row, head group, slot), empty ones included."""
+    from ..packing import pack
+
+    B, T, Hr, _ = route_idx.shape
+    if num_slots == 1 and Hr == 1:
+        return Layout((T,) * B, H, BT, equal_lengths=True)
+    lengths = pack(route_idx, num_slots, H, every_segment=True).offsets.diff().tolist()
+    return Layout(tuple(lengths), H // Hr, BT)
+
+
 def balanced_layout(B: int, T: int, H: int, m: int, R: int, Hr: int, BT: int) -> Layout:
     """The layout of a routing that spreads every sequence's T*R route entries of a head group evenly
     over its m slots (a uniform router, in expectation); m = 1: one packed sequence per batch row

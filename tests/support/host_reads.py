@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 # Operators whose output size, or result on the host, depends on tensor values.
@@ -19,22 +20,21 @@ SYNCING_OPS = {"_local_scalar_dense", "nonzero", "unique_consecutive", "_unique"
                "unique_dim_consecutive", "masked_select", "bincount", "histc", "equal", "is_nonzero"}
 
 
-class _SyncingOps:
-    """A dispatch mode that appends the name of every syncing operator to `reads`."""
+class _SyncingOps(TorchDispatchMode):
+    """A dispatch mode that appends "op:" and the name of every syncing operator to `reads`."""
 
-    def __new__(cls, reads):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __init__(self, reads: list):
+        super().__init__()
+        self.reads = reads
 
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                name = func.overloadpacket.__name__
-                # repeat_interleave(repeats: Tensor) reaches here as its overload "Tensor"
-                unsized = (name == "repeat_interleave" and func._overloadname == "Tensor"
-                           and (kwargs or {}).get("output_size") is None)
-                if name in SYNCING_OPS or unsized:
-                    reads.append("op:" + name)
-                return func(*args, **(kwargs or {}))
-        return Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        # repeat_interleave(repeats: Tensor) reaches here as its overload "Tensor"
+        unsized = (name == "repeat_interleave" and func._overloadname == "Tensor"
+                   and (kwargs or {}).get("output_size") is None)
+        if name in SYNCING_OPS or unsized:
+            self.reads.append("op:" + name)
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
