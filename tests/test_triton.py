@@ -114,16 +114,19 @@ def _assert_close(name, got, want, rtol=1e-4):
 
 
 LONG = dict(T=80, K=16, V=12, m=2, R=1, per_route=("k", "v", "g", "beta"), chunk=16)
-WIDE = dict(T=24, K=20, V=40, m=3, R=2, per_route=("v",), chunk=32)
+WIDE = dict(T=24, K=20, V=72, m=3, R=2, per_route=("v",), chunk=32)
 
 
 @pytest.mark.parametrize("shape", ["long", "wide"])
 @pytest.mark.parametrize("rule", RULES)
-def test_long_sequences_and_wide_values(rule, shape):
+def test_long_sequences_and_wide_values(rule, shape, monkeypatch):
     """long: one slot's tokens over many chunks (m = 2, T = 80, chunks of 16: five chunks per packed
-    sequence), per-route inputs. wide: V = 40 and K = 20, so that values span two blocks of the V
-    loops and grids (the last one ragged) and keys a padded block. Both with an initial state and a
+    sequence), per-route inputs. wide: V = 72 and K = 20, so that values span several blocks of the
+    V loops and grids (two of 64, or three of 32; the last one ragged), keys a padded block, and in
+    the WY kernels two blocks of 16 keys (the last one ragged). Both with an initial state and a
     routing shared by the heads: o, final states and every gradient."""
+    if shape == "wide":
+        monkeypatch.setattr("memplug.backends.triton.delta.KEY_BLOCK", 16)
     kw = dict(LONG if shape == "long" else WIDE)
     chunk = kw.pop("chunk")
     spec = CaseSpec(rule=rule, dtype="float32", B=1, H=2, Hr=1, initial_state=True, read_w=True, seed=11, **kw)
@@ -441,10 +444,26 @@ def test_compile_check_reports_what_ptxas_makes_of_a_real_launch(tmp_path):
     text = out.read_text()
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| cumsum_kernel")]
     assert [r[5] for r in rows] == ["REVERSE=0", "REVERSE=1"]  # the forward and the reverse sum
-    for r in rows:
-        assert r[7].startswith("w1") and int(r[8]) > 0 and r[9] == "0/0"  # first config: registers, no spill
-    assert "- the first configuration is spill-free (K = V <= 128): PASS (2 cases)" in text
+    from memplug.backends.triton.chunk import cumsum_kernel
+    from memplug.backends.triton.compile_check import _config_label
+    for r in rows:  # the first configuration: its registers, no spill
+        assert r[7] == _config_label(cumsum_kernel.configs[0]) and int(r[8]) > 0 and r[9] == "0/0"
+    assert "- the first configuration fits and is spill-free (K = V <= 128): PASS (2 cases)" in text
     assert "- no configuration spills (K = 256): not checked (no case of it compiled)" in text
+
+
+def test_the_first_configuration_must_fit_and_not_spill():
+    """What runs with autotuning off is the first configuration: a case misses the goal if it spills
+    or needs more shared memory than an H100 has, even when a later configuration is fine."""
+    from memplug.backends.triton.compile_check import H100_SHARED_MEMORY, Case, Report, goals
+    fine, spills, too_big = Report(128, 0, 0, 1024, 4), Report(255, 8, 8, 1024, 4), Report(128, 0, 0, 240 * 1024, 8)
+    cases = [Case(f"kernel_{i}", "family", "float32", 128, 64, "", {"first": first, "last": fine})
+             for i, first in enumerate((fine, spills, too_big))]
+    assert too_big.shared > H100_SHARED_MEMORY
+    (label, missed, applies), (_, none_spill_free, _), _ = goals(cases)
+    assert label.startswith("the first configuration fits and is spill-free") and applies == 3
+    assert [m.split(" ")[0] for m in missed] == ["kernel_1", "kernel_2"]
+    assert none_spill_free == []  # each has a spill-free configuration that fits
 
 
 def test_occupancy_is_limited_by_registers_shared_memory_and_blocks():

@@ -68,15 +68,16 @@ def causal_mask(C: int, device) -> torch.Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril()
 
 
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """`a [..., C]` -> `[..., C, C]` with entry (t, s) = a_{s+1} + ... + a_t for s <= t and -inf above
-    the diagonal. Built by cumulative sums of masked copies, not as differences of prefix sums, so
-    it is exact for strong decays and free of inf - inf."""
+def decay_matrix(a: torch.Tensor) -> torch.Tensor:
+    """`a [..., C]` -> `[..., C, C]` with entry (t, s) = exp(a_{s+1} + ... + a_t) for s <= t and exactly
+    0 above the diagonal. The sums are cumulative sums of masked copies, not differences of prefix
+    sums, so they are exact for strong decays and free of inf - inf. They are 0 above the diagonal;
+    the mask is applied after the exponential, as exp(-inf) takes several times as long as exp of a
+    finite number on the CPU (a wiped slot's a = -inf still gives exact zeros below it)."""
     C = a.shape[-1]
     causal = causal_mask(C, a.device)
-    below = causal.tril(-1)
-    x = a[..., :, None].expand(*a.shape, C).masked_fill(~below, 0)  # x[t, s] = a_t for t > s
-    return x.cumsum(-2).masked_fill_(~causal, float("-inf"))
+    x = a[..., :, None].expand(*a.shape, C).masked_fill(~causal.tril(-1), 0)  # x[t, s] = a_t for t > s
+    return x.cumsum(-2).exp_().masked_fill(~causal, 0.0)
 
 
 def _prefix_suffix(a: torch.Tensor, dim: int):
@@ -91,7 +92,7 @@ def _prefix_suffix(a: torch.Tensor, dim: int):
 def _scalar_decay(q, k, a):
     """Decayed queries and keys, chunk decay and causal decay matrix for scalar `a [n,h,C]`."""
     prefix, suffix = _prefix_suffix(a, -1)
-    gamma = segsum(a).exp_()  # [n,h,C,C], exp(A_t - A_s) on and below the diagonal, 0 above
+    gamma = decay_matrix(a)  # [n,h,C,C], exp(A_t - A_s) on and below the diagonal, 0 above
     return (q * prefix.exp()[..., None], k * suffix.exp()[..., None],
             prefix[..., -1:, None].exp(), gamma, prefix)
 

@@ -19,8 +19,10 @@ def pass_states(state: torch.Tensor, form: ChunkForm, active: list, following: i
     lanes that go on after the last step. Returns what each chunk's queries read from the state
     entering it, (q_t exp(A_t))^T S_0 `[chunks,h,C,V]`; the effective values of each chunk
     `[chunks,h,C,V]` (d = u - w S_0); the states of the `following` lanes after the last step; and
-    the final states of the lanes that end here, as a list of pieces for ever lower lanes. The states
-    entering the chunks are used where they arise and never gathered into one tensor.
+    the final states of the lanes that end here, as a list of pieces for ever lower lanes. The reads
+    are one batched product over the block's chunks, after the loop, of the states entering them
+    gathered into one tensor `[chunks*h,K,V]` (a block's worth: `chunking.py` bounds it); one small
+    product per step cost more in call overhead than the whole pass's arithmetic at CPU sizes.
     """
     h = state.shape[1]
     # Heads join the lanes (3-d batched products); tensors are split into steps once, not sliced
@@ -28,15 +30,15 @@ def pass_states(state: torch.Tensor, form: ChunkForm, active: list, following: i
     # of the pass stays linear in the chunks.
     sizes = [lanes * h for lanes in active]
     steps = lambda x: x.flatten(0, 1).split(sizes)
-    q, decay = steps(form.q), steps(form.decay)
+    decay = steps(form.decay)
     if form.w is None:  # additive: the chunk's write does not depend on the state, batch it
         writes = steps(form.k.transpose(-1, -2) @ form.u)
     else:
         u, w, k = steps(form.u), steps(form.w), steps(form.k)
-    reads, values, finished = [], [], []
+    entering, values, finished = [], [], []
     state = state.flatten(0, 1)
     for j, size in enumerate(sizes):
-        reads.append(q[j] @ state)
+        entering.append(state)
         if form.w is None:
             state = torch.addcmul(writes[j], decay[j], state)
         else:
@@ -49,7 +51,8 @@ def pass_states(state: torch.Tensor, form: ChunkForm, active: list, following: i
         finished.append(done.unflatten(0, (-1, h)))
     unflat = lambda x: x.unflatten(0, (-1, h))
     values = form.u if form.w is None else unflat(torch.cat(values))
-    return unflat(torch.cat(reads)), values, unflat(state), finished
+    reads = torch.bmm(form.q.flatten(0, 1), torch.cat(entering))
+    return unflat(reads), values, unflat(state), finished
 
 
 def chunk_outputs(form: ChunkForm, reads: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

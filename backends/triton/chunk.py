@@ -31,13 +31,17 @@ import triton.language as tl
 from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, poison_from,
                      row_block, sequence_span, split_finite, state_row, tile)
 
-# The first configuration of each list is the one the interpreter uses (small shapes).
-# (Two warps spilled the state kernels' [K, BV] float32 state in every case ptxas was given at K = 128.)
+# The first configuration of each list is the one that runs without autotuning and in the
+# interpreter: each is the one ptxas compiled spill-free for every family in bfloat16 at K = V = 128
+# (experiments/results/compile-sm90-*.md). The state kernels spilled with 2 warps in every case, and
+# with 4 for a per-channel decay; the gradient kernel with BV32 for a per-channel or delta rule.
 _STATE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
-                  for bv in (32, 64) for nw in (4, 8) for ns in (2, 3)]
+                  for bv in (32, 64) for nw in (8, 4) for ns in (2, 3)]
 _CHUNK_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                   for bv in (32, 64) for nw in (4, 8) for ns in (2, 3)]
-_GRAD_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (32, 64) for nw in (4, 8)]
+# (One stage for the first: with two, it needed 240 KB of shared memory for a delta rule in float32.)
+_GRAD_CONFIGS = [triton.Config({"BV": 64}, num_warps=8, num_stages=1)] + [
+    triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (64, 32) for nw in (8, 4)]
 
 
 @helper
@@ -75,7 +79,7 @@ def scalar_attention(b_q, b_k, b_a, m_A, DECAY: tl.constexpr):
 
 # ------------------------------------------------------------------------------ chunk-local cumsum
 
-@autotune_or_first([triton.Config({}, num_warps=nw) for nw in (1, 2, 4)], key=["D", "BT", "REVERSE"])
+@autotune_or_first([triton.Config({}, num_warps=nw) for nw in (4, 8, 1)], key=["D", "BT", "REVERSE"])
 @triton.jit
 def cumsum_kernel(x, y, chunk_indices, offsets, Hb, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
                   REVERSE: tl.constexpr, FLOOR: tl.constexpr):

@@ -20,6 +20,12 @@ by T_ij = -T_ii sum_{j <= c < i} L_ic T_cj (16x16 products at the precision the 
 gradients of u (= of d) and w back to k, v, b and A:
 
     dT = du (b v)^T + dw (b exp(A) k)^T,   dL = -T^T dT T^T (strictly lower part).
+
+Both kernels take the keys in blocks of `KEY_BLOCK` columns (BKW), never a whole [BT, K] tile of
+them: at K = 128 the backward's five such tiles in float32 spilled in every configuration. The
+backward passes over the key blocks twice for a scalar or no decay: first for dT, db and the parts
+of dk and dA that need no dL, then, once dL is known, for dk's part through k k^T (recomputing the
+product T^T dw rather than keeping it).
 """
 from __future__ import annotations
 
@@ -29,7 +35,11 @@ import triton.language as tl
 from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, poison_from,
                      row_block, solve_mm, split_finite, tile)
 
-_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (32, 64) for nw in (4, 8)]
+# First: the configuration ptxas compiled spill-free for both kernels of every delta family in bfloat16 at
+# K = V = 128 (with 4 warps, or BV32 in the backward, some spilled).
+_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (64, 32) for nw in (8, 4)]
+# Columns of keys per block (BKW = min(BK, KEY_BLOCK)); tests lower it to cover several blocks at small K.
+KEY_BLOCK = 64
 
 
 @helper
@@ -88,7 +98,7 @@ def store_t_block(T, x, bad, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constex
 @triton.jit
 def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  DECAY: tl.constexpr, COMPUTE_T: tl.constexpr):
+                  BKW: tl.constexpr, DECAY: tl.constexpr, COMPUTE_T: tl.constexpr):
     """u [E,Hb,V] and w [E,Hb,K] of a chunk; T [E,Hb,BT] is computed and stored, or read.
 
     A non-finite key k_s (q, k, v are data) makes row s and column s of L non-finite: T is formed from
@@ -102,9 +112,7 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
         return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    p_k, m_tk = tile(rows * Hb + i_h, m_t, tl.arange(0, BK), K)
     p_T, m_T = tile(rows * Hb + i_h, m_t, o_t, BT)
-    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
     b_b = tl.load(b + rows * Hb + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_a = tl.zeros([BT], dtype=tl.float32)
     if DECAY == 1:
@@ -162,12 +170,15 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
         tl.debug_barrier()  # the blocks stored by every thread of the program, before T is read whole
     b_T = tl.load(T + p_T, mask=m_T, other=0.0)
     b_Td = b_T.to(DT)
-    if DECAY == 2:
-        b_xk = b_k.to(tl.float32) * tl.exp(tl.load(A + p_k, mask=m_tk, other=0.0)) * b_b[:, None]
-    else:
-        b_xk = b_k.to(tl.float32) * (b_b * tl.exp(b_a))[:, None]
-    b_xk, first_bad_k = split_finite(b_xk, o_t, BT)
-    tl.store(w + p_k, poison_from(mm(b_Td, b_xk.to(DT)), o_t, first_bad_k).to(w.dtype.element_ty), mask=m_tk)
+    for i_k in range(tl.cdiv(K, BKW)):
+        p_k, m_tk = tile(rows * Hb + i_h, m_t, i_k * BKW + tl.arange(0, BKW), K)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)
+        if DECAY == 2:
+            b_xk = b_k * tl.exp(tl.load(A + p_k, mask=m_tk, other=0.0)) * b_b[:, None]
+        else:
+            b_xk = b_k * (b_b * tl.exp(b_a))[:, None]
+        b_xk, first_bad_k = split_finite(b_xk, o_t, BT)
+        tl.store(w + p_k, poison_from(mm(b_Td, b_xk.to(DT)), o_t, first_bad_k).to(w.dtype.element_ty), mask=m_tk)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_tv = tile(rows * Hb + i_h, m_t, i_v * BV + tl.arange(0, BV), V)
         b_v = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
@@ -178,35 +189,48 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
 @autotune_or_first(_CONFIGS, key=["K", "V", "BT", "DECAY"])
 @triton.jit
 def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, chunk_indices, offsets, Hb,
-                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BKW: tl.constexpr,
                   DECAY: tl.constexpr):
     """dv, db and (added to the shared pass's) dk, dA of a chunk from du (= dd) and dw; for a
-    per-channel decay also dLk, the gradient of the keys' attention `Lk`."""
+    per-channel decay also dLk, the gradient of the keys' attention `Lk`. Keys in blocks of BKW columns
+    (see the module's docstring)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
         return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    p_k, m_tk = tile(rows * Hb + i_h, m_t, tl.arange(0, BK), K)
     p_T, m_T = tile(rows * Hb + i_h, m_t, o_t, BT)
-    b_T = tl.load(T + p_T, mask=m_T, other=0.0)
-    b_Tt = tl.trans(b_T).to(DT)
-    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-    b_kf = b_k.to(tl.float32)
+    b_Tt = tl.trans(tl.load(T + p_T, mask=m_T, other=0.0)).to(DT)
     b_b = tl.load(b + rows * Hb + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_a = tl.zeros([BT], dtype=tl.float32)
     if DECAY == 1:
         b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
-    if DECAY == 2:
-        b_e = tl.exp(tl.load(A + p_k, mask=m_tk, other=0.0))  # [BT, BK]
-    else:
-        b_e = tl.exp(b_a)[:, None]
-    b_xk = b_kf * b_e * b_b[:, None]
-    b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0).to(DT)
-    b_dxk = mm(b_Tt, b_dw)
-    b_dT = mm(b_dw, tl.trans(b_xk.to(DT)))
+    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
+    b_da = tl.zeros([BT], dtype=tl.float32)  # a decay per row: its gradient
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # k k^T (scalar or no decay)
+    for i_k in range(tl.cdiv(K, BKW)):
+        p_k, m_tk = tile(rows * Hb + i_h, m_t, i_k * BKW + tl.arange(0, BKW), K)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_kf = b_k.to(tl.float32)
+        if DECAY == 2:
+            b_e = tl.exp(tl.load(A + p_k, mask=m_tk, other=0.0))  # [BT, BKW]
+        else:
+            b_e = tl.exp(b_a)[:, None]
+        b_xk = b_kf * b_e * b_b[:, None]
+        b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0).to(DT)
+        b_dxk = mm(b_Tt, b_dw)
+        b_dT = mma(b_dw, tl.trans(b_xk.to(DT)), b_dT)
+        b_db += tl.sum(b_dxk * b_kf * b_e, 1)
+        if DECAY == 2:  # dk and dA of this block are complete: dL reaches k through dLk
+            b_dk = b_dxk * b_e * b_b[:, None]
+            tl.store(dk + p_k, (tl.load(dk_in + p_k, mask=m_tk, other=0.0) + b_dk).to(dk.dtype.element_ty),
+                     mask=m_tk)
+            tl.store(dA + p_k, tl.load(dA_in + p_k, mask=m_tk, other=0.0) + b_dxk * b_xk, mask=m_tk)
+        else:
+            b_da += tl.sum(b_dxk * b_xk, 1)
+            b_kk = mma(b_k, tl.trans(b_k), b_kk)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_tv = tile(rows * Hb + i_h, m_t, i_v * BV + tl.arange(0, BV), V)
         b_du = tl.load(dd + p_v, mask=m_tv, other=0.0).to(DT)
@@ -215,20 +239,14 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
         tl.store(dv + p_v, (b_dxv * b_b[:, None]).to(dv.dtype.element_ty), mask=m_tv)
         b_db += tl.sum(b_dxv * b_v, 1)
         b_dT = mma(b_du, tl.trans((b_v * b_b[:, None]).to(DT)), b_dT)
-    b_dk = b_dxk * b_e * b_b[:, None]
-    b_db += tl.sum(b_dxk * b_kf * b_e, 1)
 
     b_dL = -mm(b_Tt, mm(b_dT.to(DT), b_Tt).to(DT))
     b_dL = tl.where(lower_mask(o_t, m_t, 1), b_dL, 0.0)
     if DECAY == 2:  # L = b Lk: dLk = b dL goes on to the keys' attention backward
         b_db += tl.sum(b_dL * tl.load(Lk + p_T, mask=m_T, other=0.0), 1)
         tl.store(dLk + p_T, b_dL * b_b[:, None], mask=m_T)
-        p_a, m_a = p_k, m_tk
-        b_da = b_dxk * b_xk
     else:
-        p_a, m_a = rows * Hb + i_h, m_t
-        b_da = tl.sum(b_dxk * b_xk, 1)
-        b_G = b_dL * mm(b_k, tl.trans(b_k))  # dL * (k k^T)
+        b_G = b_dL * b_kk  # dL * (k k^T)
         if DECAY == 1:
             b_G = b_G * exp_nonpos(b_a[:, None] - b_a[None, :])
         b_db += tl.sum(b_G, 1)
@@ -237,10 +255,17 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
         b_dkk = b_dL * b_b[:, None]
         if DECAY == 1:
             b_dkk = b_dkk * exp_nonpos(b_a[:, None] - b_a[None, :])
-        b_dk = mma(b_dkk.to(DT), b_k, b_dk)
-        b_dk = mma(tl.trans(b_dkk).to(DT), b_k, b_dk)
-
-    tl.store(dk + p_k, (tl.load(dk_in + p_k, mask=m_tk, other=0.0) + b_dk).to(dk.dtype.element_ty), mask=m_tk)
+        b_e1 = tl.exp(b_a) * b_b
+        for i_k in range(tl.cdiv(K, BKW)):
+            p_k, m_tk = tile(rows * Hb + i_h, m_t, i_k * BKW + tl.arange(0, BKW), K)
+            b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+            b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0).to(DT)
+            b_dk = mm(b_Tt, b_dw) * b_e1[:, None]
+            b_dk = mma(b_dkk.to(DT), b_k, b_dk)
+            b_dk = mma(tl.trans(b_dkk).to(DT), b_k, b_dk)
+            tl.store(dk + p_k, (tl.load(dk_in + p_k, mask=m_tk, other=0.0) + b_dk).to(dk.dtype.element_ty),
+                     mask=m_tk)
+        if DECAY == 1:
+            p_a = rows * Hb + i_h
+            tl.store(dA + p_a, tl.load(dA_in + p_a, mask=m_t, other=0.0) + b_da, mask=m_t)
     tl.store(db + rows * Hb + i_h, b_db, mask=m_t)
-    if DECAY != 0:
-        tl.store(dA + p_a, tl.load(dA_in + p_a, mask=m_a, other=0.0) + b_da, mask=m_a)
