@@ -22,7 +22,8 @@ gradients of u (= of d) and w back to k, v, b and A:
     dT = du (b v)^T + dw (b exp(A) k)^T,   dL = -T^T dT T^T (strictly lower part).
 
 Both kernels take the keys in blocks of `KEY_BLOCK` columns (BKW), never a whole [BT, K] tile of
-them: at K = 128 the backward's five such tiles in float32 spilled in every configuration. The
+them: at K = 128 the backward's five such float32 tiles spilled in every configuration, bfloat16
+inputs included (float32 inputs still spill: their products hold split copies of the operands). The
 backward passes over the key blocks twice for a scalar or no decay: first for dT, db and the parts
 of dk and dA that need no dL, then, once dL is known, for dk's part through k k^T (recomputing the
 product T^T dw rather than keeping it).
@@ -255,12 +256,12 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
         b_dkk = b_dL * b_b[:, None]
         if DECAY == 1:
             b_dkk = b_dkk * exp_nonpos(b_a[:, None] - b_a[None, :])
-        b_e1 = tl.exp(b_a) * b_b
+        b_eb = tl.exp(b_a) * b_b  # dk's part through w = T (b exp(A) k), per row
         for i_k in range(tl.cdiv(K, BKW)):
             p_k, m_tk = tile(rows * Hb + i_h, m_t, i_k * BKW + tl.arange(0, BKW), K)
             b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
             b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0).to(DT)
-            b_dk = mm(b_Tt, b_dw) * b_e1[:, None]
+            b_dk = mm(b_Tt, b_dw) * b_eb[:, None]
             b_dk = mma(b_dkk.to(DT), b_k, b_dk)
             b_dk = mma(tl.trans(b_dkk).to(DT), b_k, b_dk)
             tl.store(dk + p_k, (tl.load(dk_in + p_k, mask=m_tk, other=0.0) + b_dk).to(dk.dtype.element_ty),
