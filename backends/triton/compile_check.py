@@ -90,6 +90,11 @@ class Report:
         return self.spill_stores > 0 or self.spill_loads > 0
 
     @property
+    def fits(self) -> bool:
+        """Whether its shared memory fits an H100's block (the autotuner skips a configuration that does not)."""
+        return self.shared <= H100_SHARED_MEMORY
+
+    @property
     def warps_per_sm(self) -> int:
         """Resident warps per SM: the fewest blocks that registers (allocated per warp in units of
         256), shared memory and the block limit allow, times the block's warps."""
@@ -118,7 +123,7 @@ def ptxas_report(compiled, arch: int, num_warps: int) -> Report:
 def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     """(kernel name, family, dtype, K, BT, constexprs, none-args, type overrides)."""
     from .common import DECAY_FLOOR, SPECIALIZATIONS, block
-    from .delta import KEY_BLOCK
+    from .delta import key_block
     from .vector import BC
 
     dtypes = dtypes or ["float32", "bfloat16"] + (["float16"] if full else [])
@@ -126,7 +131,7 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     BTs = BTs or [64] + ([16, 32] if full else [])
     for dtype, K, BT in product(dtypes, Ks, BTs):
         V, BK = K, block(K)
-        BKW = min(BK, KEY_BLOCK)
+        BKW = key_block(BK)
         for family, (decay, delta) in SPECIALIZATIONS.items():
             D = K if decay == 2 else 1
             base = dict(K=K, V=V, BT=BT, BK=BK, DECAY=decay)
@@ -242,7 +247,7 @@ def compile_all(arch: int = 90, full: bool = False, verbose: bool = False, kerne
             report = case.reports[_config_label(config)] = seen[key]
             if report is None:
                 continue
-            if report.shared > H100_SHARED_MEMORY:  # the autotuner skips such a configuration
+            if not report.fits:
                 too_big.append(f"{what}: {report.shared} B")
             else:
                 fits += 1
@@ -264,11 +269,11 @@ def _config_label(config) -> str:
 def goals(cases: list) -> list:
     """(goal, cases that miss it, how many cases it applies to) for the three spill goals of the
     module's docstring."""
-    fitting = lambda case: {c: r for c, r in case.reports.items() if r is not None and r.shared <= H100_SHARED_MEMORY}
+    fitting = lambda case: {c: r for c, r in case.reports.items() if r is not None and r.fits}
     first = lambda case: next(iter(case.reports.values()))
     name = lambda case: f"{case.kernel} [{case.family}, {case.dtype}, K={case.K}, BT={case.BT}, {case.variant}]"
     # The first configuration is what runs with autotuning off: it must also fit in shared memory.
-    bad_first = lambda c: first(c) is None or first(c).spills or first(c).shared > H100_SHARED_MEMORY
+    bad_first = lambda c: first(c) is None or first(c).spills or not first(c).fits
     return [
         ("the first configuration fits and is spill-free (K = V <= 128)",
          [name(c) for c in cases if c.K <= 128 and bad_first(c)], sum(c.K <= 128 for c in cases)),
@@ -295,7 +300,7 @@ def table(cases: list) -> str:
     def cells(label, r):
         if r is None:
             return f"{label} | failed | | | "
-        fit = "" if r.shared <= H100_SHARED_MEMORY else " (does not fit)"
+        fit = "" if r.fits else " (does not fit)"
         spill = f"{r.spill_stores}/{r.spill_loads}"
         return f"{label} | {r.registers} | {spill} | {r.shared / 1024:.0f}{fit} | {r.warps_per_sm}"
 
@@ -303,7 +308,7 @@ def table(cases: list) -> str:
              "smem KB | warps/SM | best config | regs | spill B | smem KB | warps/SM |",
              "|" + "---|" * 17]
     for c in cases:
-        done = {label: r for label, r in c.reports.items() if r is not None and r.shared <= H100_SHARED_MEMORY}
+        done = {label: r for label, r in c.reports.items() if r is not None and r.fits}
         spilling = sum(r.spills for r in done.values())
         first_label, first = next(iter(c.reports.items()))
         best = min(done.items(), key=lambda item: (item[1].spills, -item[1].warps_per_sm), default=(None, None))

@@ -39,8 +39,13 @@ from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_ma
 # First: the configuration ptxas compiled spill-free for both kernels of every delta family in bfloat16 at
 # K = V = 128 (with 4 warps, or BV32 in the backward, some spilled).
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (64, 32) for nw in (8, 4)]
-# Columns of keys per block (BKW = min(BK, KEY_BLOCK)); tests lower it to cover several blocks at small K.
+# Columns of keys per block; tests lower it to cover several blocks at small K.
 KEY_BLOCK = 64
+
+
+def key_block(BK: int) -> int:
+    """BKW, the columns of keys the WY kernels take at a time, for keys padded to BK columns."""
+    return min(BK, KEY_BLOCK)
 
 
 @helper

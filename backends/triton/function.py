@@ -105,7 +105,7 @@ def _wy(k, v, b, A, Lk, T, layout: VarlenChunks, decay: int, compute_T: bool):
     u, w = torch.empty_like(v), torch.empty_like(k)
     delta.wy_fwd_kernel[(layout.num_chunks, Hb)](
         k=k, v=v, b=b, A=A, Lk=Lk, T=T, u=u, w=w, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb,
-        K=K, V=v.shape[-1], BT=layout.BT, BK=block(K), BKW=min(block(K), delta.KEY_BLOCK), DECAY=decay,
+        K=K, V=v.shape[-1], BT=layout.BT, BK=block(K), BKW=delta.key_block(block(K)), DECAY=decay,
         COMPUTE_T=compute_T)
     return u, w
 
@@ -227,7 +227,7 @@ class ChunkScan(torch.autograd.Function):
             dLk = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
             delta.wy_bwd_kernel[(NT, Hb)](
                 k=k, v=v, b=b, A=A, Lk=Lk, T=T, dd=dd, dw=dw, dk_in=dk, dA_in=dA, dk=dk2, dv=dv, db=db, dA=dA2, dLk=dLk,
-                **idx, Hb=Hb, K=K, V=V, BT=BT, BKW=min(BK, delta.KEY_BLOCK), DECAY=decay)
+                **idx, Hb=Hb, K=K, V=V, BT=BT, BKW=delta.key_block(BK), DECAY=decay)
             dk, dA = dk2, dA2
             if decay == 2:  # Lk is the keys' attention with themselves: its gradient reaches k on both sides
                 dk_as_q, dk, dA = _attention_bwd(k, k, A, dLk, torch.zeros_like(dk), dk, dA, layout)
