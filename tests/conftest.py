@@ -2,15 +2,21 @@
 
 Without a CUDA GPU, Triton kernels run in Triton's interpreter, so that the `triton` backend's tests
 (tests/test_triton.py) run on the CPU. `triton.jit` decides at decoration time whether a kernel is
-interpreted, so this happens here, before any test runs the backend (its kernel modules are imported
-on first use). The interpreter changes nothing else: `backend="auto"` never picks `triton` on CPU.
+interpreted, so this happens here, before anything imports triton. It is turned on by
+`memplug.adapters.enable_triton_interpreter`, whose patches change no result of our kernels: they
+keep the interpreter from re-patching `triton.language` on every call of a device function
+(`tl.sum`, `tl.max`, ... are such functions), about a third of the interpreted kernels' time, and
+make loop indices tensors, as compiled kernels have them. The interpreter changes nothing else:
+`backend="auto"` never picks `triton` on CPU.
 """
 import os
 
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from memplug.adapters import enable_triton_interpreter
+
+    enable_triton_interpreter()
 
 # `make test` runs two pytest-xdist workers on two cores: one torch thread each, so that they do not
 # oversubscribe the cores (two threads each spend more time waiting on each other than computing).
@@ -20,3 +26,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (compiled Triton kernels, half precision, timing)")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The Triton interpreter's tests first. They are the suite's longest (up to two minutes each), and
+    run last they left one worker finishing the longest alone; run first, the short tests of the other
+    files fill in at the end (pytest-xdist's worksteal takes tests from the end of a worker's queue)."""
+    items.sort(key=lambda item: item.path.name != "test_triton.py")  # stable: the order within each part stays

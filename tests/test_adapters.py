@@ -432,9 +432,10 @@ def test_load_pretrained_imports_only_trusted_model_classes(tmp_path):
 # Triton's interpreter for fla's kernels
 
 
-def test_interpreter_refuses_after_fla_is_imported():
-    from memplug.adapters import enable_triton_interpreter
+def test_interpreter_refuses_after_fla_is_imported(monkeypatch):
+    from memplug.adapters import enable_triton_interpreter, triton_interpreter
 
+    monkeypatch.setattr(triton_interpreter, "_ENABLED", False)  # tests/conftest.py enabled it before fla
     assert "fla" in sys.modules
     before = os.environ.get("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="fla is already imported"):
@@ -455,6 +456,7 @@ def test_interpreter_refuses_after_triton_is_imported_without_it():
 def test_interpreter_refuses_an_untested_triton(monkeypatch):
     from memplug.adapters import enable_triton_interpreter, triton_interpreter
 
+    monkeypatch.setattr(triton_interpreter, "_ENABLED", False)  # tests/conftest.py enabled it
     monkeypatch.setattr(triton_interpreter, "installed_triton", lambda: "3.1.0")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match=r"Triton 3\.1\.0 is installed, .*tested with Triton 3\.9"):

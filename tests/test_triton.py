@@ -355,10 +355,12 @@ def test_a_scan_and_its_backward_read_nothing_back(rule, routing):
 @pytest.mark.parametrize("rule", RULES)
 def test_laws_float16(rule):
     """Every law in float16 inputs (float32 states and accumulation) against the float64 reference,
-    gradients included, in the interpreter too. (bfloat16 products are wrong in Triton's interpreter:
+    gradients included, in the interpreter too: one case per law there (two took up to 3 minutes a
+    rule; float32 draws more, and in the interpreter, whose products are exact, float16 differs from
+    float32 in its casts and tolerances only). (bfloat16 products are wrong in Triton's interpreter:
     bfloat16 is checked on a GPU only, by `test_laws_half_precision`.)"""
-    report = check_backend("triton", rules=[rule], dtypes=["float16"], max_examples=2, max_T=MAX_T.get("chunk_size"),
-                           **KIT)
+    report = check_backend("triton", rules=[rule], dtypes=["float16"], max_examples=2 if CUDA else 1,
+                           max_T=MAX_T.get("chunk_size"), **KIT)
     assert len(report.results) == len(LAWS) and all(r.status == "passed" for r in report.results), str(report)
 
 
@@ -530,7 +532,7 @@ def test_bench_mom_baseline_computes_the_same_layer(monkeypatch):
 
 def test_bench_cuda_comparisons_run_in_the_interpreter():
     """Every comparison of `memplug bench --device cuda` (triton against fla's four chunk kernels, fla's
-    MoM path at m = 4 and 16, R = 2 against dense m = 64, decode against fla's fused recurrent step)
+    MoM path at m = 4 and 16, R = 2 against dense (here at m = 8), decode against fla's fused recurrent step)
     runs end to end, with fla's own kernels, on the CPU in Triton's interpreter
     (tests/support/bench_interpret.py, in its own process: fla's kernels need the interpreter patches
     before fla is imported). Its times mean nothing; what it checks is that a GPU run will not stop
@@ -543,10 +545,11 @@ def test_bench_cuda_comparisons_run_in_the_interpreter():
     out = proc.stdout
     for path in FLA_PLAIN.values():
         assert f"fla {path.rsplit('.', 1)[1]}" in out
-    assert out.count("fla MoM path") == 2 and "R=2 / dense" in out
+    assert out.count("fla MoM path") == 2
     assert "fla fused_recurrent_gated_delta_rule" in out
+    assert "R=2 / dense fwd+bwd" in out and "(no goal: it is for m = 64)" in out  # run at m = 8
     verdicts = out.count("PASS") + out.count("MISS")
-    assert verdicts == len(FLA_PLAIN) + 2 + 1 + 2, out  # m = 1 rules, MoM m = 4 and 16, sparse, two decodes
+    assert verdicts == len(FLA_PLAIN) + 2 + 2, out  # m = 1 rules, MoM m = 4 and 16, two decodes
 
 
 @cuda
