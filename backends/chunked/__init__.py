@@ -2,7 +2,7 @@
 
 1. pack: the route entries of each (sequence, head group, slot) become one packed sequence
    (`backends/packing.py`), laid out in chunks of `CHUNK_SIZE` rows, in blocks of about
-   `BLOCK_ROWS` rows (`chunking.py`). The blocks are processed one after the other, each from
+   `block_rows` rows (`chunking.py`). The blocks are processed one after the other, each from
    gathering its entries' inputs to scattering their outputs, with the slot states carried from one
    to the next, so that no intermediate tensor grows with the sequence length: only the inputs, the
    output and their gradients are that large.
@@ -30,12 +30,26 @@ from .chunking import chunk_layout
 from .families import intra_chunk, supports_rule
 from .state import chunk_outputs, pass_states
 
-__all__ = ["chunked_scan", "supports_rule", "default_chunk_size", "CHUNK_SIZE", "CHUNK_SIZES", "BLOCK_ROWS"]
+__all__ = ["chunked_scan", "supports_rule", "default_chunk_size", "CHUNK_SIZE", "CHUNK_SIZES", "BLOCK_ELEMENTS",
+           "BLOCK_ROWS", "block_rows"]
 
-# Rows per chunk, and rows (of one head) per block of chunks processed together (see `chunking.py`).
-# Any sizes >= 1 give the same result up to rounding; tests vary them.
+# Rows per chunk. Any size >= 1 gives the same result up to rounding; tests vary it.
 CHUNK_SIZE = 32
-BLOCK_ROWS = 1 << 15
+# Blocks of chunks processed together (see `chunking.py`) hold about BLOCK_ELEMENTS elements of each
+# [rows, heads, width] tensor, width max(K, V): `block_rows`. Any block size gives the same result up to
+# rounding; tests set BLOCK_ROWS (rows of one head per block) to cut blocks of a few rows. Why 2^18
+# (1 MB in float32): glibc's allocator reuses the memory a block frees for the next block and the next
+# call; with 8x larger blocks a call's temporaries (about 30 MB at T = 2048, H = 4, K = V = 64) were
+# handed back to the system at its end and page-faulted in again by the next call, up to 5000 faults,
+# half the time of a forward on this project's 2-core machine. Smaller blocks cost more per-block
+# Python overhead than they save (experiments/results/peers-cpu-2core-2026-12-02.md).
+BLOCK_ELEMENTS = 1 << 18
+BLOCK_ROWS = None
+
+
+def block_rows(K: int, V: int) -> int:
+    """Rows of one head per block: BLOCK_ROWS if set, else BLOCK_ELEMENTS // max(K, V)."""
+    return BLOCK_ROWS if BLOCK_ROWS is not None else max(1, BLOCK_ELEMENTS // max(K, V))
 
 
 def chunked_scan(args, chunk_size=None):
@@ -48,8 +62,8 @@ def chunked_scan(args, chunk_size=None):
     K, V = args.K, args.V
     packing = pack(args.route_idx, args.num_slots, q.shape[2], args.cu_seqlens)
     size = default_chunk_size(packing) if chunk_size is None else chunk_size
-    # A packed row carries the Hb heads of its head group: a block holds BLOCK_ROWS rows of one head.
-    chunks = chunk_layout(packing, size, max(1, BLOCK_ROWS // packing.Hb))
+    # A packed row carries the Hb heads of its head group: a block holds `block_rows` rows of one head.
+    chunks = chunk_layout(packing, size, max(1, block_rows(K, V) // packing.Hb))
 
     parts = [block.entries for block in chunks.blocks]
     decay_dims = 1 if rule.g == "vector" else 0
@@ -128,8 +142,8 @@ def _one_slot_scan(args, chunk_size):
                                                  (args.g, 1 if rule.g == "vector" else 0), (args.beta, 0))]
     state = (torch.zeros(B, H, K, V, dtype=dtype, device=q.device) if args.initial_state is None
              else args.initial_state[:, :, 0].to(dtype))
-    # Blocks of whole steps, about BLOCK_ROWS rows of one head each, as `chunk_layout` cuts them.
-    per_block = max(1, BLOCK_ROWS // H // (B * chunk_size))
+    # Blocks of whole steps, about `block_rows` rows of one head each, as `chunk_layout` cuts them.
+    per_block = max(1, block_rows(K, V) // H // (B * chunk_size))
     outputs, finished = [], []
     for first in range(0, steps, per_block):
         last = min(first + per_block, steps)

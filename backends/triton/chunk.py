@@ -69,12 +69,31 @@ def load_do(do, p_v, m_tv, read_w, rows, m_t, DT: tl.constexpr, HAS_READ_W: tl.c
 
 
 @helper
-def scalar_attention(b_q, b_k, b_a, m_A, DECAY: tl.constexpr):
-    """M [BT, BT]: (q_t.k_s) exp(A_t - A_s) on the causal mask `m_A`, else 0 (DECAY 0 or 1)."""
-    b_M = mm(b_q, tl.trans(b_k))
+def keys_and_scores(q, k, hs, p_rows, m_t, p_hs, o_v, V: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                    BKW: tl.constexpr, BV: tl.constexpr, WITH_STATE: tl.constexpr, DT: tl.constexpr):
+    """Over the keys in blocks of BKW columns (`common.KEY_BLOCK`; no whole [BT, K] tile is held):
+    (q k^T [BT, BT], and q S_0 [BT, BV] for the states at `hs + p_hs` if WITH_STATE), for the chunk's
+    rows `p_rows` (packed row * Hb + head)."""
+    b_S = tl.zeros([BT, BT], dtype=tl.float32)
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BKW)):
+        o_k = i_k * BKW + tl.arange(0, BKW)
+        p_k, m_tk = tile(p_rows, m_t, o_k, K)
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+        b_S = mma(b_q, tl.trans(tl.load(k + p_k, mask=m_tk, other=0.0)), b_S)
+        if WITH_STATE:
+            p_state, m_kv = tile(o_k, o_k < K, o_v, V)
+            b_o = mma(b_q, tl.load(hs + p_hs + p_state, mask=m_kv, other=0.0).to(DT), b_o)
+    return b_S, b_o
+
+
+@helper
+def causal_decay(b_S, b_a, m_A, DECAY: tl.constexpr):
+    """M [BT, BT] from the scores q k^T: (q_t.k_s) exp(A_t - A_s) on the causal mask `m_A`, else 0
+    (DECAY 0 or 1)."""
     if DECAY == 1:
-        b_M = b_M * exp_nonpos(b_a[:, None] - b_a[None, :])
-    return tl.where(m_A, b_M, 0.0)
+        b_S = b_S * exp_nonpos(b_a[:, None] - b_a[None, :])
+    return tl.where(m_A, b_S, 0.0)
 
 
 # ------------------------------------------------------------------------------ chunk-local cumsum
@@ -100,15 +119,27 @@ def cumsum_kernel(x, y, chunk_indices, offsets, Hb, D: tl.constexpr, BD: tl.cons
 
 # ---------------------------------------------------------------------------------- state pass
 
-@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
+@helper
+def chunk_decay(A, last_row, Hb, i_h, o_k, m_k, K: tl.constexpr, DECAY: tl.constexpr):
+    """exp(A_C) of a chunk whose last real row is `last_row`, shaped to scale a [BK, BV] state: a
+    scalar, or [BK, 1] per channel (DECAY 1 or 2)."""
+    if DECAY == 1:
+        b_e = tl.exp(tl.load(A + last_row * Hb + i_h))
+    else:
+        b_e = tl.exp(tl.load(A + (last_row * Hb + i_h) * K + o_k, mask=m_k, other=0.0))[:, None]
+    return b_e
+
+
+@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "BS", "DECAY", "DELTA"])
 @triton.heuristics({"HAS_H0": lambda args: args["h0"] is not None, "STORE_HT": lambda args: args["ht"] is not None})
 @triton.jit
 def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb, SLOTS,
-                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr):
+                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_H0: tl.constexpr,
+                     STORE_HT: tl.constexpr):
     """One program per (packed sequence, head, V block): runs the state through the sequence's chunks,
     storing the state entering each chunk (`hs`), the effective values d (delta: `d_out`) and the
-    final state (`ht`)."""
+    final state (`ht`). A chunk's rows are taken BS at a time (`row_sub_block`)."""
     i_sh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_s, i_h = i_sh // Hb, i_sh % Hb
     bos, L, first = sequence_span(offsets, chunk_offsets, i_s)
@@ -126,40 +157,43 @@ def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb, 
         tl.store(hs + ((first + i_j) * Hb + i_h) * K * V + p_state, b_h.to(hs.dtype.element_ty), mask=m_kv)
         start = bos + i_j * BT
         n = tl.minimum(L - i_j * BT, BT)
-        o_t, rows, m_t = row_block(start, n, BT)
-        p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
-        p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
-        b_d = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
-        b_kt = tl.load(k + tl.trans(p_k), mask=tl.trans(m_tk), other=0.0)  # keys as [BK, BT]
-        if DELTA:
-            b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
-            b_d = b_d - mm(b_w, b_h.to(DT))
-            tl.store(d_out + p_v, b_d.to(d_out.dtype.element_ty), mask=m_tv)
-        if DECAY == 1:
-            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
-            b_h = b_h * tl.exp(a_last)
-            b_d = b_d * tl.where(m_t, exp_nonpos(a_last - b_a), 0.0)[:, None]
-        elif DECAY == 2:
-            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
-            b_h = b_h * tl.exp(a_last)[:, None]
-            b_kt = (b_kt.to(tl.float32) * exp_nonpos(a_last[:, None] - tl.trans(b_a))).to(DT)
-        b_h = mma(b_kt, b_d.to(DT), b_h)
+        b_next = b_h  # the state leaving the chunk, S_C = exp(A_C) S_0 + sum_s exp(A_C - A_s) k_s d_s^T
+        if DECAY:
+            b_next = b_h * chunk_decay(A, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+        for i_r in range(BT // BS):
+            _, rows, m_t = row_block(start + i_r * BS, n - i_r * BS, BS)
+            p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
+            p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
+            b_d = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32)
+            b_kt = tl.load(k + tl.trans(p_k), mask=tl.trans(m_tk), other=0.0)  # keys as [BK, BS]
+            if DELTA:
+                b_d = b_d - mm(tl.load(w + p_k, mask=m_tk, other=0.0), b_h.to(DT))
+                tl.store(d_out + p_v, b_d.to(d_out.dtype.element_ty), mask=m_tv)
+            if DECAY == 1:
+                b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+                b_d = b_d * tl.where(m_t, exp_nonpos(a_last - b_a), 0.0)[:, None]
+            elif DECAY == 2:
+                b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+                b_kt = (b_kt.to(tl.float32) * exp_nonpos(a_last[:, None] - tl.trans(b_a))).to(DT)
+            b_next = mma(b_kt, b_d.to(DT), b_next)
+        b_h = b_next
     if STORE_HT:
         tl.store(ht + state_row(i_s, i_h, Hb, SLOTS) * K * V + p_state, b_h, mask=m_kv)
 
 
-@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
+@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "BS", "DECAY", "DELTA"])
 @triton.heuristics({"HAS_DHT": lambda args: args["dht"] is not None,
                     "STORE_DH0": lambda args: args["dh0"] is not None,
                     "HAS_READ_W": lambda args: args["read_w"] is not None})
 @triton.jit
 def state_bwd_kernel(q, k, w, A, do, read_w, dd_local, dht, dhs, dd, dh0, offsets, chunk_offsets, scale, Hb,
                      SLOTS,
-                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-                     HAS_READ_W: tl.constexpr):
+                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_DHT: tl.constexpr,
+                     STORE_DH0: tl.constexpr, HAS_READ_W: tl.constexpr):
     """The state pass backward, chunks in reverse: stores the gradient of the state leaving each chunk
-    (`dhs`), the gradient of the effective values (`dd` = dd_local + Kd dS) and of the initial state."""
+    (`dhs`), the gradient of the effective values (`dd` = dd_local + Kd dS) and of the initial state.
+    A chunk's rows are taken BS at a time (`row_sub_block`)."""
     i_sh, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     i_s, i_h = i_sh // Hb, i_sh % Hb
     bos, L, first = sequence_span(offsets, chunk_offsets, i_s)
@@ -179,31 +213,33 @@ def state_bwd_kernel(q, k, w, A, do, read_w, dd_local, dht, dhs, dd, dh0, offset
         tl.store(dhs + ((first + i_j) * Hb + i_h) * K * V + p_state, b_dh.to(dhs.dtype.element_ty), mask=m_kv)
         start = bos + i_j * BT
         n = tl.minimum(L - i_j * BT, BT)
-        o_t, rows, m_t = row_block(start, n, BT)
-        p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
-        p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
-        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
-        b_do = load_do(do, p_v, m_tv, read_w, rows, m_t, DT, HAS_READ_W)
-        b_dd = tl.load(dd_local + p_v, mask=m_tv, other=0.0)
-        if DECAY == 0:
-            b_dd += mm(b_k, b_dh.to(DT))
-        elif DECAY == 1:
-            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
-            b_dd += mm(b_k, b_dh.to(DT)) * tl.where(m_t, exp_nonpos(a_last - b_a), 0.0)[:, None]
-            b_dh = b_dh * tl.exp(a_last)
-            b_q = b_q * tl.exp(b_a)[:, None]
-        else:
-            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
-            b_kd = b_k.to(tl.float32) * exp_nonpos(a_last[None, :] - b_a)
-            b_dd += mm(b_kd.to(DT), b_dh.to(DT))
-            b_dh = b_dh * tl.exp(a_last)[:, None]
-            b_q = b_q * tl.exp(b_a)
-        tl.store(dd + p_v, b_dd.to(dd.dtype.element_ty), mask=m_tv)
-        b_dh = mma(tl.trans(b_q.to(DT)), (b_do.to(tl.float32) * scale).to(DT), b_dh)
-        if DELTA:
-            b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
-            b_dh -= mm(tl.trans(b_w), b_dd.to(DT))
+        b_prev = b_dh  # the gradient of the state entering the chunk
+        if DECAY:
+            b_prev = b_dh * chunk_decay(A, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+        for i_b in range(BT // BS):
+            _, rows, m_t = row_block(start + i_b * BS, n - i_b * BS, BS)
+            p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
+            p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
+            b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+            b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            b_do = load_do(do, p_v, m_tv, read_w, rows, m_t, DT, HAS_READ_W)
+            b_dd = tl.load(dd_local + p_v, mask=m_tv, other=0.0)
+            if DECAY == 0:
+                b_dd += mm(b_k, b_dh.to(DT))
+            elif DECAY == 1:
+                b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+                b_dd += mm(b_k, b_dh.to(DT)) * tl.where(m_t, exp_nonpos(a_last - b_a), 0.0)[:, None]
+                b_q = b_q * tl.exp(b_a)[:, None]
+            else:
+                b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+                b_kd = b_k.to(tl.float32) * exp_nonpos(a_last[None, :] - b_a)
+                b_dd += mm(b_kd.to(DT), b_dh.to(DT))
+                b_q = b_q * tl.exp(b_a)
+            tl.store(dd + p_v, b_dd.to(dd.dtype.element_ty), mask=m_tv)
+            b_prev = mma(tl.trans(b_q.to(DT)), (b_do.to(tl.float32) * scale).to(DT), b_prev)
+            if DELTA:
+                b_prev -= mm(tl.trans(tl.load(w + p_k, mask=m_tk, other=0.0)), b_dd.to(DT))
+        b_dh = b_prev
     if STORE_DH0:
         tl.store(dh0 + state_row(i_s, i_h, Hb, SLOTS) * K * V + p_state, b_dh, mask=m_kv)
 
@@ -224,39 +260,39 @@ def chunk_and_v_block(V: tl.constexpr, BV: tl.constexpr):
 @triton.heuristics({"HAS_READ_W": lambda args: args["read_w"] is not None})
 @triton.jit
 def output_fwd_kernel(q, k, d, A, M, hs, read_w, o, chunk_indices, offsets, scale, Hb,
-                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr,
                       DECAY: tl.constexpr, HAS_READ_W: tl.constexpr):
     """o = scale (Qd S_0 + M d), times the row's read weight if `read_w [E]` is given, one program
-    per (chunk, V block; head). M d takes the finite part of d; a non-finite d_s makes rows t >= s
-    NaN (`common.split_finite`), never rows before it."""
+    per (chunk, V block; head); keys in blocks of BKW columns. M d takes the finite part of d; a
+    non-finite d_s makes rows t >= s NaN (`common.split_finite`), never rows before it."""
     i_c, i_v, i_h = chunk_and_v_block(V, BV)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
         return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
-    p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
     p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
-    p_state, m_kv = tile(o_k, m_k, o_v, V)
-    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
-    b_h = tl.load(hs + (i_c * Hb + i_h) * K * V + p_state, mask=m_kv, other=0.0).to(DT)
+    p_hs = (i_c * Hb + i_h) * K * V  # where the chunk's entering states start in hs
     b_d, first_bad = split_finite(tl.load(d + p_v, mask=m_tv, other=0.0).to(DT), o_t, BT)
     if DECAY == 2:
-        b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
-        b_o = mm((b_q.to(tl.float32) * tl.exp(b_a)).to(DT), b_h)
+        b_o = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BKW)):
+            o_k = i_k * BKW + tl.arange(0, BKW)
+            p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
+            p_state, m_kv = tile(o_k, o_k < K, o_v, V)
+            b_a, _ = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, o_k < K, K, DECAY)
+            b_qd = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32) * tl.exp(b_a)
+            b_o = mma(b_qd.to(DT), tl.load(hs + p_hs + p_state, mask=m_kv, other=0.0).to(DT), b_o)
         p_M, m_M = tile(rows * Hb + i_h, m_t, o_t, BT)
         b_M = tl.load(M + p_M, mask=m_M, other=0.0)
     else:
-        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        b_o = mm(b_q, b_h)
+        b_S, b_o = keys_and_scores(q, k, hs, rows * Hb + i_h, m_t, p_hs, o_v, V, K, BT, BKW, BV, True, DT)
         b_a = tl.zeros([BT], dtype=tl.float32)
         if DECAY == 1:
-            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
+            b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
             b_o = b_o * tl.exp(b_a)[:, None]
-        b_M = scalar_attention(b_q, b_k, b_a, lower_mask(o_t, m_t, 0), DECAY)
+        b_M = causal_decay(b_S, b_a, lower_mask(o_t, m_t, 0), DECAY)
     b_o = poison_from(mma(b_M.to(DT), b_d, b_o), o_t, first_bad) * scale
     if HAS_READ_W:
         b_o = b_o * tl.load(read_w + rows, mask=m_t, other=0.0)[:, None]
@@ -267,30 +303,27 @@ def output_fwd_kernel(q, k, d, A, M, hs, read_w, o, chunk_indices, offsets, scal
 @triton.heuristics({"HAS_READ_W": lambda args: args["read_w"] is not None})
 @triton.jit
 def dd_local_kernel(q, k, A, M, do, read_w, dd_local, chunk_indices, offsets, scale, Hb,
-                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr,
                     DECAY: tl.constexpr, HAS_READ_W: tl.constexpr):
     """The output pass backward to the effective values within a chunk: dd_local = scale M^T dO, one
-    program per (chunk, V block; head)."""
+    program per (chunk, V block; head); keys in blocks of BKW columns."""
     i_c, i_v, i_h = chunk_and_v_block(V, BV)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
         return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    p_v, m_tv = tile(rows * Hb + i_h, m_t, i_v * BV + tl.arange(0, BV), V)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
     if DECAY == 2:
         p_M, m_M = tile(rows * Hb + i_h, m_t, o_t, BT)
         b_M = tl.load(M + p_M, mask=m_M, other=0.0)
     else:
-        p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
-        b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
-        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_S, _ = keys_and_scores(q, k, None, rows * Hb + i_h, m_t, 0, o_v, V, K, BT, BKW, BV, False, DT)
         b_a = tl.zeros([BT], dtype=tl.float32)
         if DECAY == 1:
-            b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
-        b_M = scalar_attention(b_q, b_k, b_a, lower_mask(o_t, m_t, 0), DECAY)
+            b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
+        b_M = causal_decay(b_S, b_a, lower_mask(o_t, m_t, 0), DECAY)
     b_do = load_do(do, p_v, m_tv, read_w, rows, m_t, DT, HAS_READ_W)
     tl.store(dd_local + p_v, mm(tl.trans(b_M).to(DT), b_do) * scale, mask=m_tv)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -102,6 +103,24 @@ def helper(fn):
 def block(n: int) -> int:
     """Block size covering `n`: a power of two, at least 16 (the smallest `tl.dot` operand side)."""
     return max(16, triton.next_power_of_2(n))
+
+
+# Columns of keys the kernels with [BT, K] tiles of queries or keys (the output pass and its backward
+# into d, the WY transform) take at a time: whole [64, 128] tiles spilled registers, more so with
+# float32's split operands. Tests lower it to cover several blocks at small K.
+KEY_BLOCK = 64
+
+
+def key_block(BK: int, dtype: torch.dtype) -> int:
+    """BKW, the columns of keys taken at a time, for keys padded to BK columns and operands of `dtype`:
+    half as many for float32, whose products hold split copies of their operands ("tf32x3", `mm`)."""
+    return min(BK, max(16, KEY_BLOCK // 2) if dtype == torch.float32 else KEY_BLOCK)
+
+
+def row_sub_block(BT: int, dtype: torch.dtype) -> int:
+    """BS, the rows of a chunk the state kernels take at a time, for operands of `dtype`: all BT of
+    them for 16-bit operands; 16 for float32, whose split copies of whole [BT, K] tiles spilled."""
+    return min(BT, 16) if dtype == torch.float32 else BT
 
 
 @helper

@@ -122,8 +122,9 @@ def ptxas_report(compiled, arch: int, num_warps: int) -> Report:
 
 def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     """(kernel name, family, dtype, K, BT, constexprs, none-args, type overrides)."""
-    from .common import DECAY_FLOOR, SPECIALIZATIONS, block
-    from .delta import key_block
+    import torch
+
+    from .common import DECAY_FLOOR, SPECIALIZATIONS, block, key_block, row_sub_block
     from .vector import BC
 
     dtypes = dtypes or ["float32", "bfloat16"] + (["float16"] if full else [])
@@ -131,7 +132,7 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     BTs = BTs or [64] + ([16, 32] if full else [])
     for dtype, K, BT in product(dtypes, Ks, BTs):
         V, BK = K, block(K)
-        BKW = key_block(BK)
+        BKW, BS = key_block(BK, getattr(torch, dtype)), row_sub_block(BT, getattr(torch, dtype))
         for family, (decay, delta) in SPECIALIZATIONS.items():
             D = K if decay == 2 else 1
             base = dict(K=K, V=V, BT=BT, BK=BK, DECAY=decay)
@@ -144,17 +145,18 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
                            set(), {})
             for has_h0, store_ht in ((True, True), (False, False)):
                 yield ("state_fwd_kernel", family, dtype, K, BT,
-                       dict(base, DELTA=delta, HAS_H0=has_h0, STORE_HT=store_ht),
+                       dict(base, BS=BS, DELTA=delta, HAS_H0=has_h0, STORE_HT=store_ht),
                        no_A | ({"w", "d_out"} if not delta else set()) | ({"h0"} if not has_h0 else set())
                        | ({"ht"} if not store_ht else set()), {})
             for has_read_w in (False, True):
                 yield ("state_bwd_kernel", family, dtype, K, BT,
-                       dict(base, DELTA=delta, HAS_DHT=True, STORE_DH0=True, HAS_READ_W=has_read_w),
+                       dict(base, BS=BS, DELTA=delta, HAS_DHT=True, STORE_DH0=True, HAS_READ_W=has_read_w),
                        no_A | ({"w"} if not delta else set()) | ({"read_w"} if not has_read_w else set()), {})
             for has_read_w in (False, True):
-                yield ("output_fwd_kernel", family, dtype, K, BT, dict(base, HAS_READ_W=has_read_w),
+                keyed = dict(K=K, V=V, BT=BT, BKW=BKW, DECAY=decay, HAS_READ_W=has_read_w)
+                yield ("output_fwd_kernel", family, dtype, K, BT, keyed,
                        no_A | not_vector | ({"read_w"} if not has_read_w else set()), {})
-                yield ("dd_local_kernel", family, dtype, K, BT, dict(base, HAS_READ_W=has_read_w),
+                yield ("dd_local_kernel", family, dtype, K, BT, keyed,
                        no_A | not_vector | ({"read_w"} if not has_read_w else set()), {})
             for has_read_w in (False, True):
                 yield ("grad_kernel", family, dtype, K, BT, dict(base, DELTA=delta, HAS_READ_W=has_read_w),

@@ -21,7 +21,7 @@ gradients of u (= of d) and w back to k, v, b and A:
 
     dT = du (b v)^T + dw (b exp(A) k)^T,   dL = -T^T dT T^T (strictly lower part).
 
-Both kernels take the keys in blocks of `KEY_BLOCK` columns (BKW), never a whole [BT, K] tile of
+Both kernels take the keys in blocks of `common.KEY_BLOCK` columns (BKW), never a whole [BT, K] tile of
 them: at K = 128 the backward's five such float32 tiles spilled in every configuration, bfloat16
 inputs included (float32 inputs still spill: their products hold split copies of the operands). The
 backward passes over the key blocks twice for a scalar or no decay: first for dT, db and the parts
@@ -39,14 +39,6 @@ from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_ma
 # First: the configuration ptxas compiled spill-free for both kernels of every delta family in bfloat16 at
 # K = V = 128 (with 4 warps, or BV32 in the backward, some spilled).
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (64, 32) for nw in (8, 4)]
-# Columns of keys per block; tests lower it to cover several blocks at small K.
-KEY_BLOCK = 64
-
-
-def key_block(BK: int) -> int:
-    """BKW, the columns of keys the WY kernels take at a time, for keys padded to BK columns."""
-    return min(BK, KEY_BLOCK)
-
 
 @helper
 def wy_l_block(k, b, A, Lk, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,

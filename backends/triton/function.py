@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 
 from . import chunk, delta, vector
-from .common import DECAY_FLOOR, block, specialization
+from .common import DECAY_FLOOR, block, key_block, row_sub_block, specialization
 
 
 class VarlenChunks(NamedTuple):
@@ -105,7 +105,7 @@ def _wy(k, v, b, A, Lk, T, layout: VarlenChunks, decay: int, compute_T: bool):
     u, w = torch.empty_like(v), torch.empty_like(k)
     delta.wy_fwd_kernel[(layout.num_chunks, Hb)](
         k=k, v=v, b=b, A=A, Lk=Lk, T=T, u=u, w=w, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb,
-        K=K, V=v.shape[-1], BT=layout.BT, BK=block(K), BKW=delta.key_block(block(K)), DECAY=decay,
+        K=K, V=v.shape[-1], BT=layout.BT, BK=block(K), BKW=key_block(block(K), k.dtype), DECAY=decay,
         COMPUTE_T=compute_T)
     return u, w
 
@@ -122,7 +122,8 @@ def _states(k, v, w, A, h0, layout: VarlenChunks, slots: int, decay: int, is_del
     grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
     chunk.state_fwd_kernel[grid](
         k=k, v=v, w=w, A=A, h0=h0, hs=hs, d_out=d, ht=ht, offsets=layout.offsets, chunk_offsets=layout.chunk_offsets,
-        Hb=Hb, SLOTS=slots, K=K, V=V, BT=layout.BT, BK=block(K), DECAY=decay, DELTA=is_delta)
+        Hb=Hb, SLOTS=slots, K=K, V=V, BT=layout.BT, BS=row_sub_block(layout.BT, k.dtype), BK=block(K), DECAY=decay,
+        DELTA=is_delta)
     return hs, d, ht
 
 
@@ -153,7 +154,7 @@ class ChunkScan(torch.autograd.Function):
         grid = lambda meta: (NT * triton.cdiv(V, meta["BV"]), Hb)
         chunk.output_fwd_kernel[grid](
             q=q, k=k, d=d if is_delta else v, A=A, M=M, hs=hs, read_w=read_w, o=o, chunk_indices=layout.chunk_indices,
-            offsets=layout.offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=block(K), DECAY=decay)
+            offsets=layout.offsets, scale=scale, Hb=Hb, K=K, V=V, BT=BT, BKW=key_block(block(K), k.dtype), DECAY=decay)
 
         ctx.save_for_backward(q, k, v, A, b, h0, T, M, Lk, read_w)
         ctx.layout, ctx.slots, ctx.scale, ctx.decay, ctx.is_delta = layout, slots, scale, decay, is_delta
@@ -192,7 +193,7 @@ class ChunkScan(torch.autograd.Function):
         dd_local = q.new_empty(E, Hb, V, dtype=torch.float32)
         grid = lambda meta: (NT * triton.cdiv(V, meta["BV"]), Hb)
         chunk.dd_local_kernel[grid](q=q, k=k, A=A, M=M, do=do, read_w=read_w, dd_local=dd_local, **idx, scale=scale,
-                                    Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay)
+                                    Hb=Hb, K=K, V=V, BT=BT, BKW=key_block(BK, k.dtype), DECAY=decay)
 
         dhs = k.new_empty(NT, Hb, K, V)
         dd = q.new_empty(E, Hb, V)  # in the dot dtype: every consumer casts it to that, or returns it as dv
@@ -202,8 +203,7 @@ class ChunkScan(torch.autograd.Function):
         chunk.state_bwd_kernel[grid](
             q=q, k=k, w=w, A=A, do=do, read_w=read_w, dd_local=dd_local, dht=dht, dhs=dhs, dd=dd, dh0=dh0,
             offsets=layout.offsets, chunk_offsets=layout.chunk_offsets, scale=scale, Hb=Hb, SLOTS=slots, K=K, V=V,
-            BT=BT, BK=BK,
-            DECAY=decay, DELTA=is_delta)
+            BT=BT, BS=row_sub_block(BT, k.dtype), BK=BK, DECAY=decay, DELTA=is_delta)
 
         f32 = dict(dtype=torch.float32)
         # Gradients in the dot dtype where they are final (they are returned in it), in float32 where a
@@ -227,7 +227,7 @@ class ChunkScan(torch.autograd.Function):
             dLk = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
             delta.wy_bwd_kernel[(NT, Hb)](
                 k=k, v=v, b=b, A=A, Lk=Lk, T=T, dd=dd, dw=dw, dk_in=dk, dA_in=dA, dk=dk2, dv=dv, db=db, dA=dA2, dLk=dLk,
-                **idx, Hb=Hb, K=K, V=V, BT=BT, BKW=delta.key_block(BK), DECAY=decay)
+                **idx, Hb=Hb, K=K, V=V, BT=BT, BKW=key_block(BK, k.dtype), DECAY=decay)
             dk, dA = dk2, dA2
             if decay == 2:  # Lk is the keys' attention with themselves: its gradient reaches k on both sides
                 dk_as_q, dk, dA = _attention_bwd(k, k, A, dLk, torch.zeros_like(dk), dk, dA, layout)
