@@ -78,6 +78,28 @@ def test_model_flops_are_the_products_the_kernels_execute(rule, m, R, dtype):
     assert [(name, dict(c)) for name, c in executed] == [(x.kernel, x.flops) for x in model]
 
 
+@pytest.mark.parametrize("rule", BUILT_IN_RULES)
+def test_model_follows_keys_taken_in_blocks(rule, monkeypatch):
+    """K = 40 in float32: the kernels that take keys in blocks of 32 columns take two (the second
+    ragged), and the gradient kernel runs once per key block, so the model's products and a scalar
+    decay's dA (one share per block) must follow; at K = 16 there is one block and neither shows."""
+    monkeypatch.setitem(globals(), "K", 40)
+    x = _inputs(rule, 70, 4, 2, torch.float32, initial_state=False)
+    model = cost_model.scan_launches(rule, _layout(x, 4), K, V, torch.float32)
+    with cost_model.count_products() as executed:
+        _scan(rule, x, 4, final_state=False).backward()
+    assert [(name, dict(c)) for name, c in executed] == [(x.kernel, x.flops) for x in model]
+    for p in x.values():
+        p.grad = None
+    with cost_model.record_traffic() as traffic:
+        loss = _scan(rule, x, 4, final_state=False)
+        traffic.phase = "backward"
+        loss.backward()
+    recorded = [(x.phase, x.kernel, {n: b for n, (b, _) in x.tensors.items()}) for x in traffic.launches
+                if x.kind == "triton"]
+    assert recorded == [(x.phase, x.kernel, {n: b for n, (b, _) in x.tensors.items()}) for x in model]
+
+
 def test_floor_is_the_slower_of_memory_and_compute():
     launch = cost_model.Launch("k", "forward", tensors={"a": (3_350_000, "r"), "b": (10**9, "unused")},
                                flops={"16-bit": 989e6})

@@ -122,12 +122,15 @@ WIDE = dict(T=24, K=20, V=72, m=3, R=2, per_route=("v",), chunk=32)
 def test_long_sequences_and_wide_values(rule, shape, monkeypatch):
     """long: one slot's tokens over many chunks (m = 2, T = 80, chunks of 16: five chunks per packed
     sequence), per-route inputs. wide: V = 72 and K = 20, so that values span several blocks of the
-    V loops and grids (two of 64, or three of 32; the last one ragged), keys a padded block, and in
-    the kernels that take keys in blocks (output, dd_local, WY) two blocks of 16 (the last one
-    ragged). Both with an initial state and a routing shared by the heads: o, final states and every
-    gradient."""
+    V loops and grids (two of 64, or three of 32; the last one ragged), keys a padded block, in the
+    kernels that take keys in blocks (output, dd_local, gradient, WY) two blocks of 16 (the last one
+    ragged), in the state kernels a chunk's rows in two blocks of 16, and a per-channel decay's
+    cumulative sums in two blocks of 16 channels. Both with an initial state and a routing shared by
+    the heads: o, final states and every gradient."""
     if shape == "wide":
         monkeypatch.setattr("memplug.backends.triton.common.KEY_BLOCK", 16)
+        monkeypatch.setattr("memplug.backends.triton.common.ROW_TILE_BYTES", 1)
+        monkeypatch.setattr("memplug.backends.triton.chunk.CHANNEL_BLOCK", 16)
     kw = dict(LONG if shape == "long" else WIDE)
     chunk = kw.pop("chunk")
     spec = CaseSpec(rule=rule, dtype="float32", B=1, H=2, Hr=1, initial_state=True, read_w=True, seed=11, **kw)

@@ -40,8 +40,10 @@ _STATE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
 _CHUNK_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                   for bv in (32, 64) for nw in (4, 8) for ns in (2, 3)]
 # (One stage for the first: with two, it needed 240 KB of shared memory for a delta rule in float32.)
+# For float32, BV 16: with 32, 64 or 4 warps the delta rules still spilled.
 _GRAD_CONFIGS = [triton.Config({"BV": 64}, num_warps=8, num_stages=1)] + [
     triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (64, 32) for nw in (8, 4)]
+_GRAD_FLOAT32_FIRST = triton.Config({"BV": 16}, num_warps=8, num_stages=1)
 
 
 @helper
@@ -98,19 +100,30 @@ def causal_decay(b_S, b_a, m_A, DECAY: tl.constexpr):
 
 # ------------------------------------------------------------------------------ chunk-local cumsum
 
+# Channels of a per-channel decay the cumulative sum takes per program (all 256 at once spilled
+# registers); tests lower it to cover several blocks at small K.
+CHANNEL_BLOCK = 64
+
+
+def channel_block(D: int) -> int:
+    """BD, the channels of D the cumulative sum takes per program."""
+    return min(triton.next_power_of_2(D), CHANNEL_BLOCK)
+
+
 @autotune_or_first([triton.Config({}, num_warps=nw) for nw in (4, 8, 1)], key=["D", "BT", "REVERSE"])
 @triton.jit
 def cumsum_kernel(x, y, chunk_indices, offsets, Hb, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
                   REVERSE: tl.constexpr, FLOOR: tl.constexpr):
     """y = cumulative sum of x over the rows of each chunk, per head and channel (D channels; 1 for a
-    scalar decay). Forward: from the chunk start, x raised to FLOOR first (`common.DECAY_FLOOR`);
-    REVERSE: from the chunk end (the backward of the forward sum)."""
+    scalar decay), one program per (chunk, head, block of BD channels). Forward: from the chunk
+    start, x raised to FLOOR first (`common.DECAY_FLOOR`); REVERSE: from the chunk end (the backward
+    of the forward sum)."""
     i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
         return
     _, rows, m_t = row_block(start, n, BT)
-    p, m = tile(rows * Hb + i_h, m_t, tl.arange(0, BD), D)
+    p, m = tile(rows * Hb + i_h, m_t, tl.program_id(2) * BD + tl.arange(0, BD), D)
     b_x = tl.load(x + p, mask=m, other=0.0).to(tl.float32)
     if not REVERSE:
         b_x = tl.maximum(b_x, FLOOR)
@@ -328,37 +341,43 @@ def dd_local_kernel(q, k, A, M, do, read_w, dd_local, chunk_indices, offsets, sc
     tl.store(dd_local + p_v, mm(tl.trans(b_M).to(DT), b_do) * scale, mask=m_tv)
 
 
-@autotune_or_first(_GRAD_CONFIGS, key=["K", "V", "BT", "DECAY", "DELTA"])
+@autotune_or_first(_GRAD_CONFIGS, key=["K", "V", "BT", "BKW", "DECAY", "DELTA"], float32_first=_GRAD_FLOAT32_FIRST)
 @triton.heuristics({"HAS_READ_W": lambda args: args["read_w"] is not None})
 @triton.jit
 def grad_kernel(q, k, d, A, hs, dhs, do, read_w, dd, dq, dk, dA, dM, dw, chunk_indices, offsets, scale, Hb,
-                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BKW: tl.constexpr, BV: tl.constexpr,
                 DECAY: tl.constexpr, DELTA: tl.constexpr, HAS_READ_W: tl.constexpr):
     """Gradients of a chunk's q, k and cumulative decays from the state and output passes, one program
-    per (chunk, head), looping over V blocks. For scalar (or no) decay this includes the intra-chunk
-    M = (q k^T) * exp(A_t - A_s); for per-channel decay it stores dM for `vector.attention_bwd_kernel`.
-    The delta family also gets dw = -dd S_0^T (for `delta.wy_bwd_kernel`)."""
-    i_c, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    per (chunk, block of BKW key columns; head), looping over V blocks: the key blocks of a chunk are
+    consecutive programs, which find its dO, d and dd in L2 (each recomputes dM = scale dO d^T). For
+    scalar (or no) decay this includes the intra-chunk M = (q k^T) * exp(A_t - A_s), whose part from
+    the block's keys weighs dA; a scalar decay's dA is a sum over the key channels, so each block
+    stores its share, `dA [E, Hb, NK]`, and the caller adds them up. For per-channel decay it stores
+    dM (the first key block) for `vector.attention_bwd_kernel`. The delta family also gets
+    dw = -dd S_0^T (for `delta.wy_bwd_kernel`)."""
+    NK: tl.constexpr = (K + BKW - 1) // BKW
+    i_ck, i_h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    i_c, i_kb = i_ck // NK, i_ck % NK
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     if n <= 0:  # a chunk past the layout's real chunks (`function.varlen_chunks`)
         return
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
-    o_k = tl.arange(0, BK)
+    o_k = i_kb * BKW + tl.arange(0, BKW)
     m_k = o_k < K
     p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
     p_hs = (i_c * Hb + i_h) * K * V  # where the chunk's states start in hs and dhs
 
-    b_dqd = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dkd = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dqd = tl.zeros([BT, BKW], dtype=tl.float32)
+    b_dkd = tl.zeros([BT, BKW], dtype=tl.float32)
+    b_dw = tl.zeros([BT, BKW], dtype=tl.float32)
     b_dM = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dD = tl.zeros([BK], dtype=tl.float32)
+    b_dD = tl.zeros([BKW], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
         p_state, m_kv = tile(o_k, m_k, o_v, V)
-        # states as [BV, BK]
+        # states as [BV, BKW]
         b_ht = tl.load(hs + p_hs + tl.trans(p_state), mask=tl.trans(m_kv), other=0.0).to(DT)
         b_dht = tl.load(dhs + p_hs + tl.trans(p_state), mask=tl.trans(m_kv), other=0.0).to(DT)
         b_do = load_do(do, p_v, m_tv, read_w, rows, m_t, DT, HAS_READ_W)
@@ -400,16 +419,17 @@ def grad_kernel(q, k, d, A, hs, dhs, do, read_w, dd, dq, dk, dA, dM, dw, chunk_i
         b_da += tl.where(is_last[:, None], (tl.sum(b_dkk, 0) + b_dD * tl.exp(a_last))[None, :], 0.0)
 
     if DECAY == 2:
-        p_M, m_M = tile(rows * Hb + i_h, m_t, o_t, BT)
-        tl.store(dM + p_M, tl.where(m_A, b_dM, 0.0), mask=m_M)
+        if i_kb == 0:
+            p_M, m_M = tile(rows * Hb + i_h, m_t, o_t, BT)
+            tl.store(dM + p_M, tl.where(m_A, b_dM, 0.0), mask=m_M)
         tl.store(dA + p_k, b_da, mask=m_tk)
     else:
         b_Mg = tl.where(m_A, b_dM, 0.0)  # dM * gamma
         if DECAY == 1:
             b_Mg = b_Mg * exp_nonpos(b_a[:, None] - b_a[None, :])
-            b_P = b_Mg * mm(b_q, tl.trans(b_k))  # dM * M
+            b_P = b_Mg * mm(b_q, tl.trans(b_k))  # dM * (this key block's part of M)
             b_da += tl.sum(b_P, 1) - tl.sum(b_P, 0)
-            tl.store(dA + rows * Hb + i_h, b_da, mask=m_t)
+            tl.store(dA + (rows * Hb + i_h) * NK + i_kb, b_da, mask=m_t)
         b_dq = mma(b_Mg.to(DT), b_k, b_dq)
         b_dk = mma(tl.trans(b_Mg).to(DT), b_q, b_dk)
     tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)

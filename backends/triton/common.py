@@ -66,30 +66,42 @@ def autotuning() -> bool:
 
 class Tuned:
     """A kernel launched as `kernel[grid](...)` with one of `configs`: `triton.autotune` picks it
-    when kernels are compiled and autotuning is on, else the first is used. `fn` is the kernel
-    (`triton.jit`), `configs` its configurations."""
+    when kernels are compiled and autotuning is on, else `first(dtype)` is used. `fn` is the kernel
+    (`triton.jit`), `configs` its configurations, the first of them the one that runs without
+    autotuning, unless `float32_first` is given: the one for float32 keys `k` (which every kernel with
+    one has), whose products hold split copies of their operands and need smaller blocks."""
 
-    def __init__(self, fn, configs, key, kwargs):
+    def __init__(self, fn, configs, key, kwargs, float32_first=None):
         self.fn = fn
-        self.configs = configs
-        self.tuner = None if interpreting() else triton.autotune(configs=configs, key=key, **kwargs)(fn)
+        self.configs = configs + ([float32_first] if float32_first is not None else [])
+        self.float32_first = float32_first
+        self.tuner = None if interpreting() else triton.autotune(configs=self.configs, key=key, **kwargs)(fn)
+
+    def first(self, dtype: torch.dtype):
+        """The configuration that runs without autotuning for keys of `dtype`."""
+        return self.float32_first if self.float32_first is not None and dtype == torch.float32 else self.configs[0]
 
     def __getitem__(self, grid):
         if self.tuner is not None and autotuning():
             return self.tuner[grid]
-        first = self.configs[0]
-        fixed = dict(first.kwargs)
-        if self.tuner is not None:  # compiled: the launch options too (the interpreter has none)
-            fixed.update(num_warps=first.num_warps, num_stages=first.num_stages)
         launch = self.fn[grid]
-        return lambda *args, **kwargs: launch(*args, **fixed, **kwargs)
+
+        def first_config(*args, **kwargs):
+            first = self.first(kwargs["k"].dtype if self.float32_first is not None else None)
+            fixed = dict(first.kwargs)
+            if self.tuner is not None:  # compiled: the launch options too (the interpreter has none)
+                fixed.update(num_warps=first.num_warps, num_stages=first.num_stages)
+            return launch(*args, **fixed, **kwargs)
+
+        return first_config
 
 
-def autotune_or_first(configs, key, **kwargs):
+def autotune_or_first(configs, key, float32_first=None, **kwargs):
     """Decorator: `triton.autotune(configs, key, **kwargs)` when kernels are compiled for a GPU, the
-    first of `configs` when they run in the interpreter (which cannot time them) or autotuning is
-    off (`autotuning()`). Put the configuration that suits small shapes first."""
-    return lambda fn: Tuned(fn, configs, key, kwargs)
+    first of `configs` (`float32_first` for float32 keys, if given) when they run in the interpreter
+    (which cannot time them) or autotuning is off (`autotuning()`). Put the configuration that suits
+    small shapes first."""
+    return lambda fn: Tuned(fn, configs, key, kwargs, float32_first)
 
 
 def helper(fn):
@@ -117,10 +129,15 @@ def key_block(BK: int, dtype: torch.dtype) -> int:
     return min(BK, max(16, KEY_BLOCK // 2) if dtype == torch.float32 else KEY_BLOCK)
 
 
-def row_sub_block(BT: int, dtype: torch.dtype) -> int:
-    """BS, the rows of a chunk the state kernels take at a time, for operands of `dtype`: all BT of
-    them for 16-bit operands; 16 for float32, whose split copies of whole [BT, K] tiles spilled."""
-    return min(BT, 16) if dtype == torch.float32 else BT
+# The largest [rows, keys] tile the state kernels take whole: [64, 128] 16-bit elements.
+ROW_TILE_BYTES = 64 * 128 * 2
+
+
+def row_sub_block(BT: int, BK: int, dtype: torch.dtype) -> int:
+    """BS, the rows of a chunk the state kernels take at a time, for keys padded to BK columns in
+    `dtype`: all BT of them while a [BT, BK] tile fits ROW_TILE_BYTES, else 16 (float32 at K = 128,
+    whose products also hold split copies of their operands, and 16-bit at K = 256 spilled whole)."""
+    return BT if BT * BK * dtype.itemsize <= ROW_TILE_BYTES else min(BT, 16)
 
 
 @helper

@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass
 from itertools import product
 
+import torch
+
 _DOT_DTYPE_ARGS = {"q", "k", "v", "w", "u", "hs", "dhs", "d", "d_out", "do"}
 _POINTER_TYPES = {"chunk_indices": "*i32", "offsets": "*i64", "chunk_offsets": "*i64", "idx": "*i64"}
 _SCALAR_TYPES = {"Hb": "i32", "SLOTS": "i32", "H": "i32", "scale": "fp32", "s_b": "i64", "s_h": "i64", "s_m": "i64",
@@ -122,8 +124,7 @@ def ptxas_report(compiled, arch: int, num_warps: int) -> Report:
 
 def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     """(kernel name, family, dtype, K, BT, constexprs, none-args, type overrides)."""
-    import torch
-
+    from .chunk import channel_block
     from .common import DECAY_FLOOR, SPECIALIZATIONS, block, key_block, row_sub_block
     from .vector import BC
 
@@ -132,16 +133,17 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     BTs = BTs or [64] + ([16, 32] if full else [])
     for dtype, K, BT in product(dtypes, Ks, BTs):
         V, BK = K, block(K)
-        BKW, BS = key_block(BK, getattr(torch, dtype)), row_sub_block(BT, getattr(torch, dtype))
+        BKW, BS = key_block(BK, getattr(torch, dtype)), row_sub_block(BT, BK, getattr(torch, dtype))
         for family, (decay, delta) in SPECIALIZATIONS.items():
             D = K if decay == 2 else 1
             base = dict(K=K, V=V, BT=BT, BK=BK, DECAY=decay)
+            keyed = dict(K=K, V=V, BT=BT, BKW=BKW, DECAY=decay)  # kernels that take keys in blocks
             no_A = {"A"} if decay == 0 else set()
             not_vector = {"M"} if decay != 2 else set()
             if decay:
                 for reverse in (False, True):
                     yield ("cumsum_kernel", family, dtype, K, BT,
-                           dict(D=D, BD=1 << (D - 1).bit_length(), BT=BT, REVERSE=reverse, FLOOR=DECAY_FLOOR),
+                           dict(D=D, BD=channel_block(D), BT=BT, REVERSE=reverse, FLOOR=DECAY_FLOOR),
                            set(), {})
             for has_h0, store_ht in ((True, True), (False, False)):
                 yield ("state_fwd_kernel", family, dtype, K, BT,
@@ -153,13 +155,12 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
                        dict(base, BS=BS, DELTA=delta, HAS_DHT=True, STORE_DH0=True, HAS_READ_W=has_read_w),
                        no_A | ({"w"} if not delta else set()) | ({"read_w"} if not has_read_w else set()), {})
             for has_read_w in (False, True):
-                keyed = dict(K=K, V=V, BT=BT, BKW=BKW, DECAY=decay, HAS_READ_W=has_read_w)
-                yield ("output_fwd_kernel", family, dtype, K, BT, keyed,
+                yield ("output_fwd_kernel", family, dtype, K, BT, dict(keyed, HAS_READ_W=has_read_w),
                        no_A | not_vector | ({"read_w"} if not has_read_w else set()), {})
-                yield ("dd_local_kernel", family, dtype, K, BT, keyed,
+                yield ("dd_local_kernel", family, dtype, K, BT, dict(keyed, HAS_READ_W=has_read_w),
                        no_A | not_vector | ({"read_w"} if not has_read_w else set()), {})
             for has_read_w in (False, True):
-                yield ("grad_kernel", family, dtype, K, BT, dict(base, DELTA=delta, HAS_READ_W=has_read_w),
+                yield ("grad_kernel", family, dtype, K, BT, dict(keyed, DELTA=delta, HAS_READ_W=has_read_w),
                        no_A | ({"dA"} if decay == 0 else set()) | ({"dM"} if decay != 2 else set())
                        | ({"dw", "dd"} if not delta else set()) | ({"read_w"} if not has_read_w else set()), {})
             if decay == 2:
@@ -223,7 +224,8 @@ def compile_all(arch: int = 90, full: bool = False, verbose: bool = False, kerne
         tuned = _kernel(name)
         # Under `triton.heuristics`, the JIT function it wraps: the cases give the flags it would derive.
         jit = tuned.fn.fn if isinstance(tuned.fn, Heuristics) else tuned.fn
-        configs = tuned.configs if full else [tuned.configs[0], tuned.configs[-1]]
+        first = tuned.first(getattr(torch, dtype))
+        configs = [first] + [c for c in (tuned.configs if full else tuned.configs[-1:]) if c is not first]
         label = f"{name} [{family}, {dtype}, K={K}, BT={BT}, {constexprs}]"
         variant = ",".join(f"{f}={int(constexprs[f])}" for f in _VARIANT_FLAGS if f in constexprs)
         case = Case(name, family, dtype, K, BT, variant, {})

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import chunk, delta as delta_kernels
-from .common import block
+from .common import block, key_block
 from .function import max_chunks
 from .vector import BC  # sub-chunk rows of the per-channel attention kernels
 
@@ -161,12 +161,16 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     d, f4 = torch.tensor([], dtype=dtype).element_size(), 4
     dot = "16-bit" if d == 2 else "tf32x3"
     BK = block(K)
+    BKW = key_block(BK, dtype)
+    NK = math.ceil(K / BKW)
+    BKp = NK * BKW  # keys as the kernels that take them in blocks of BKW see them
 
     def v_blocks(kernel) -> tuple:
         """(V blocks, V as the products see it: whole blocks) of a kernel's V block in the
         configuration it runs with here: its first (the interpreter's, and autotuning off's)."""
-        nv = math.ceil(V / kernel.configs[0].kwargs["BV"])
-        return nv, nv * kernel.configs[0].kwargs["BV"]
+        BV = kernel.first(dtype).kwargs["BV"]
+        nv = math.ceil(V / BV)
+        return nv, nv * BV
 
     P = E * Hb
     rows = {"K": P * K * d, "V": P * V * d, "a": P * (K if decay == 2 else 1) * f4, "b": P * f4,
@@ -208,7 +212,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         if compute_T and decay == 2:
             tensors["Lk"] = (rows["BT"], "r")
         tensors.update(T=(rows["T"], "w" if compute_T else "r"), u=(rows["V"], "w"), w=(rows["K"], "w"))
-        flops = 2 * BT * BT * (BK + v_blocks(delta_kernels.wy_fwd_kernel)[1])  # w = T (b exp(A) k), u = T (b v)
+        flops = 2 * BT * BT * (BKp + v_blocks(delta_kernels.wy_fwd_kernel)[1])  # w = T (b exp(A) k), u = T (b v)
         NB = BT // 16  # blocks of 16 rows of the inverse
         if compute_T and decay != 2:  # the blocks of k k^T on and below the diagonal (per-channel decay: Lk given)
             flops += NB * (NB + 1) // 2 * 2 * 16 * 16 * BK
@@ -253,7 +257,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         tensors["read_w"] = (E * f4, "r")
     tensors["o"] = (rows["V"] if read_w else rows["V32"], "w")
     nv, Vp = v_blocks(chunk.output_fwd_kernel)
-    flops = 2 * BT * BK * Vp + 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BK * nv)
+    flops = 2 * BT * BKp * Vp + 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BKp * nv)
     out.append(launch("output_fwd_kernel", "forward", tensors, chunk_heads * flops))
     if not backward:
         return out
@@ -272,7 +276,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         tensors["read_w"] = (E * f4, "r")
     tensors["dd_local"] = (rows["V32"], "w")
     nv, Vp = v_blocks(chunk.dd_local_kernel)
-    flops = 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BK * nv)
+    flops = 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BKp * nv)
     out.append(launch("dd_local_kernel", "backward", tensors, chunk_heads * flops))
 
     tensors = {"q": (rows["K"], "r"), "k": (rows["K"], "r")}
@@ -296,16 +300,17 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
                "hs": (rows["hs"], "r"), "dhs": (rows["hs"], "r"), "do": (rows["V"], "r"),
                **({"read_w": (E * f4, "r")} if read_w else {}),
                "dd": (rows["V"], "r" if delta else "unused"), "dq": (dq_bytes, "w"), "dk": (dk_bytes, "w")}
-    if decay:
-        tensors["dA"] = (rows["a"], "w")
+    if decay:  # a scalar decay's dA in one share per key block, which the caller adds up
+        tensors["dA"] = (rows["a"] * (NK if decay == 1 else 1), "w")
     if decay == 2:
         tensors["dM"] = (rows["BT"], "w")
     if delta:
         tensors["dw"] = (rows["K"], "w")
     Vp = v_blocks(chunk.grad_kernel)[1]
-    flops = 2 * BT * Vp * BK * (3 if delta else 2) + 2 * BT * BT * Vp  # dO S^T, d dS^T (dd S^T), dO d^T
+    # dO S^T, d dS^T (dd S^T), and dO d^T in each of the NK key blocks' programs
+    flops = 2 * BT * Vp * BKp * (3 if delta else 2) + 2 * BT * BT * Vp * NK
     if decay != 2:  # the intra-chunk part through M: dM k, dM^T q (and q k^T to weigh dA)
-        flops += 2 * 2 * BT * BT * BK + (2 * BT * BT * BK if decay == 1 else 0)
+        flops += 2 * 2 * BT * BT * BKp + (2 * BT * BT * BKp if decay == 1 else 0)
     out.append(launch("grad_kernel", "backward", tensors, chunk_heads * flops))
     if decay == 2:
         out.append(attention_bwd("backward"))
@@ -325,9 +330,9 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         # dL' k, dL'^T k and T^T dw again in the second pass over the key blocks (whose second reads of
         # k and dw, made by the same program moments later, are counted as L2 hits, not HBM bytes)
         Vp = v_blocks(delta_kernels.wy_bwd_kernel)[1]
-        flops = 2 * BT * BT * BK * 2 + 2 * BT * BT * Vp * 2 + 2 * 2 * BT ** 3
+        flops = 2 * BT * BT * BKp * 2 + 2 * BT * BT * Vp * 2 + 2 * 2 * BT ** 3
         if decay != 2:
-            flops += 4 * 2 * BT * BT * BK
+            flops += 4 * 2 * BT * BT * BKp
         out.append(launch("wy_bwd_kernel", "backward", tensors, chunk_heads * flops))
         if decay == 2:
             out.append(attention_bwd("backward"))

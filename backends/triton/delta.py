@@ -41,7 +41,7 @@ from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_ma
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (64, 32) for nw in (8, 4)]
 
 @helper
-def wy_l_block(k, b, A, Lk, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+def wy_l_block(k, b, A, Lk, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constexpr, K: tl.constexpr, BKW: tl.constexpr,
                BT: tl.constexpr, DECAY: tl.constexpr):
     """Block (BI, BJ) of L (rows 16 BI.., columns 16 BJ.. of the chunk of `n` rows at packed row
     `start`), BJ <= BI: (its finite part [16, 16] float32, [16] whether each of its rows holds a non-finite entry).
@@ -53,10 +53,12 @@ def wy_l_block(k, b, A, Lk, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constexp
         p_L, m_L = tile((start + r_i) * Hb + i_h, m_i, r_j, BT)
         b_L = tl.load(Lk + p_L, mask=m_L, other=0.0)
     else:
-        o_k = tl.arange(0, BK)
-        p_i, m_ik = tile((start + r_i) * Hb + i_h, m_i, o_k, K)
-        p_j, m_jk = tile((start + r_j) * Hb + i_h, m_j, o_k, K)
-        b_L = mm(tl.load(k + p_i, mask=m_ik, other=0.0), tl.trans(tl.load(k + p_j, mask=m_jk, other=0.0)))
+        b_L = tl.zeros([16, 16], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BKW)):
+            o_k = i_k * BKW + tl.arange(0, BKW)
+            p_i, m_ik = tile((start + r_i) * Hb + i_h, m_i, o_k, K)
+            p_j, m_jk = tile((start + r_j) * Hb + i_h, m_j, o_k, K)
+            b_L = mma(tl.load(k + p_i, mask=m_ik, other=0.0), tl.trans(tl.load(k + p_j, mask=m_jk, other=0.0)), b_L)
         if DECAY == 1:
             a_i = tl.load(A + (start + r_i) * Hb + i_h, mask=m_i, other=0.0)
             a_j = tl.load(A + (start + r_j) * Hb + i_h, mask=m_j, other=0.0)
@@ -111,31 +113,27 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
     p_T, m_T = tile(rows * Hb + i_h, m_t, o_t, BT)
-    b_b = tl.load(b + rows * Hb + i_h, mask=m_t, other=0.0).to(tl.float32)
-    b_a = tl.zeros([BT], dtype=tl.float32)
-    if DECAY == 1:
-        b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
     if COMPUTE_T:
         # T = (I + L)^-1 in blocks of 16 rows (NB of them): the diagonal blocks by forward substitution,
         # a row at a time (elementwise), then T_ij = -T_ii sum_{j <= c < i} L_ic T_cj, block by block
         # (16x16 products). Each block is stored as it is made, and T is read back whole below.
         NB: tl.constexpr = BT // 16
-        L00, bad0 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 0, 0, K, BK, BT, DECAY)
+        L00, bad0 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 0, 0, K, BKW, BT, DECAY)
         T00 = unit_lower_inverse(L00)
         store_t_block(T, T00, bad0, start, n, i_h, Hb, 0, 0, BT)
         if NB > 1:
-            L11, bad1 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 1, 1, K, BK, BT, DECAY)
-            L10, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 1, 0, K, BK, BT, DECAY)
+            L11, bad1 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 1, 1, K, BKW, BT, DECAY)
+            L10, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 1, 0, K, BKW, BT, DECAY)
             bad1 = bad1 | bad
             T11 = unit_lower_inverse(L11)
             T10 = -solve_mm(T11, solve_mm(L10, T00, None, DT), None, DT)
             store_t_block(T, T10, bad1, start, n, i_h, Hb, 1, 0, BT)
             store_t_block(T, T11, bad1, start, n, i_h, Hb, 1, 1, BT)
         if NB > 2:
-            L22, bad2 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 2, 2, K, BK, BT, DECAY)
-            L20, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 2, 0, K, BK, BT, DECAY)
+            L22, bad2 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 2, 2, K, BKW, BT, DECAY)
+            L20, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 2, 0, K, BKW, BT, DECAY)
             bad2 = bad2 | bad
-            L21, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 2, 1, K, BK, BT, DECAY)
+            L21, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 2, 1, K, BKW, BT, DECAY)
             bad2 = bad2 | bad
             T22 = unit_lower_inverse(L22)
             T21 = -solve_mm(T22, solve_mm(L21, T11, None, DT), None, DT)
@@ -144,12 +142,12 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
             store_t_block(T, T21, bad2, start, n, i_h, Hb, 2, 1, BT)
             store_t_block(T, T22, bad2, start, n, i_h, Hb, 2, 2, BT)
         if NB > 3:
-            L33, bad3 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 3, K, BK, BT, DECAY)
-            L30, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 0, K, BK, BT, DECAY)
+            L33, bad3 = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 3, K, BKW, BT, DECAY)
+            L30, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 0, K, BKW, BT, DECAY)
             bad3 = bad3 | bad
-            L31, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 1, K, BK, BT, DECAY)
+            L31, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 1, K, BKW, BT, DECAY)
             bad3 = bad3 | bad
-            L32, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 2, K, BK, BT, DECAY)
+            L32, bad = wy_l_block(k, b, A, Lk, start, n, i_h, Hb, 3, 2, K, BKW, BT, DECAY)
             bad3 = bad3 | bad
             T33 = unit_lower_inverse(L33)
             T32 = -solve_mm(T33, solve_mm(L32, T22, None, DT), None, DT)
@@ -166,8 +164,11 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
             for j in tl.static_range(i + 1, NB):  # above the diagonal blocks
                 store_t_block(T, zero, no_rows, start, n, i_h, Hb, i, j, BT)
         tl.debug_barrier()  # the blocks stored by every thread of the program, before T is read whole
-    b_T = tl.load(T + p_T, mask=m_T, other=0.0)
-    b_Td = b_T.to(DT)
+    b_Td = tl.load(T + p_T, mask=m_T, other=0.0).to(DT)
+    b_b = tl.load(b + rows * Hb + i_h, mask=m_t, other=0.0).to(tl.float32)
+    b_a = tl.zeros([BT], dtype=tl.float32)
+    if DECAY == 1:
+        b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
     for i_k in range(tl.cdiv(K, BKW)):
         p_k, m_tk = tile(rows * Hb + i_h, m_t, i_k * BKW + tl.arange(0, BKW), K)
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0).to(tl.float32)

@@ -74,9 +74,10 @@ def varlen_chunks(offsets: torch.Tensor, rows: int, BT: int, length: Optional[in
 def _cumsum(x, layout: VarlenChunks, reverse: bool):
     D = 1 if x.dim() == 2 else x.shape[-1]
     y = torch.empty_like(x, dtype=torch.float32)
-    chunk.cumsum_kernel[(layout.num_chunks, x.shape[1])](
-        x=x, y=y, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=x.shape[1], D=D,
-        BD=triton.next_power_of_2(D), BT=layout.BT, REVERSE=reverse, FLOOR=DECAY_FLOOR)
+    BD = chunk.channel_block(D)
+    chunk.cumsum_kernel[(layout.num_chunks, x.shape[1], triton.cdiv(D, BD))](
+        x=x, y=y, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=x.shape[1], D=D, BD=BD,
+        BT=layout.BT, REVERSE=reverse, FLOOR=DECAY_FLOOR)
     return y
 
 
@@ -119,11 +120,11 @@ def _states(k, v, w, A, h0, layout: VarlenChunks, slots: int, decay: int, is_del
     hs = k.new_empty(layout.num_chunks, Hb, K, V)
     d = torch.empty_like(v) if is_delta else None
     ht = k.new_empty(S // slots, Hb, slots, K, V, dtype=torch.float32) if store_ht else None
+    BT, BK = layout.BT, block(K)
     grid = lambda meta: (S * Hb, triton.cdiv(V, meta["BV"]))
     chunk.state_fwd_kernel[grid](
         k=k, v=v, w=w, A=A, h0=h0, hs=hs, d_out=d, ht=ht, offsets=layout.offsets, chunk_offsets=layout.chunk_offsets,
-        Hb=Hb, SLOTS=slots, K=K, V=V, BT=layout.BT, BS=row_sub_block(layout.BT, k.dtype), BK=block(K), DECAY=decay,
-        DELTA=is_delta)
+        Hb=Hb, SLOTS=slots, K=K, V=V, BT=BT, BS=row_sub_block(BT, BK, k.dtype), BK=BK, DECAY=decay, DELTA=is_delta)
     return hs, d, ht
 
 
@@ -176,6 +177,7 @@ class ChunkScan(torch.autograd.Function):
         V = v.shape[-1]
         BT, NT, S = layout.BT, layout.num_chunks, layout.num_sequences
         BK = block(K)
+        BKW = key_block(BK, k.dtype)  # key columns per block, in the kernels that take them so
         idx = dict(chunk_indices=layout.chunk_indices, offsets=layout.offsets)
         # With `read_w`, o was weighted by its row's read weight: the kernels that read dO weigh it too.
         do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
@@ -193,7 +195,7 @@ class ChunkScan(torch.autograd.Function):
         dd_local = q.new_empty(E, Hb, V, dtype=torch.float32)
         grid = lambda meta: (NT * triton.cdiv(V, meta["BV"]), Hb)
         chunk.dd_local_kernel[grid](q=q, k=k, A=A, M=M, do=do, read_w=read_w, dd_local=dd_local, **idx, scale=scale,
-                                    Hb=Hb, K=K, V=V, BT=BT, BKW=key_block(BK, k.dtype), DECAY=decay)
+                                    Hb=Hb, K=K, V=V, BT=BT, BKW=BKW, DECAY=decay)
 
         dhs = k.new_empty(NT, Hb, K, V)
         dd = q.new_empty(E, Hb, V)  # in the dot dtype: every consumer casts it to that, or returns it as dv
@@ -203,19 +205,23 @@ class ChunkScan(torch.autograd.Function):
         chunk.state_bwd_kernel[grid](
             q=q, k=k, w=w, A=A, do=do, read_w=read_w, dd_local=dd_local, dht=dht, dhs=dhs, dd=dd, dh0=dh0,
             offsets=layout.offsets, chunk_offsets=layout.chunk_offsets, scale=scale, Hb=Hb, SLOTS=slots, K=K, V=V,
-            BT=BT, BS=row_sub_block(BT, k.dtype), BK=BK, DECAY=decay, DELTA=is_delta)
+            BT=BT, BS=row_sub_block(BT, BK, k.dtype), BK=BK, DECAY=decay, DELTA=is_delta)
 
         f32 = dict(dtype=torch.float32)
         # Gradients in the dot dtype where they are final (they are returned in it), in float32 where a
         # later kernel adds to them: the per-channel attention (dq, dk) and the WY backward (dk).
         dq = q.new_empty(E, Hb, K, **(f32 if decay == 2 else {}))
         dk = q.new_empty(E, Hb, K, **(f32 if decay == 2 or is_delta else {}))
-        dA = None if A is None else torch.empty_like(A)
+        NK = triton.cdiv(K, BKW)
+        # A scalar decay's dA is summed over the key channels: each key block stores its share.
+        dA = None if A is None else torch.empty_like(A) if decay == 2 else A.new_empty(E, Hb, NK)
         dM = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
         dw = q.new_empty(E, Hb, K) if is_delta else None  # its consumer casts it to the dot dtype
-        chunk.grad_kernel[(NT, Hb)](
+        chunk.grad_kernel[(NT * NK, Hb)](
             q=q, k=k, d=d, A=A, hs=hs, dhs=dhs, do=do, read_w=read_w, dd=dd, dq=dq, dk=dk, dA=dA, dM=dM, dw=dw, **idx,
-            scale=scale, Hb=Hb, K=K, V=V, BT=BT, BK=BK, DECAY=decay, DELTA=is_delta)
+            scale=scale, Hb=Hb, K=K, V=V, BT=BT, BKW=BKW, DECAY=decay, DELTA=is_delta)
+        if decay == 1:
+            dA = dA.sum(-1) if NK > 1 else dA.squeeze(-1)
         if decay == 2:
             dq, dk, dA = _attention_bwd(q, k, A, dM, dq, dk, dA, layout)
         db = None
@@ -227,7 +233,7 @@ class ChunkScan(torch.autograd.Function):
             dLk = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
             delta.wy_bwd_kernel[(NT, Hb)](
                 k=k, v=v, b=b, A=A, Lk=Lk, T=T, dd=dd, dw=dw, dk_in=dk, dA_in=dA, dk=dk2, dv=dv, db=db, dA=dA2, dLk=dLk,
-                **idx, Hb=Hb, K=K, V=V, BT=BT, BKW=key_block(BK, k.dtype), DECAY=decay)
+                **idx, Hb=Hb, K=K, V=V, BT=BT, BKW=BKW, DECAY=decay)
             dk, dA = dk2, dA2
             if decay == 2:  # Lk is the keys' attention with themselves: its gradient reaches k on both sides
                 dk_as_q, dk, dA = _attention_bwd(k, k, A, dLk, torch.zeros_like(dk), dk, dA, layout)
