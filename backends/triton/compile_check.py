@@ -6,8 +6,9 @@ configurations whose shared memory does not fit; and it reports what ptxas makes
     python -m memplug.backends.triton.compile_check [--arch 90] [--full] [--table FILE.md]
 
 Default: every kernel, for each family it serves, in float32 and bfloat16 at K = V = 128 with the
-default chunk size, under the first and the last autotuning configuration (a configuration whose shared memory does
-not fit is skipped by the autotuner, so only a case where none fits fails). `--full` adds float16,
+default chunk size, under the first autotuning configuration (for the dtype: `common.Tuned.first`)
+and the last (a configuration whose shared memory does not fit is skipped by the autotuner, so only
+a case where none fits fails). `--full` adds float16,
 K = 64 and 256, chunk sizes 16 and 32, and every configuration. Must run without
 `TRITON_INTERPRET` (interpreted kernels cannot be compiled); raises SystemExit listing failures.
 
