@@ -88,21 +88,27 @@ def _timed(calls: dict, backward: bool, repeats: int) -> dict:
     return best
 
 
+def sides(rule, x, m, K) -> dict:
+    """The two calls compared on inputs `x`: ours (`chunked`, value checks off) and the peer (fla's
+    reference at m = 1, the MoM-style loop over it when routed), each returning o."""
+    scale = K ** -0.5
+    ours = lambda: routed_scan(rule=rule, num_slots=m, coupling="none", backend="chunked", check_values=False,
+                                **x)[0]
+    if m == 1:
+        peer = lambda: plain_peer(rule, x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), scale)
+    else:
+        peer = lambda: mom_loop(rule, x, m, scale)
+    return {"ours": ours, "peer": peer}
+
+
 def compare(rule, T, H, K, V, m, R, repeats):
     """(peer's time / ours) forward and forward + backward, after checking they agree."""
-    scale = K ** -0.5
     ratios = []
     for backward in (False, True):
-        x = _inputs(rule, T, H, K, V, m, R, backward)
-        ours = lambda: routed_scan(rule=rule, num_slots=m, coupling="none", backend="chunked", check_values=False,
-                                    **x)[0]
-        if m == 1:
-            peer = lambda: plain_peer(rule, x["q"], x["k"], x["v"], x.get("g"), x.get("beta"), scale)
-        else:
-            peer = lambda: mom_loop(rule, x, m, scale)
+        calls = sides(rule, _inputs(rule, T, H, K, V, m, R, backward), m, K)
         if not backward:
-            torch.testing.assert_close(ours(), peer(), rtol=1e-3, atol=1e-3)
-        t = _timed({"ours": ours, "peer": peer}, backward, repeats)
+            torch.testing.assert_close(calls["ours"](), calls["peer"](), rtol=1e-3, atol=1e-3)
+        t = _timed(calls, backward, repeats)
         ratios.append((t["ours"], t["peer"]))
     return ratios
 
@@ -115,10 +121,7 @@ def warm_up(rules, T, H, K, V) -> None:
     warm), while a process that has trained has long raised those thresholds. Warming the process
     measures every case in that steady state, ours and the peers' alike."""
     for rule in rules:
-        x = _inputs(rule, T, H, K, V, 8, 2, True)
-        for call in (lambda: routed_scan(rule=rule, num_slots=8, coupling="none", backend="chunked",
-                                         check_values=False, **x)[0],
-                     lambda: mom_loop(rule, x, 8, K ** -0.5)):
+        for call in sides(rule, _inputs(rule, T, H, K, V, 8, 2, True), 8, K).values():
             call().square().mean().backward()
 
 

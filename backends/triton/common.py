@@ -118,8 +118,8 @@ def block(n: int) -> int:
 
 
 # Columns of keys the kernels with [BT, K] tiles of queries or keys (the output pass and its backward
-# into d, the WY transform) take at a time: whole [64, 128] tiles spilled registers, more so with
-# float32's split operands. Tests lower it to cover several blocks at small K.
+# into d, the gradient kernel, the WY transform) take at a time: whole [64, 128] tiles spilled
+# registers, more so with float32's split operands. Tests lower it to cover several blocks at small K.
 KEY_BLOCK = 64
 
 
