@@ -326,13 +326,13 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
             tensors["dA"] = (rows["a"], "w")
         if decay == 2:
             tensors["dLk"] = (rows["BT"], "w")
-        # T^T dw, dw (b exp(A) k)^T, T^T du, du (b v)^T, dL = -T^T dT T^T; through L = b k k^T: k k^T,
-        # dL' k, dL'^T k and T^T dw again in the second pass over the key blocks (whose second reads of
+        # T^T dw, dw (b exp(A) k)^T, T^T du, du (b v)^T, dL = -T^T dT T^T; through L = b D * (k k^T):
+        # G k, G'^T k and T^T dw again in the second pass over the key blocks (whose second reads of
         # k and dw, made by the same program moments later, are counted as L2 hits, not HBM bytes)
         Vp = v_blocks(delta_kernels.wy_bwd_kernel)[1]
         flops = 2 * BT * BT * BKp * 2 + 2 * BT * BT * Vp * 2 + 2 * 2 * BT ** 3
         if decay != 2:
-            flops += 4 * 2 * BT * BT * BKp
+            flops += 3 * 2 * BT * BT * BKp
         out.append(launch("wy_bwd_kernel", "backward", tensors, chunk_heads * flops))
         if decay == 2:
             out.append(attention_bwd("backward"))

@@ -25,8 +25,9 @@ Both kernels take the keys in blocks of `common.KEY_BLOCK` columns (BKW), never 
 them: at K = 128 the backward's five such float32 tiles spilled in every configuration, bfloat16
 inputs included (float32 inputs still spill: their products hold split copies of the operands). The
 backward passes over the key blocks twice for a scalar or no decay: first for dT, db and the parts
-of dk and dA that need no dL, then, once dL is known, for dk's part through k k^T (recomputing the
-product T^T dw rather than keeping it).
+of dk and dA that need no dL, then, once dL is known, for the parts through L = b D * (k k^T) (D the
+decays), as products of dL with the keys, never forming k k^T (and recomputing T^T dw rather than
+keeping it).
 """
 from __future__ import annotations
 
@@ -208,7 +209,6 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
     b_dT = tl.zeros([BT, BT], dtype=tl.float32)
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_da = tl.zeros([BT], dtype=tl.float32)  # a decay per row: its gradient
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)  # k k^T (scalar or no decay)
     for i_k in range(tl.cdiv(K, BKW)):
         p_k, m_tk = tile(rows * Hb + i_h, m_t, i_k * BKW + tl.arange(0, BKW), K)
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
@@ -229,7 +229,6 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
             tl.store(dA + p_k, tl.load(dA_in + p_k, mask=m_tk, other=0.0) + b_dxk * b_xk, mask=m_tk)
         else:
             b_da += tl.sum(b_dxk * b_xk, 1)
-            b_kk = mma(b_k, tl.trans(b_k), b_kk)
     for i_v in range(tl.cdiv(V, BV)):
         p_v, m_tv = tile(rows * Hb + i_h, m_t, i_v * BV + tl.arange(0, BV), V)
         b_du = tl.load(dd + p_v, mask=m_tv, other=0.0).to(DT)
@@ -245,23 +244,26 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
         b_db += tl.sum(b_dL * tl.load(Lk + p_T, mask=m_T, other=0.0), 1)
         tl.store(dLk + p_T, b_dL * b_b[:, None], mask=m_T)
     else:
-        b_G = b_dL * b_kk  # dL * (k k^T)
+        # L = b D * (k k^T), D the decays exp(A_t - A_s) (1 without a decay), through products with the
+        # keys, never k k^T itself: with G = dL * D, dL * (k k^T) * D has row sums k_t . (G k)_t (db);
+        # dL * L = b dL * (k k^T) * D has row sums b_t k_t . (G k)_t and column sums k_s . (G'^T k)_s,
+        # G' = b G (dA); and dk gets b (G k) + G'^T k.
+        b_G = b_dL
         if DECAY == 1:
             b_G = b_G * exp_nonpos(b_a[:, None] - b_a[None, :])
-        b_db += tl.sum(b_G, 1)
-        b_P = b_G * b_b[:, None]  # dL * L
-        b_da += tl.sum(b_P, 1) - tl.sum(b_P, 0)
-        b_dkk = b_dL * b_b[:, None]
-        if DECAY == 1:
-            b_dkk = b_dkk * exp_nonpos(b_a[:, None] - b_a[None, :])
+        b_Gb = b_G * b_b[:, None]
         b_eb = tl.exp(b_a) * b_b  # dk's part through w = T (b exp(A) k), per row
         for i_k in range(tl.cdiv(K, BKW)):
             p_k, m_tk = tile(rows * Hb + i_h, m_t, i_k * BKW + tl.arange(0, BKW), K)
             b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+            b_kf = b_k.to(tl.float32)
             b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0).to(DT)
-            b_dk = mm(b_Tt, b_dw) * b_eb[:, None]
-            b_dk = mma(b_dkk.to(DT), b_k, b_dk)
-            b_dk = mma(tl.trans(b_dkk).to(DT), b_k, b_dk)
+            b_Gk = mm(b_G.to(DT), b_k)
+            b_Gbk = mm(tl.trans(b_Gb).to(DT), b_k)
+            b_kGk = tl.sum(b_kf * b_Gk, 1)
+            b_db += b_kGk
+            b_da += b_b * b_kGk - tl.sum(b_kf * b_Gbk, 1)
+            b_dk = mm(b_Tt, b_dw) * b_eb[:, None] + b_Gk * b_b[:, None] + b_Gbk
             tl.store(dk + p_k, (tl.load(dk_in + p_k, mask=m_tk, other=0.0) + b_dk).to(dk.dtype.element_ty),
                      mask=m_tk)
         if DECAY == 1:
