@@ -455,7 +455,7 @@ def test_compile_check_reports_what_ptxas_makes_of_a_real_launch(tmp_path):
     for r in rows:  # the first configuration: its registers, no spill
         assert r[7] == _config_label(cumsum_kernel.configs[0]) and int(r[8]) > 0 and r[9] == "0/0"
     assert "- the first configuration fits and is spill-free (K = V <= 128): PASS (2 cases)" in text
-    assert "- no configuration spills (K = 256): not checked (no case of it compiled)" in text
+    assert "- no configuration that can run spills (K = 256): not checked (no case of it compiled)" in text
 
 
 def test_the_first_configuration_must_fit_and_not_spill():
@@ -470,6 +470,37 @@ def test_the_first_configuration_must_fit_and_not_spill():
     assert label.startswith("the first configuration fits and is spill-free") and applies == 3
     assert [m.split(" ")[0] for m in missed] == ["kernel_1", "kernel_2"]
     assert none_spill_free == []  # each has a spill-free configuration that fits
+
+
+def test_configurations_holding_a_state_tile_are_pruned_by_its_width():
+    """A [K, BV] float32 state tile over more than TILE_REGISTERS registers per thread is pruned (for
+    autotuning and without it); if every configuration is over, those with the fewest are kept."""
+    import triton
+
+    from memplug.backends.triton import chunk, decode
+    from memplug.backends.triton.common import TILE_REGISTERS, Tuned, tile_pruner
+    label = lambda configs: [f"BV{c.kwargs['BV']} w{c.num_warps}" for c in configs]
+    state = chunk.state_fwd_kernel
+    assert len(state.candidates(torch.bfloat16, {"K": 64})) == len(state.configs)  # every tile fits
+    assert "BV64 w4" not in label(state.candidates(torch.bfloat16, {"K": 128}))  # 64 registers a thread
+    assert set(label(state.candidates(torch.bfloat16, {"K": 256}))) == {"BV32 w8"}
+    assert label(decode.step_kernel.candidates(None, {"K": 256})) == ["BV32 w4"]  # over, but the fewest
+    assert TILE_REGISTERS == 32
+
+    # Without autotuning the launch takes the first configuration that is kept, for the dtype of k.
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda **kwargs: launched.append(kwargs["BV"])
+
+    configs = [triton.Config({"BV": 64}, num_warps=4), triton.Config({"BV": 32}, num_warps=4)]
+    kernel = Tuned(Kernel(), configs, ["K"], {}, float32_first=triton.Config({"BV": 16}, num_warps=4),
+                   prune=tile_pruner(lambda config, args: config.kwargs["BV"]))
+    kernel.tuner = None
+    for K, dtype in ((32, torch.bfloat16), (128, torch.bfloat16), (128, torch.float32)):
+        kernel[(1,)](k=torch.empty(0, dtype=dtype), K=K)
+    assert launched == [64, 32, 16]
 
 
 def test_occupancy_is_limited_by_registers_shared_memory_and_blocks():

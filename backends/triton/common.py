@@ -3,7 +3,7 @@
 - `specialization`, `SPECIALIZATIONS`: the kernels' family switches (DECAY, DELTA).
 - `autotune_or_first(configs, key)`: `triton.autotune` on a GPU; under the interpreter
   (`TRITON_INTERPRET=1`, no driver to time configurations on), or with MEMPLUG_TRITON_AUTOTUNE=0,
-  the first configuration, fixed.
+  the first configuration, fixed; `tile_pruner`: the configurations a launch's K rules out.
 - `chunk_rows`, `sequence_span`, `row_block`, `tile`, `lower_mask`: the index arithmetic every
   kernel starts with: where a chunk (or a packed sequence) starts and how many of its rows are real,
   the chunk's rows, the offsets and mask of a block of a row-major matrix, the causal masks.
@@ -66,20 +66,28 @@ def autotuning() -> bool:
 
 class Tuned:
     """A kernel launched as `kernel[grid](...)` with one of `configs`: `triton.autotune` picks it
-    when kernels are compiled and autotuning is on, else `first(dtype)` is used. `fn` is the kernel
-    (`triton.jit`), `configs` its configurations, the first of them the one that runs without
-    autotuning, unless `float32_first` is given: the one for float32 keys `k` (which every kernel with
-    one has), whose products hold split copies of their operands and need smaller blocks."""
+    when kernels are compiled and autotuning is on, else the first of `candidates` is used. `fn` is
+    the kernel (`triton.jit`), `configs` its configurations, the first of them the one that runs
+    without autotuning, unless `float32_first` is given: the one for float32 keys `k` (which every
+    kernel with one has), whose products hold split copies of their operands and need smaller blocks.
+    `prune(configs, named_args, **kwargs)` (autotune's `early_config_prune`, such as `tile_pruner`)
+    drops the configurations that do not suit a launch's shapes, for autotuning and without it."""
 
-    def __init__(self, fn, configs, key, kwargs, float32_first=None):
+    def __init__(self, fn, configs, key, kwargs, float32_first=None, prune=None):
         self.fn = fn
         self.configs = configs + ([float32_first] if float32_first is not None else [])
         self.float32_first = float32_first
+        self.prune = prune
+        if prune is not None:
+            kwargs = dict(kwargs, prune_configs_by={"early_config_prune": prune})
         self.tuner = None if interpreting() else triton.autotune(configs=self.configs, key=key, **kwargs)(fn)
 
-    def first(self, dtype: torch.dtype):
-        """The configuration that runs without autotuning for keys of `dtype`."""
-        return self.float32_first if self.float32_first is not None and dtype == torch.float32 else self.configs[0]
+    def candidates(self, dtype: "torch.dtype | None", args: dict) -> list:
+        """The configurations that may run for keys of `dtype` in a launch with the arguments `args`
+        (its constexprs at least): those `prune` keeps, the one that runs without autotuning first."""
+        first = self.float32_first if dtype == torch.float32 else None
+        ordered = ([first] if first is not None else []) + [c for c in self.configs if c is not first]
+        return ordered if self.prune is None else self.prune(ordered, {}, **args)
 
     def __getitem__(self, grid):
         if self.tuner is not None and autotuning():
@@ -87,7 +95,8 @@ class Tuned:
         launch = self.fn[grid]
 
         def first_config(*args, **kwargs):
-            first = self.first(kwargs["k"].dtype if self.float32_first is not None else None)
+            k = kwargs.get("k")
+            first = self.candidates(None if k is None else k.dtype, kwargs)[0]
             fixed = dict(first.kwargs)
             if self.tuner is not None:  # compiled: the launch options too (the interpreter has none)
                 fixed.update(num_warps=first.num_warps, num_stages=first.num_stages)
@@ -96,12 +105,30 @@ class Tuned:
         return first_config
 
 
-def autotune_or_first(configs, key, float32_first=None, **kwargs):
+def autotune_or_first(configs, key, float32_first=None, prune=None, **kwargs):
     """Decorator: `triton.autotune(configs, key, **kwargs)` when kernels are compiled for a GPU, the
     first of `configs` (`float32_first` for float32 keys, if given) when they run in the interpreter
-    (which cannot time them) or autotuning is off (`autotuning()`). Put the configuration that suits
-    small shapes first."""
-    return lambda fn: Tuned(fn, configs, key, kwargs, float32_first)
+    (which cannot time them) or autotuning is off (`autotuning()`); either way among the configurations
+    `prune` keeps (see `Tuned`). Put the configuration that suits small shapes first."""
+    return lambda fn: Tuned(fn, configs, key, kwargs, float32_first, prune)
+
+
+# The float32 registers per thread a tile held whole may take (a quarter of the 255 a thread can
+# have): above it the state kernels and the decode step spilled at K = 256 (a [256, 64] state over
+# 4 warps: 128 per thread), and the per-channel attention backward with 4 warps.
+TILE_REGISTERS = 32
+
+
+def tile_pruner(width):
+    """An `early_config_prune` for a kernel that holds a float32 [BK, width(config, args)] tile whole
+    (BK: the launch's K padded, `block`): keeps the configurations whose tile spreads to at most
+    TILE_REGISTERS registers per thread, in their order; if none does, those with the fewest."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        per_thread = {id(c): block(args["K"]) * width(c, args) / (32 * c.num_warps) for c in configs}
+        limit = max(min(per_thread.values()), TILE_REGISTERS)
+        return [c for c in configs if per_thread[id(c)] <= limit]
+    return prune
 
 
 def helper(fn):

@@ -168,7 +168,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     def v_blocks(kernel) -> tuple:
         """(V blocks, V as the products see it: whole blocks) of a kernel's V block in the
         configuration it runs with here: its first (the interpreter's, and autotuning off's)."""
-        BV = kernel.first(dtype).kwargs["BV"]
+        BV = kernel.candidates(dtype, {"K": K})[0].kwargs["BV"]
         nv = math.ceil(V / BV)
         return nv, nv * BV
 

@@ -37,9 +37,9 @@ import triton.language as tl
 from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, poison_from,
                      row_block, solve_mm, split_finite, tile)
 
-# First: the configuration ptxas compiled spill-free for both kernels of every delta family in bfloat16 at
-# K = V = 128 (with 4 warps, or BV32 in the backward, some spilled).
-_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (64, 32) for nw in (8, 4)]
+# 8 warps, one stage: with 4 warps the backward spilled at every K in bfloat16, and two stages (loads of
+# the next key block in flight) spilled the gated_deltanet WY forward with the solve at K = 256.
+_CONFIGS = [triton.Config({"BV": bv}, num_warps=8, num_stages=1) for bv in (64, 32)]
 
 @helper
 def wy_l_block(k, b, A, Lk, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constexpr, K: tl.constexpr, BKW: tl.constexpr,
