@@ -478,7 +478,7 @@ def test_configurations_holding_a_state_tile_are_pruned_by_its_width():
     import triton
 
     from memplug.backends.triton import chunk, decode
-    from memplug.backends.triton.common import TILE_REGISTERS, Tuned, tile_pruner
+    from memplug.backends.triton.common import TILE_REGISTERS, Tuned, fitting_state_tiles
     label = lambda configs: [f"BV{c.kwargs['BV']} w{c.num_warps}" for c in configs]
     state = chunk.state_fwd_kernel
     assert len(state.candidates(torch.bfloat16, {"K": 64})) == len(state.configs)  # every tile fits
@@ -496,7 +496,7 @@ def test_configurations_holding_a_state_tile_are_pruned_by_its_width():
 
     configs = [triton.Config({"BV": 64}, num_warps=4), triton.Config({"BV": 32}, num_warps=4)]
     kernel = Tuned(Kernel(), configs, ["K"], {}, float32_first=triton.Config({"BV": 16}, num_warps=4),
-                   prune=tile_pruner(lambda config, args: config.kwargs["BV"]))
+                   prune=fitting_state_tiles)
     kernel.tuner = None
     for K, dtype in ((32, torch.bfloat16), (128, torch.bfloat16), (128, torch.float32)):
         kernel[(1,)](k=torch.empty(0, dtype=dtype), K=K)

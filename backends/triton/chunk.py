@@ -28,17 +28,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, poison_from,
-                     row_block, sequence_span, split_finite, state_row, tile, tile_pruner)
+from .common import (autotune_or_first, chunk_rows, exp_nonpos, fitting_state_tiles, helper, lower_mask, mm, mma,
+                     poison_from, row_block, sequence_span, split_finite, state_row, tile)
 
 # The first configuration of each list is the one that runs without autotuning and in the
 # interpreter: each is the one ptxas compiled spill-free for every family in bfloat16 at K = V = 128
 # (experiments/results/compile-sm90-*.md). The state kernels spilled with 2 warps in every case, and
-# with 4 for a per-channel decay; the gradient kernel with BV32 for a per-channel or delta rule.
+# with 4 for a per-channel decay; the gradient kernel with BV32 for a per-channel or delta rule. The state
+# kernels' lists are pruned by K (`fitting_state_tiles`): BV 64 with 4 warps spilled at K = 256.
 _STATE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                   for bv in (32, 64) for nw in (8, 4) for ns in (2, 3)]
-# The state kernels hold a [K, BV] float32 state tile: BV 64 with 4 warps spilled at K = 256.
-_STATE_TILE = tile_pruner(lambda config, args: config.kwargs["BV"])
 _CHUNK_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                   for bv in (32, 64) for nw in (4, 8) for ns in (2, 3)]
 # (One stage for the first: with two, it needed 240 KB of shared memory for a delta rule in float32.)
@@ -145,7 +144,7 @@ def chunk_decay(A, last_row, Hb, i_h, o_k, m_k, K: tl.constexpr, DECAY: tl.const
     return b_e
 
 
-@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "BS", "DECAY", "DELTA"], prune=_STATE_TILE)
+@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "BS", "DECAY", "DELTA"], prune=fitting_state_tiles)
 @triton.heuristics({"HAS_H0": lambda args: args["h0"] is not None, "STORE_HT": lambda args: args["ht"] is not None})
 @triton.jit
 def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb, SLOTS,
@@ -196,7 +195,7 @@ def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb, 
         tl.store(ht + state_row(i_s, i_h, Hb, SLOTS) * K * V + p_state, b_h, mask=m_kv)
 
 
-@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "BS", "DECAY", "DELTA"], prune=_STATE_TILE)
+@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "BS", "DECAY", "DELTA"], prune=fitting_state_tiles)
 @triton.heuristics({"HAS_DHT": lambda args: args["dht"] is not None,
                     "STORE_DH0": lambda args: args["dh0"] is not None,
                     "HAS_READ_W": lambda args: args["read_w"] is not None})

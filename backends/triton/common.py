@@ -3,7 +3,7 @@
 - `specialization`, `SPECIALIZATIONS`: the kernels' family switches (DECAY, DELTA).
 - `autotune_or_first(configs, key)`: `triton.autotune` on a GPU; under the interpreter
   (`TRITON_INTERPRET=1`, no driver to time configurations on), or with MEMPLUG_TRITON_AUTOTUNE=0,
-  the first configuration, fixed; `tile_pruner`: the configurations a launch's K rules out.
+  the first configuration, fixed; `fitting_state_tiles`: the configurations a launch's K rules out.
 - `chunk_rows`, `sequence_span`, `row_block`, `tile`, `lower_mask`: the index arithmetic every
   kernel starts with: where a chunk (or a packed sequence) starts and how many of its rows are real,
   the chunk's rows, the offsets and mask of a block of a row-major matrix, the causal masks.
@@ -70,7 +70,7 @@ class Tuned:
     the kernel (`triton.jit`), `configs` its configurations, the first of them the one that runs
     without autotuning, unless `float32_first` is given: the one for float32 keys `k` (which every
     kernel with one has), whose products hold split copies of their operands and need smaller blocks.
-    `prune(configs, named_args, **kwargs)` (autotune's `early_config_prune`, such as `tile_pruner`)
+    `prune(configs, named_args, **kwargs)` (autotune's `early_config_prune`, such as `fitting_state_tiles`)
     drops the configurations that do not suit a launch's shapes, for autotuning and without it."""
 
     def __init__(self, fn, configs, key, kwargs, float32_first=None, prune=None):
@@ -119,16 +119,15 @@ def autotune_or_first(configs, key, float32_first=None, prune=None, **kwargs):
 TILE_REGISTERS = 32
 
 
-def tile_pruner(width):
-    """An `early_config_prune` for a kernel that holds a float32 [BK, width(config, args)] tile whole
-    (BK: the launch's K padded, `block`): keeps the configurations whose tile spreads to at most
-    TILE_REGISTERS registers per thread, in their order; if none does, those with the fewest."""
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        per_thread = {id(c): block(args["K"]) * width(c, args) / (32 * c.num_warps) for c in configs}
-        limit = max(min(per_thread.values()), TILE_REGISTERS)
-        return [c for c in configs if per_thread[id(c)] <= limit]
-    return prune
+def fitting_state_tiles(configs, named_args, **kwargs):
+    """autotune's `early_config_prune` for a kernel that holds a float32 [BK, BV] state tile whole
+    (the state kernels, the decode step; BK: the launch's K padded, `block`): keeps the
+    configurations whose tile spreads to at most TILE_REGISTERS registers per thread, in their order;
+    if none does, those with the fewest."""
+    BK = block({**named_args, **kwargs}["K"])
+    per_thread = {id(c): BK * c.kwargs["BV"] / (32 * c.num_warps) for c in configs}
+    limit = max(min(per_thread.values()), TILE_REGISTERS)
+    return [c for c in configs if per_thread[id(c)] <= limit]
 
 
 def helper(fn):

@@ -15,15 +15,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import autotune_or_first, tile_pruner
+from .common import autotune_or_first, fitting_state_tiles
 
 # 1 warp spilled at K = 128. Each program holds a [K, BV] float32 state: pruned by K (BV 64 with 2
 # warps spilled at K = 128, with 4 at K = 256).
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=nw) for bv in (32, 64) for nw in (4, 2)]
 
 
-@autotune_or_first(_CONFIGS, key=["K", "V", "R", "DECAY", "DELTA"], restore_value=["state"],
-                   prune=tile_pruner(lambda config, args: config.kwargs["BV"]))
+@autotune_or_first(_CONFIGS, key=["K", "V", "R", "DECAY", "DELTA"], restore_value=["state"], prune=fitting_state_tiles)
 @triton.jit
 def step_kernel(state, q, k, v, a, b, idx, read_w, o, s_b, s_h, s_m, s_k, s_v, H, scale,
                 R: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
