@@ -18,7 +18,8 @@ rows (`place`, possibly padded), or with one gather straight into the unpadded p
 (`pack_rows`); the coupling is elementwise per route, so it can be applied in either order. It runs
 a variable-length scan over the packed sequences (`Packing.offsets` are their cu_seqlens), reads
 and writes the slot states with `read_states` / `write_states`, and mixes the route outputs back
-into tokens with `combine`. A backend that works part by part (some packed
+into tokens: those in the packed order are entry `e`'s at row `Packing.positions[e]` (the Triton
+backend reads them there in its combine kernel). A backend that works part by part (some packed
 sequences at a time) gathers and scatters each part's entries instead (`gather_parts`,
 `gather_routing_parts`, `scatter_parts`, then `mix`). How the scan is computed (chunked PyTorch, a
 kernel, ...) and whether the layout has padding is the backend's business.
@@ -255,10 +256,6 @@ def mix(routes: torch.Tensor, read_w: torch.Tensor, p: Packing) -> torch.Tensor:
     o = torch.einsum("ngrhv,ngr->nghv", routes.view(p.B * p.T, p.Hr, p.R, p.Hb, V), weights)
     return o.reshape(p.B, p.T, p.H, V)
 
-
-def combine(packed_out: torch.Tensor, read_w: torch.Tensor, p: Packing) -> torch.Tensor:
-    """Token outputs `[B,T,H,V]` from route outputs `packed_out [E, Hb, V]` in the packed order."""
-    return mix(take(packed_out, p.positions), read_w, p)
 
 
 def _split_segments(p: Packing, segments: torch.Tensor):

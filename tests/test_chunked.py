@@ -12,7 +12,7 @@ import memplug
 import memplug.backends.chunked as chunked
 from memplug import get_rule, routed_scan
 from memplug.backends.chunked.chunking import chunk_layout
-from memplug.backends.packing import combine, pack
+from memplug.backends.packing import mix, pack, take
 from memplug.testing import CaseSpec, case_specs, check_backend, make_inputs, poisons
 from support.nonfinite import assert_bitwise_equal, nan_filled_memory, scan_with_grads
 
@@ -304,14 +304,14 @@ def test_packing_holds_each_slots_tokens_in_time_order(B, T, heads, m, seed, var
     assert seen == E and p.segments.unique().numel() == p.segments.numel()
     assert int(p.segments.max()) < N * Hr * m
 
-    # combine inverts the packing: route outputs laid out in packed order come back to their tokens.
+    # positions invert the packing: route outputs laid out in packed order come back to their tokens.
     V = 2
     route_out = torch.randn(B, T, Hr, R, H // Hr, V, generator=gen, dtype=torch.float64)
     read_w = torch.rand(B, T, Hr, R, generator=gen, dtype=torch.float64)
     packed = route_out.reshape(E, H // Hr, V)[p.entries]
     expected = torch.einsum("bgrhv,bgr->bghv", route_out.reshape(B, T * Hr, R, H // Hr, V),
                             read_w.reshape(B, T * Hr, R)).reshape(B, T, H, V)
-    assert_same(combine(packed, read_w, p), expected, 1e-14, "combine")
+    assert_same(mix(take(packed, p.positions), read_w, p), expected, 1e-14, "mix of the packed outputs")
 
 
 @settings(max_examples=30, deadline=None)

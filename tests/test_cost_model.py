@@ -63,7 +63,7 @@ def test_model_lists_every_launch_with_the_tensors_it_is_given(rule, m, R, learn
                                      final_state=states, read_w=not learned_weights)
     assert recorded == [(x.phase, x.kernel, {n: b for n, (b, _) in x.tensors.items()}) for x in model]
     assert all(x.bytes > 0 for x in model)
-    # The PyTorch side is recorded too (packing, casts, the combine and their adjoints).
+    # The PyTorch side is recorded too (packing, coupling, casts and their adjoints).
     assert any(x.kind == "torch" and x.phase == "backward" for x in traffic.launches)
 
 

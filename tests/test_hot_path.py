@@ -36,9 +36,10 @@ LAYERS = {
 SCANS = {"routed": (1, 0), "backbone": (0, 1), "dense": (1, 0), "threshold": (1, 0), "fm": (1, 0), "mom": (1, 1)}
 # What the chunked backend reads per scan on the CPU: 4 lists for its chunk layout (sizes of the
 # blocks, which chunks are active) where there are several slots to pack (one slot's layout is a
-# reshape, read nothing), and at most 2 finiteness sums (of the keys and the values), which on the
-# CPU spare a pass when they are finite (elsewhere that pass is always made, and nothing is read).
-LAYOUT_READS, FINITENESS_READS = 4, 2
+# reshape, read nothing), and at most 3 finiteness sums (of the keys, the values and, for the delta
+# families, the WY transform's right-hand side), which on the CPU spare a pass when they are finite
+# (elsewhere that pass is always made, and nothing is read).
+LAYOUT_READS, FINITENESS_READS = 4, 3
 
 
 def _x(T, seed=0):

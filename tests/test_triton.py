@@ -190,18 +190,55 @@ def test_memory_it_never_wrote_is_never_read(rule):
     assert_bitwise_equal(got, expected)
 
 
-@pytest.mark.parametrize("wrt", ["q", "route_w"])
+@pytest.mark.parametrize("wrt", ["q", "route_w", "read_w"])
 def test_higher_order_gradients_raise_a_clear_error(wrt):
     """A gradient taken with create_graph=True (the first step of double backward) raises a
     RuntimeError that names memplug and the backends with higher-order gradients: for q, reached
-    through the kernels only, and for route_w, reached also through the coupling and combine in
-    PyTorch, where a silently partial second-order result came back before."""
-    inputs = make_inputs(CaseSpec(rule="gated_deltanet", dtype="float32", T=6, K=4, V=4, m=2, R=1, seed=3), DEVICE)
+    through the kernels only; for route_w, reached also through the coupling in PyTorch, where a
+    silently partial second-order result came back before; for read_w, reached through the combine
+    kernels only."""
+    inputs = make_inputs(CaseSpec(rule="gated_deltanet", dtype="float32", T=6, K=4, V=4, m=2, R=1, read_w=True,
+                                  seed=3), DEVICE)
     leaf = inputs[wrt].clone().requires_grad_()
     o, _ = routed_scan(**dict(inputs, **{wrt: leaf}), backend="triton")
     with pytest.raises(RuntimeError, match=r"memplug: backend 'triton' has first-order gradients only.*"
                                            r"use backend='chunked' or backend='reference'"):
         torch.autograd.grad((o ** 2).sum(), [leaf], create_graph=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 9), m=st.integers(1, 5), R=st.integers(1, 3), Hr=st.sampled_from([1, 3]),
+       V=st.integers(1, 40), weight_grad=st.booleans(), seed=st.integers(0, 2**16))
+def test_the_combine_kernels_mix_the_packed_route_outputs_into_tokens(dtype, B, T, m, R, Hr, V, weight_grad, seed):
+    """The combine kernels against the same mix in PyTorch (`packing.mix` of the route outputs brought
+    into entry order through `Packing.positions`), in float64: the output, in the input dtype, and
+    the gradients of the route outputs (in the input dtype, as the scan's backward takes them) and of
+    the read weights (float32, when they ask for one)."""
+    from memplug.backends.packing import mix, pack, take
+    from memplug.backends.triton.combine import Combine
+
+    gen = torch.Generator().manual_seed(seed)
+    H = 3
+    R = min(R, m)
+    route_idx = torch.rand(B * T * Hr, m, generator=gen).argsort(-1)[:, :R].reshape(B, T, Hr, R)
+    p = pack(route_idx, m, H, every_segment=True)
+    out = torch.randn(p.entries.numel(), H // Hr, V, generator=gen, requires_grad=True)
+    read_w = torch.rand(B, T, Hr, R, generator=gen).requires_grad_(weight_grad)
+    do = torch.randn(B, T, H, V, generator=gen).to(dtype)
+    o = Combine.apply(out, read_w, p.positions, dtype)
+    assert o.dtype == dtype and o.shape == (B, T, H, V)
+    o.backward(do)
+    leaves = (out, read_w) if weight_grad else (out,)
+    grads = [x.grad for x in leaves]
+    expected = mix(take(out.double(), p.positions), read_w.double(), p)
+    expected_grads = torch.autograd.grad(expected, leaves, do.double())
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(o.double(), expected, **tol)
+    torch.testing.assert_close(grads[0].double(), expected_grads[0].double(), **tol)
+    if weight_grad:
+        assert grads[1].dtype == read_w.dtype
+        torch.testing.assert_close(grads[1].double(), expected_grads[1].double(), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- decode

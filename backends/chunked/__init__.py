@@ -152,11 +152,12 @@ def _one_slot_scan(args, chunk_size):
         rows = lambda x: None if x is None else x.flatten(0, 1).contiguous()  # [chunks, H, C, ...]
         form = intra_chunk(rule.family, rows(read_weight[first:last] * q_b), *map(rows, coupled))
         reads, values, state, done = pass_states(state, form, [B] * (last - first), B if last < steps else 0)
-        outputs.append(chunk_outputs(form, reads, values))  # [(last - first) * B, H, C, V]
+        out = chunk_outputs(form, reads, values)  # [(last - first) * B, H, C, V]
+        outputs.append(out.unflatten(0, (last - first, B)).permute(1, 0, 3, 2, 4))  # [B, steps, C, H, V]
         finished += done
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    o = out.unflatten(0, (steps, B)).permute(1, 0, 3, 2, 4).reshape(B, steps * chunk_size, H, V)[:, :T]
-    # Contiguous like every backend's output (a copy only where the sequences were padded).
+    # One copy into token order, the blocks' outputs joined as they are permuted; contiguous like every
+    # backend's output (a second copy only where the sequences were padded).
+    o = torch.cat(outputs, 1).flatten(1, 2)[:, :T]
     return o.to(q.dtype).contiguous(), (torch.cat(finished[::-1]).unsqueeze(2) if args.output_final_state else None)
 
 

@@ -157,11 +157,20 @@ def additive_vector(q, k, v, a, b) -> ChunkForm:
 
 def _wy(L, b, v, k_from_start):
     """The delta family's effective values d = u - w S_0: (I + L) [u, w] = b [v, exp(A) k], for
-    `L` the strictly lower decayed key products without b, and `k_from_start` = exp(A) k."""
-    rhs = b[..., None] * torch.cat([v, k_from_start], -1)
+    `L` the strictly lower decayed key products without b, and `k_from_start` = exp(A) k.
+
+    T = (I + b L)^-1 is solved for first, then applied with one product: a triangular solve's time
+    grows with the width of its right-hand side, and at the CPU shapes (C = 32, K + V = 128) solving
+    for T and multiplying took half the time of solving for [u, w] directly. A non-finite entry of
+    the right-hand side at row s reaches rows t >= s only: the product takes its finite part and
+    each row adds the non-finite entries of the rows up to it, as the output pass does."""
+    bL = b[..., :, None] * L
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(bL)
     # `unitriangular` takes the unit diagonal as given, so b L itself is passed.
-    return torch.linalg.solve_triangular(b[..., :, None] * L, rhs, upper=False, unitriangular=True).split(
-        [v.shape[-1], k_from_start.shape[-1]], -1)
+    T = torch.linalg.solve_triangular(bL, eye, upper=False, unitriangular=True)
+    safe, bad = finite_split(b[..., None] * torch.cat([v, k_from_start], -1))
+    uw = T @ safe if bad is None else T @ safe + bad.cumsum(-2)
+    return uw.split([v.shape[-1], k_from_start.shape[-1]], -1)
 
 
 def delta(q, k, v, a, b) -> ChunkForm:

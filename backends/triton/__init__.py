@@ -13,7 +13,9 @@
 3. scan: one chunked variable-length scan per family over all packed sequences at once
    (`function.ChunkScan`); chunks of BT rows never span two packed sequences. The state kernels read
    the initial slot states and write the final ones in place, in the `[N, H, m, K, V]` layout.
-4. combine: `backends/packing.py` mixes the route outputs back into tokens with `read_w`.
+4. combine: two kernels (`combine.py`) mix the route outputs back into tokens with `read_w`, reading
+   the packed rows in place, and take the gradient back (one slot with one routing: a product with
+   `read_w`, or the output kernel weighs its rows itself).
 
 Kernel inventory (forward / backward; "all" = every family):
 
@@ -28,6 +30,8 @@ Kernel inventory (forward / backward; "all" = every family):
     delta.wy_fwd_kernel          delta, delta_vector (deltanet, gated_deltanet, kda): WY/UT transform
                                  (fwd; bwd recompute)
     delta.wy_bwd_kernel          delta, delta_vector (bwd)
+    combine.combine_fwd_kernel   routed: route outputs into tokens, weighted by read_w / their gradients
+    combine.combine_bwd_kernel
     decode.step_kernel           all: `routed_step`, the R routed slots of each head updated in place
 
 Scalar-decay rules (mamba2, fm) use only the shared kernels. Backward passes recompute the states
@@ -56,7 +60,7 @@ from typing import Optional
 import torch
 
 from ..layout import routes_per_head, rule_inputs_per_route
-from ..packing import Packing, combine, pack, pack_rows, per_entry, take
+from ..packing import Packing, pack, pack_rows, per_entry, take
 
 # Rows per chunk. Each of CHUNK_SIZES gives the same result (up to rounding); tests vary it. (Powers
 # of two >= 16 for the products; at most 64 for the delta family's blockwise WY inverse.)
@@ -108,6 +112,7 @@ def triton_scan(args, chunk_size=None):
         raise TypeError(f"q: backend 'triton' takes dtypes {DTYPES}, got {q.dtype}")
     _check_device(q)
     K, V = args.K, args.V
+    from .combine import Combine
     from .function import chunk_scan, varlen_chunks
 
     dt = q.dtype
@@ -157,7 +162,7 @@ def triton_scan(args, chunk_size=None):
     elif identity:
         o = (out.view(B, T, H, V) * args.read_w.reshape(B, T, 1, 1).to(f32)).to(dt)
     else:
-        o = combine(out, args.read_w, packing).to(dt)
+        o = Combine.apply(out, args.read_w, packing.positions, dt)
     return o, None if final is None else final.view(packing.N, H, args.num_slots, K, V)
 
 

@@ -38,7 +38,8 @@ from itertools import product
 import torch
 
 _DOT_DTYPE_ARGS = {"q", "k", "v", "w", "u", "hs", "dhs", "d", "d_out", "do"}
-_POINTER_TYPES = {"chunk_indices": "*i32", "offsets": "*i64", "chunk_offsets": "*i64", "idx": "*i64"}
+_POINTER_TYPES = {"chunk_indices": "*i32", "offsets": "*i64", "chunk_offsets": "*i64", "idx": "*i64",
+                  "positions": "*i64"}
 _SCALAR_TYPES = {"Hb": "i32", "SLOTS": "i32", "H": "i32", "scale": "fp32", "s_b": "i64", "s_h": "i64", "s_m": "i64",
                  "s_k": "i64", "s_v": "i64"}
 H100_SHARED_MEMORY = 227 * 1024  # bytes per block
@@ -128,6 +129,7 @@ def ptxas_report(compiled, arch: int, num_warps: int) -> Report:
 def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     """(kernel name, family, dtype, K, BT, constexprs, none-args, type overrides)."""
     from .chunk import channel_block
+    from .combine import feature_block
     from .common import DECAY_FLOOR, SPECIALIZATIONS, block, key_block, row_sub_block
     from .vector import BC
 
@@ -180,17 +182,28 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
             yield ("step_kernel", family, dtype, K, BT, dict(R=2, K=K, V=V, BK=BK, DECAY=decay, DELTA=delta),
                    ({"a"} if decay == 0 else set()) | ({"b"} if not delta else set()),
                    {"k": "*fp32", "v": "*fp32", "idx": "*i64"})
+        # the combine of a routed scan (any family), R = 2: rows of one head (per-head routing) and of
+        # 16 heads (one routing for all); its output and the route outputs' gradient in the input dtype
+        if BT == BTs[0]:
+            in_dtype = "*" + _TRITON_DTYPES[dtype]
+            for F in (V, 16 * V):
+                rows = dict(F=F, R=2, BF=feature_block(F))
+                yield "combine_fwd_kernel", "routed (every family)", dtype, K, BT, rows, set(), {"o": in_dtype}
+                for weight_grad in (True, False):
+                    yield ("combine_bwd_kernel", "routed (every family)", dtype, K, BT,
+                           dict(rows, WEIGHT_GRAD=weight_grad), set() if weight_grad else {"dread_w"},
+                           {"dout": in_dtype})
 
 
 def _kernel(name):
-    from . import chunk, decode, delta, vector
-    for module in (chunk, vector, delta, decode):
+    from . import chunk, combine, decode, delta, vector
+    for module in (chunk, vector, delta, decode, combine):
         if hasattr(module, name):
             return getattr(module, name)
     raise KeyError(name)
 
 
-_VARIANT_FLAGS = ("REVERSE", "HAS_H0", "STORE_HT", "COMPUTE_T", "HAS_READ_W")
+_VARIANT_FLAGS = ("REVERSE", "HAS_H0", "STORE_HT", "COMPUTE_T", "HAS_READ_W", "F", "WEIGHT_GRAD")
 
 
 @dataclass

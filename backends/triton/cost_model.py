@@ -6,10 +6,11 @@ Two parts, each with one source of truth:
 
 - `scan_launches(...)`: the Triton kernels, analytically, as functions of the packed layout (E route
   entries of Hb heads, S packed sequences, empty ones included, their chunks), K, V, the chunk
-  size, the dtype and the rule's family. This mirrors `function.ChunkScan`; `tests/test_cost_model.py`
+  size, the dtype and the rule's family. This mirrors `function.ChunkScan` and, routed, the combine
+  (`combine.py`); `tests/test_cost_model.py`
   checks it against the tensors the kernels are actually given (every launch, every argument) and against the products
   Triton's interpreter actually executes, so it cannot drift from the code.
-- `record_traffic(fn)`: everything else (packing, coupling, casts, the combine, and their adjoints)
+- `record_traffic(fn)`: everything else (packing, coupling, casts and their adjoints)
   is counted, not modelled: `fn` runs on the CPU with every Triton launch replaced by a record of its
   tensors, and every PyTorch operation is charged the bytes it reads and writes. The same recorder
   measures fla's paths (`memplug bench --model`).
@@ -84,6 +85,7 @@ class Layout:
     Hb: int
     BT: int
     equal_lengths: bool = False  # every packed sequence's length follows from the shapes (one slot, no cu_seqlens)
+    routes: int = 0  # R, the route entries of a token and head group; 0: the token order (no combine kernels)
 
     @property
     def E(self) -> int:
@@ -116,11 +118,11 @@ def packed_layout(route_idx: torch.Tensor, num_slots: int, H: int, BT: int) -> L
     (batch row, head group, slot), empty ones included."""
     from ..packing import pack
 
-    B, T, Hr, _ = route_idx.shape
+    B, T, Hr, R = route_idx.shape
     if num_slots == 1 and Hr == 1:
         return Layout((T,) * B, H, BT, equal_lengths=True)
     lengths = pack(route_idx, num_slots, H, every_segment=True).offsets.diff().tolist()
-    return Layout(tuple(lengths), H // Hr, BT)
+    return Layout(tuple(lengths), H // Hr, BT, routes=R)
 
 
 def balanced_layout(B: int, T: int, H: int, m: int, R: int, Hr: int, BT: int) -> Layout:
@@ -129,7 +131,8 @@ def balanced_layout(B: int, T: int, H: int, m: int, R: int, Hr: int, BT: int) ->
     and head group."""
     per_slot, extra = divmod(T * R, m)
     lengths = [per_slot + (i < extra) for i in range(m)]
-    return Layout(tuple(L for _ in range(B * Hr) for L in lengths), H // Hr, BT, equal_lengths=m == 1)
+    return Layout(tuple(L for _ in range(B * Hr) for L in lengths), H // Hr, BT, equal_lengths=m == 1,
+                  routes=0 if m == 1 and Hr == 1 else R)
 
 
 def _family(rule) -> tuple:
@@ -147,13 +150,14 @@ def _family(rule) -> tuple:
 
 def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, initial_state: bool = False,
                   final_state: bool = False, backward: bool = True, state_grad: Optional[bool] = None,
-                  read_w: bool = False) -> list:
+                  read_w: bool = False, read_w_grad: bool = True) -> list:
     """The Triton launches of one `routed_scan` (forward, then backward) of `rule` on `layout`, with q,
     k, v in `dtype`, as `Launch`es in launch order. `state_grad`: whether the backward is given a
     gradient of the final states (default: `final_state`); the initial states' gradient is computed
     when they are given. `read_w`: the output kernel weighs its rows by a constant read weight (one
     slot, no gradient to the weights) and writes the output in `dtype`; the kernels that read dO
-    weigh it too."""
+    weigh it too. A routed layout (`layout.routes`) adds the combine kernels, and `read_w_grad` says
+    whether the read weights take a gradient there."""
     decay, delta = _family(rule)
     state_grad = final_state if state_grad is None else state_grad
     E, Hb, S, BT = layout.E, layout.Hb, layout.S, layout.BT
@@ -259,10 +263,22 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     nv, Vp = v_blocks(chunk.output_fwd_kernel)
     flops = 2 * BT * BKp * Vp + 2 * BT * BT * Vp + (0 if decay == 2 else 2 * BT * BT * BKp * nv)
     out.append(launch("output_fwd_kernel", "forward", tensors, chunk_heads * flops))
+    # The combine (`combine.py`): route outputs read in place, E / R token rows written in `dtype`.
+    combine_rows = {"positions": (E * 8, "r"), "read_w": (E * f4, "r")}
+    token_rows = E // max(layout.routes, 1) * Hb * V * d
+    if layout.routes:
+        out.append(Launch("combine_fwd_kernel", "forward", tensors={"out": (rows["V32"], "r"), **combine_rows,
+                                                                    "o": (token_rows, "w")}))
     if not backward:
         return out
 
     # ---- backward
+    if layout.routes:  # the route outputs are read again only for the read weights' gradient
+        tensors = {"out": (rows["V32"], "r")} if read_w_grad else {}
+        tensors.update(combine_rows, do=(token_rows, "r"), dout=(rows["V"], "w"))
+        if read_w_grad:
+            tensors["dread_w"] = (E * f4, "w")
+        out.append(Launch("combine_bwd_kernel", "backward", tensors=tensors))
     if delta:
         out += wy("backward", compute_T=False)
     out.append(states("backward", False))
