@@ -123,10 +123,10 @@ def test_long_sequences_and_wide_values(rule, shape, monkeypatch):
     """long: one slot's tokens over many chunks (m = 2, T = 80, chunks of 16: five chunks per packed
     sequence), per-route inputs. wide: V = 72 and K = 20, so that values span several blocks of the
     V loops and grids (two of 64, or three of 32; the last one ragged), keys a padded block, in the
-    kernels that take keys in blocks (output, dd_local, gradient, WY) two blocks of 16 (the last one
-    ragged), in the state kernels a chunk's rows in two blocks of 16, and a per-channel decay's
-    cumulative sums in two blocks of 16 channels. Both with an initial state and a routing shared by
-    the heads: o, final states and every gradient."""
+    kernels that take keys in blocks (output, dd_local, gradient, WY, per-channel attention forward)
+    two blocks of 16 (the last one ragged), in the state kernels a chunk's rows in two blocks of 16,
+    and a per-channel decay's cumulative sums in two blocks of 16 channels. Both with an initial state
+    and a routing shared by the heads: o, final states and every gradient."""
     if shape == "wide":
         monkeypatch.setattr("memplug.backends.triton.common.KEY_BLOCK", 16)
         monkeypatch.setattr("memplug.backends.triton.common.ROW_TILE_BYTES", 1)

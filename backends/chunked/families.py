@@ -69,15 +69,15 @@ def causal_mask(C: int, device) -> torch.Tensor:
 
 
 def decay_matrix(a: torch.Tensor) -> torch.Tensor:
-    """`a [..., C]` -> `[..., C, C]` with entry (t, s) = exp(a_{s+1} + ... + a_t) for s <= t and exactly
-    0 above the diagonal. The sums are cumulative sums of masked copies, not differences of prefix
-    sums, so they are exact for strong decays and free of inf - inf. They are 0 above the diagonal;
-    the mask is applied after the exponential, as exp(-inf) takes several times as long as exp of a
-    finite number on the CPU (a wiped slot's a = -inf still gives exact zeros below it)."""
+    """`a [..., C]` -> `[..., C, C]` with entry (t, s) = exp(a_{s+1} + ... + a_t) for s <= t, and 1 above
+    the diagonal (where no `a` enters it): its users apply a causal mask of their own, by selection,
+    so a mask here would be one more pass. The sums are cumulative sums of masked copies, not
+    differences of prefix sums, so they are exact for strong decays and free of inf - inf (a wiped
+    slot's a = -inf gives exact zeros below the diagonal)."""
     C = a.shape[-1]
-    causal = causal_mask(C, a.device)
-    x = a[..., :, None].expand(*a.shape, C).masked_fill(~causal.tril(-1), 0)  # x[t, s] = a_t for t > s
-    return x.cumsum(-2).exp_().masked_fill(~causal, 0.0)
+    strictly_lower = causal_mask(C, a.device).tril(-1)
+    x = torch.where(strictly_lower, a[..., :, None], 0.0)  # x[t, s] = a_t for t > s
+    return x.cumsum(-2).exp_()
 
 
 def _prefix_suffix(a: torch.Tensor, dim: int):
@@ -92,14 +92,14 @@ def _prefix_suffix(a: torch.Tensor, dim: int):
 def _scalar_decay(q, k, a):
     """Decayed queries and keys, chunk decay and causal decay matrix for scalar `a [n,h,C]`."""
     prefix, suffix = _prefix_suffix(a, -1)
-    gamma = decay_matrix(a)  # [n,h,C,C], exp(A_t - A_s) on and below the diagonal, 0 above
+    gamma = decay_matrix(a)  # [n,h,C,C], exp(A_t - A_s) on and below the diagonal
     return (q * prefix.exp()[..., None], k * suffix.exp()[..., None],
             prefix[..., -1:, None].exp(), gamma, prefix)
 
 
 def causal_scores(q, k, gamma):
-    """gamma * (q_t.k_s) for s <= t and exactly 0 above the diagonal, for `gamma [n,h,C,C]` zero
-    there. A non-finite key k_s makes column s non-finite; the product is taken with the finite part
+    """gamma * (q_t.k_s) for s <= t and exactly 0 above the diagonal (whatever `gamma [n,h,C,C]` holds
+    there). A non-finite key k_s makes column s non-finite; the product is taken with the finite part
     of the keys and the non-finite part is added to its column, which the causal mask then cuts off
     above the diagonal (so the gradient of q, dscores @ k, has no 0 * NaN either)."""
     safe, bad = finite_split(k)

@@ -45,10 +45,12 @@ def pass_states(state: torch.Tensor, form: ChunkForm, active: list, following: i
             d = torch.baddbmm(u[j], w[j], state, alpha=-1)
             values.append(d)
             state = torch.baddbmm(decay[j] * state, k[j].transpose(-1, -2), d)
-        # Lanes with exactly this many chunks end here; they are the tail of the running lanes.
+        # Lanes with exactly this many chunks end here; they are the tail of the running lanes. (Most
+        # steps end none: no split then, whose few operations a step cost as much as its update.)
         still = sizes[j + 1] if j + 1 < len(sizes) else following * h
-        state, done = state.split([still, size - still])
-        finished.append(done.unflatten(0, (-1, h)))
+        if still < size:
+            state, done = state.split([still, size - still])
+            finished.append(done.unflatten(0, (-1, h)))
     unflat = lambda x: x.unflatten(0, (-1, h))
     values = form.u if form.w is None else unflat(torch.cat(values))
     reads = torch.bmm(form.q.flatten(0, 1), torch.cat(entering))

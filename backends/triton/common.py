@@ -144,8 +144,10 @@ def block(n: int) -> int:
 
 
 # Columns of keys the kernels with [BT, K] tiles of queries or keys (the output pass and its backward
-# into d, the gradient kernel, the WY transform) take at a time: whole [64, 128] tiles spilled
-# registers, more so with float32's split operands. Tests lower it to cover several blocks at small K.
+# into d, the gradient kernel, the WY transform, the per-channel attention forward) take at a time:
+# whole [64, 128] tiles spilled registers, more so with float32's split operands (and a [16, 128]
+# operand of a [16, 16] product is held whole by every warp). Tests lower it to cover several blocks
+# at small K.
 KEY_BLOCK = 64
 
 

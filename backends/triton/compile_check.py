@@ -131,6 +131,7 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
     from .chunk import channel_block
     from .combine import feature_block
     from .common import DECAY_FLOOR, SPECIALIZATIONS, block, key_block, row_sub_block
+    from .delta import wy_key_block
     from .vector import BC
 
     dtypes = dtypes or ["float32", "bfloat16"] + (["float16"] if full else [])
@@ -170,13 +171,14 @@ def _cases(full: bool, dtypes=None, Ks=None, BTs=None):
                        | ({"dw", "dd"} if not delta else set()) | ({"read_w"} if not has_read_w else set()), {})
             if decay == 2:
                 vec = dict(K=K, BT=BT, BK=BK, BC=BC)
-                yield ("attention_fwd_kernel", family, dtype, K, BT, vec, set(), {})
+                yield ("attention_fwd_kernel", family, dtype, K, BT, dict(vec, BKW=BKW), set(), {})
                 yield ("attention_bwd_kernel", family, dtype, K, BT, vec, set(), {})
             if delta:  # with a per-channel decay, L comes from the keys' attention (Lk) and goes back to it (dLk)
+                wy = dict(base, BKW=wy_key_block(BK, getattr(torch, dtype)))
                 for compute_T in (True, False):
-                    yield ("wy_fwd_kernel", family, dtype, K, BT, dict(base, BKW=BKW, COMPUTE_T=compute_T),
+                    yield ("wy_fwd_kernel", family, dtype, K, BT, dict(wy, COMPUTE_T=compute_T),
                            no_A | ({"Lk"} if decay != 2 or not compute_T else set()), {})
-                yield ("wy_bwd_kernel", family, dtype, K, BT, dict(base, BKW=BKW),
+                yield ("wy_bwd_kernel", family, dtype, K, BT, wy,
                        no_A | ({"dA", "dA_in"} if decay == 0 else set()) | ({"Lk", "dLk"} if decay != 2 else set()), {})
             # the decode step: q in the input dtype; the coupled per-route inputs in float32
             yield ("step_kernel", family, dtype, K, BT, dict(R=2, K=K, V=V, BK=BK, DECAY=decay, DELTA=delta),

@@ -168,6 +168,8 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
     BKW = key_block(BK, dtype)
     NK = math.ceil(K / BKW)
     BKp = NK * BKW  # keys as the kernels that take them in blocks of BKW see them
+    BKW_wy = delta_kernels.wy_key_block(BK, dtype)
+    BKp_wy = math.ceil(K / BKW_wy) * BKW_wy  # ... and as the WY kernels do, in their own blocks
 
     def v_blocks(kernel) -> tuple:
         """(V blocks, V as the products see it: whole blocks) of a kernel's V block in the
@@ -196,7 +198,7 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         pairs = sum(i for n in layout.chunk_rows for i in range(math.ceil(n / BC)))
         return launch("attention_fwd_kernel", phase,
                       {"q": (rows["K"], "r"), "k": (rows["K"], "r"), "A": (rows["a"], "r"),
-                       "M": (rows["BT"], "w")}, Hb * pairs * 2 * BC * BC * BK)
+                       "M": (rows["BT"], "w")}, Hb * pairs * 2 * BC * BC * BKp)  # keys in blocks of BKW
 
     def attention_bwd(phase):
         pairs = 0
@@ -216,10 +218,10 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
         if compute_T and decay == 2:
             tensors["Lk"] = (rows["BT"], "r")
         tensors.update(T=(rows["T"], "w" if compute_T else "r"), u=(rows["V"], "w"), w=(rows["K"], "w"))
-        flops = 2 * BT * BT * (BKp + v_blocks(delta_kernels.wy_fwd_kernel)[1])  # w = T (b exp(A) k), u = T (b v)
+        flops = 2 * BT * BT * (BKp_wy + v_blocks(delta_kernels.wy_fwd_kernel)[1])  # w = T (b exp(A) k), u = T (b v)
         NB = BT // 16  # blocks of 16 rows of the inverse
         if compute_T and decay != 2:  # the blocks of k k^T on and below the diagonal (per-channel decay: Lk given)
-            flops += NB * (NB + 1) // 2 * 2 * 16 * 16 * BK
+            flops += NB * (NB + 1) // 2 * 2 * 16 * 16 * BKp_wy
         wy_launch = launch("wy_fwd_kernel", phase, tensors, chunk_heads * flops)
         if compute_T:  # the inverse's merges: block (i, j) below the diagonal takes i - j + 1 products of 16x16
             products = sum(i - j + 1 for i in range(NB) for j in range(i))
@@ -342,13 +344,14 @@ def scan_launches(rule, layout: Layout, K: int, V: int, dtype: torch.dtype, init
             tensors["dA"] = (rows["a"], "w")
         if decay == 2:
             tensors["dLk"] = (rows["BT"], "w")
-        # T^T dw, dw (b exp(A) k)^T, T^T du, du (b v)^T, dL = -T^T dT T^T; through L = b D * (k k^T):
-        # G k, G'^T k and T^T dw again in the second pass over the key blocks (whose second reads of
-        # k and dw, made by the same program moments later, are counted as L2 hits, not HBM bytes)
+        # per block of keys (values): T^T dw (T^T du), w = T (b exp(A) k) (u = T (b v)) and their product
+        # into dL = -(T^T dw) w^T - (T^T du) u^T; through L = b D * (k k^T): G k, G^T (b k) and T^T dw
+        # again in the second pass over the key blocks (whose second reads of k and dw, made by the
+        # same program moments later, are counted as L2 hits, not HBM bytes)
         Vp = v_blocks(delta_kernels.wy_bwd_kernel)[1]
-        flops = 2 * BT * BT * BKp * 2 + 2 * BT * BT * Vp * 2 + 2 * 2 * BT ** 3
+        flops = 3 * 2 * BT * BT * (BKp_wy + Vp)
         if decay != 2:
-            flops += 3 * 2 * BT * BT * BKp
+            flops += 3 * 2 * BT * BT * BKp_wy
         out.append(launch("wy_bwd_kernel", "backward", tensors, chunk_heads * flops))
         if decay == 2:
             out.append(attention_bwd("backward"))

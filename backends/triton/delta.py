@@ -17,29 +17,40 @@ substitution a row at a time (elementwise, exact in float32), then the blocks be
 by T_ij = -T_ii sum_{j <= c < i} L_ic T_cj (16x16 products at the precision the input dtype needs,
 `common.solve_mm`). It stores T and applies it; the backward recomputes u and w from the stored T
 (`COMPUTE_T=False`). `wy_bwd_kernel` takes the
-gradients of u (= of d) and w back to k, v, b and A:
+gradients of u (= of d) and w back to k, v, b and A. With dT = du (b v)^T + dw (b exp(A) k)^T,
 
-    dT = du (b v)^T + dw (b exp(A) k)^T,   dL = -T^T dT T^T (strictly lower part).
+    dL = -T^T dT T^T = -(T^T du) u^T - (T^T dw) w^T   (strictly lower part),
 
-Both kernels take the keys in blocks of `common.KEY_BLOCK` columns (BKW), never a whole [BT, K] tile of
+summed block by block as the values and keys pass, with u and w recomputed there (T^T du and T^T dw
+are needed anyway): no [BT, BT] product of three factors, which in float32 spilled about 1 KB.
+
+Both kernels take the keys in blocks of BKW columns (`wy_key_block`), never a whole [BT, K] tile of
 them: at K = 128 the backward's five such float32 tiles spilled in every configuration, bfloat16
-inputs included (float32 inputs still spill: their products hold split copies of the operands). The
-backward passes over the key blocks twice for a scalar or no decay: first for dT, db and the parts
-of dk and dA that need no dL, then, once dL is known, for the parts through L = b D * (k k^T) (D the
-decays), as products of dL with the keys, never forming k k^T (and recomputing T^T dw rather than
-keeping it).
+inputs included. The backward passes over the key blocks twice for a scalar or no decay: first for
+dL, db and the parts of dk and dA that need no dL, then, once dL is known, for the parts through
+L = b D * (k k^T) (D the decays), as products of dL with the keys, never forming k k^T (and
+recomputing T^T dw rather than keeping it).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, lower_mask, mm, mma, poison_from,
+from .common import (autotune_or_first, chunk_rows, exp_nonpos, helper, key_block, lower_mask, mm, mma, poison_from,
                      row_block, solve_mm, split_finite, tile)
 
 # 8 warps, one stage: with 4 warps the backward spilled at every K in bfloat16, and two stages (loads of
-# the next key block in flight) spilled the gated_deltanet WY forward with the solve at K = 256.
+# the next key block in flight) spilled the gated_deltanet WY forward with the solve at K = 256. For
+# float32, whose products hold split copies of their operands beside the [BT, BT] float32 tiles (T,
+# dL), blocks of 16 values and 16 keys (`wy_key_block`): with 32 or 64 the backward spilled at K = 128.
 _CONFIGS = [triton.Config({"BV": bv}, num_warps=8, num_stages=1) for bv in (64, 32)]
+_FLOAT32_FIRST = triton.Config({"BV": 16}, num_warps=8, num_stages=1)
+
+
+def wy_key_block(BK: int, dtype: torch.dtype) -> int:
+    """BKW of the WY kernels: `common.key_block`, at most 16 for float32 (see `_CONFIGS`)."""
+    return min(key_block(BK, dtype), 16) if dtype == torch.float32 else key_block(BK, dtype)
 
 @helper
 def wy_l_block(k, b, A, Lk, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constexpr, K: tl.constexpr, BKW: tl.constexpr,
@@ -95,7 +106,7 @@ def store_t_block(T, x, bad, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constex
     tl.store(T + p_T, tl.where(bad[:, None], float("nan"), x).to(T.dtype.element_ty), mask=m_T)
 
 
-@autotune_or_first(_CONFIGS, key=["K", "V", "BT", "DECAY", "COMPUTE_T"])
+@autotune_or_first(_CONFIGS, key=["K", "V", "BT", "DECAY", "COMPUTE_T"], float32_first=_FLOAT32_FIRST)
 @triton.jit
 def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -186,7 +197,7 @@ def wy_fwd_kernel(k, v, b, A, Lk, T, u, w, chunk_indices, offsets, Hb,
         tl.store(u + p_v, poison_from(mm(b_Td, b_xv.to(DT)), o_t, first_bad_v).to(u.dtype.element_ty), mask=m_tv)
 
 
-@autotune_or_first(_CONFIGS, key=["K", "V", "BT", "DECAY"])
+@autotune_or_first(_CONFIGS, key=["K", "V", "BT", "DECAY"], float32_first=_FLOAT32_FIRST)
 @triton.jit
 def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, chunk_indices, offsets, Hb,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, BKW: tl.constexpr,
@@ -201,12 +212,13 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
     o_t, rows, m_t = row_block(start, n, BT)
     DT = k.dtype.element_ty
     p_T, m_T = tile(rows * Hb + i_h, m_t, o_t, BT)
-    b_Tt = tl.trans(tl.load(T + p_T, mask=m_T, other=0.0)).to(DT)
+    b_T = tl.load(T + p_T, mask=m_T, other=0.0).to(DT)
+    b_Tt = tl.trans(b_T)
     b_b = tl.load(b + rows * Hb + i_h, mask=m_t, other=0.0).to(tl.float32)
     b_a = tl.zeros([BT], dtype=tl.float32)
     if DECAY == 1:
         b_a = tl.load(A + rows * Hb + i_h, mask=m_t, other=0.0)
-    b_dT = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dL = tl.zeros([BT, BT], dtype=tl.float32)  # -dL: (T^T dw) w^T + (T^T du) u^T, block by block
     b_db = tl.zeros([BT], dtype=tl.float32)
     b_da = tl.zeros([BT], dtype=tl.float32)  # a decay per row: its gradient
     for i_k in range(tl.cdiv(K, BKW)):
@@ -220,7 +232,7 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
         b_xk = b_kf * b_e * b_b[:, None]
         b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0).to(DT)
         b_dxk = mm(b_Tt, b_dw)
-        b_dT = mma(b_dw, tl.trans(b_xk.to(DT)), b_dT)
+        b_dL = mma(b_dxk.to(DT), tl.trans(mm(b_T, b_xk.to(DT)).to(DT)), b_dL)
         b_db += tl.sum(b_dxk * b_kf * b_e, 1)
         if DECAY == 2:  # dk and dA of this block are complete: dL reaches k through dLk
             b_dk = b_dxk * b_e * b_b[:, None]
@@ -236,10 +248,9 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
         b_dxv = mm(b_Tt, b_du)
         tl.store(dv + p_v, (b_dxv * b_b[:, None]).to(dv.dtype.element_ty), mask=m_tv)
         b_db += tl.sum(b_dxv * b_v, 1)
-        b_dT = mma(b_du, tl.trans((b_v * b_b[:, None]).to(DT)), b_dT)
+        b_dL = mma(b_dxv.to(DT), tl.trans(mm(b_T, (b_v * b_b[:, None]).to(DT)).to(DT)), b_dL)
 
-    b_dL = -mm(b_Tt, mm(b_dT.to(DT), b_Tt).to(DT))
-    b_dL = tl.where(lower_mask(o_t, m_t, 1), b_dL, 0.0)
+    b_dL = tl.where(lower_mask(o_t, m_t, 1), -b_dL, 0.0)
     if DECAY == 2:  # L = b Lk: dLk = b dL goes on to the keys' attention backward
         b_db += tl.sum(b_dL * tl.load(Lk + p_T, mask=m_T, other=0.0), 1)
         tl.store(dLk + p_T, b_dL * b_b[:, None], mask=m_T)
@@ -247,11 +258,10 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
         # L = b D * (k k^T), D the decays exp(A_t - A_s) (1 without a decay), through products with the
         # keys, never k k^T itself: with G = dL * D, dL * (k k^T) * D has row sums k_t . (G k)_t (db);
         # dL * L = b dL * (k k^T) * D has row sums b_t k_t . (G k)_t and column sums k_s . (G'^T k)_s,
-        # G' = b G (dA); and dk gets b (G k) + G'^T k.
+        # G' = b G (dA); and dk gets b (G k) + G'^T k. G'^T k is G^T (b k): no second [BT, BT] tile.
         b_G = b_dL
         if DECAY == 1:
             b_G = b_G * exp_nonpos(b_a[:, None] - b_a[None, :])
-        b_Gb = b_G * b_b[:, None]
         b_eb = tl.exp(b_a) * b_b  # dk's part through w = T (b exp(A) k), per row
         for i_k in range(tl.cdiv(K, BKW)):
             p_k, m_tk = tile(rows * Hb + i_h, m_t, i_k * BKW + tl.arange(0, BKW), K)
@@ -259,7 +269,7 @@ def wy_bwd_kernel(k, v, b, A, Lk, T, dd, dw, dk_in, dA_in, dk, dv, db, dA, dLk, 
             b_kf = b_k.to(tl.float32)
             b_dw = tl.load(dw + p_k, mask=m_tk, other=0.0).to(DT)
             b_Gk = mm(b_G.to(DT), b_k)
-            b_Gbk = mm(tl.trans(b_Gb).to(DT), b_k)
+            b_Gbk = mm(tl.trans(b_G).to(DT), (b_kf * b_b[:, None]).to(DT))  # G'^T k = G^T (b k)
             b_kGk = tl.sum(b_kf * b_Gk, 1)
             b_db += b_kGk
             b_da += b_b * b_kGk - tl.sum(b_kf * b_Gbk, 1)

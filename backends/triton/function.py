@@ -87,7 +87,7 @@ def _attention(q, k, A, layout: VarlenChunks):
     M = q.new_zeros(E, Hb, layout.BT, dtype=torch.float32)
     vector.attention_fwd_kernel[(layout.num_chunks, Hb, layout.BT // vector.BC)](
         q=q, k=k, A=A, M=M, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb, K=K, BT=layout.BT,
-        BK=block(K), BC=vector.BC)
+        BK=block(K), BKW=key_block(block(K), k.dtype), BC=vector.BC)
     return M
 
 
@@ -106,7 +106,7 @@ def _wy(k, v, b, A, Lk, T, layout: VarlenChunks, decay: int, compute_T: bool):
     u, w = torch.empty_like(v), torch.empty_like(k)
     delta.wy_fwd_kernel[(layout.num_chunks, Hb)](
         k=k, v=v, b=b, A=A, Lk=Lk, T=T, u=u, w=w, chunk_indices=layout.chunk_indices, offsets=layout.offsets, Hb=Hb,
-        K=K, V=v.shape[-1], BT=layout.BT, BK=block(K), BKW=key_block(block(K), k.dtype), DECAY=decay,
+        K=K, V=v.shape[-1], BT=layout.BT, BK=block(K), BKW=delta.wy_key_block(block(K), k.dtype), DECAY=decay,
         COMPUTE_T=compute_T)
     return u, w
 
@@ -233,7 +233,7 @@ class ChunkScan(torch.autograd.Function):
             dLk = q.new_empty(E, Hb, BT, **f32) if decay == 2 else None
             delta.wy_bwd_kernel[(NT, Hb)](
                 k=k, v=v, b=b, A=A, Lk=Lk, T=T, dd=dd, dw=dw, dk_in=dk, dA_in=dA, dk=dk2, dv=dv, db=db, dA=dA2, dLk=dLk,
-                **idx, Hb=Hb, K=K, V=V, BT=BT, BKW=BKW, DECAY=decay)
+                **idx, Hb=Hb, K=K, V=V, BT=BT, BKW=delta.wy_key_block(BK, k.dtype), DECAY=decay)
             dk, dA = dk2, dA2
             if decay == 2:  # Lk is the keys' attention with themselves: its gradient reaches k on both sides
                 dk_as_q, dk, dA = _attention_bwd(k, k, A, dLk, torch.zeros_like(dk), dk, dA, layout)

@@ -24,9 +24,11 @@ _CONFIGS = [triton.Config({}, num_warps=8, num_stages=2)]
 @autotune_or_first(_CONFIGS, key=["K", "BT"])
 @triton.jit
 def attention_fwd_kernel(q, k, A, M, chunk_indices, offsets, Hb,
-                         K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr):
+                         K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr, BC: tl.constexpr):
     """Rows of sub-chunk i of M [E, Hb, BT] (column s = row s of the chunk); blocks above the
-    diagonal are left as they are (zero)."""
+    diagonal are left as they are (zero). The blocks left of the diagonal are products over the keys
+    in blocks of BKW columns: each warp holds a whole operand of a [BC, BC] product, and whole
+    [BC, 128] float32 operands, split for "tf32x3", spilled."""
     i_c, i_h, i_i = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     start, n = chunk_rows(chunk_indices, offsets, i_c, BT)
     if i_i * BC >= n:  # past the sequence's end (or a chunk past the real ones)
@@ -41,18 +43,23 @@ def attention_fwd_kernel(q, k, A, M, chunk_indices, offsets, Hb,
     b_q = tl.load(q + p_i, mask=m_ik, other=0.0).to(tl.float32)
     b_a = tl.load(A + p_i, mask=m_ik, other=0.0)
 
-    if i_i > 0:
-        # reference row r = i*BC - 1 (the last row before sub-chunk i)
-        a_r = tl.load(A + ((start + i_i * BC - 1) * Hb + i_h) * K + o_k, mask=m_k, other=0.0)
-        b_qr = (b_q * exp_nonpos(b_a - a_r[None, :])).to(DT)
-        for i_j in range(0, i_i):
-            t_j = i_j * BC + o_c
-            p_j, m_jk = tile((start + t_j) * Hb + i_h, t_j < n, o_k, K)
-            b_k = tl.load(k + p_j, mask=m_jk, other=0.0).to(tl.float32)
-            b_aj = tl.load(A + p_j, mask=m_jk, other=0.0)
-            b_kr = (b_k * exp_nonpos(a_r[None, :] - b_aj)).to(DT)
-            p_M, m_M = tile((start + t_i) * Hb + i_h, m_i, t_j, BT)
-            tl.store(M + p_M, mm(b_qr, tl.trans(b_kr)), mask=m_M)
+    # reference row r = i*BC - 1 (the last row before sub-chunk i)
+    p_r = ((start + i_i * BC - 1) * Hb + i_h) * K
+    for i_j in range(0, i_i):
+        t_j = i_j * BC + o_c
+        b_M = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BKW)):
+            o_w = i_k * BKW + tl.arange(0, BKW)
+            a_r = tl.load(A + p_r + o_w, mask=o_w < K, other=0.0)
+            p_iw, m_iw = tile((start + t_i) * Hb + i_h, m_i, o_w, K)
+            p_jw, m_jw = tile((start + t_j) * Hb + i_h, t_j < n, o_w, K)
+            b_qr = tl.load(q + p_iw, mask=m_iw, other=0.0).to(tl.float32) * exp_nonpos(
+                tl.load(A + p_iw, mask=m_iw, other=0.0) - a_r[None, :])
+            b_kr = tl.load(k + p_jw, mask=m_jw, other=0.0).to(tl.float32) * exp_nonpos(
+                a_r[None, :] - tl.load(A + p_jw, mask=m_jw, other=0.0))
+            b_M = mma(b_qr.to(DT), tl.trans(b_kr.to(DT)), b_M)
+        p_M, m_M = tile((start + t_i) * Hb + i_h, m_i, t_j, BT)
+        tl.store(M + p_M, b_M, mask=m_M)
 
     b_Md = tl.zeros([BC, BC], dtype=tl.float32)
     for s in range(0, tl.minimum(n - i_i * BC, BC)):  # the sub-chunk's rows
