@@ -538,6 +538,11 @@ def test_configurations_holding_a_state_tile_are_pruned_by_its_width():
     for K, dtype in ((32, torch.bfloat16), (128, torch.bfloat16), (128, torch.float32)):
         kernel[(1,)](k=torch.empty(0, dtype=dtype), K=K)
     assert launched == [64, 32, 16]
+    # The float32 first configuration is a candidate for float32 keys only, autotuned or not.
+    assert label(kernel.candidates(torch.bfloat16, {"K": 32})) == ["BV64 w4", "BV32 w4"]
+    assert label(kernel.candidates(torch.float32, {"K": 32})) == ["BV16 w4", "BV64 w4", "BV32 w4"]
+    assert label(kernel._for_launch(kernel.configs, {"k": torch.empty(0, dtype=torch.float16)}, K=32)) == [
+        "BV64 w4", "BV32 w4"]
 
 
 def test_occupancy_is_limited_by_registers_shared_memory_and_blocks():

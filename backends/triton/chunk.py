@@ -38,12 +38,15 @@ from .common import (autotune_or_first, chunk_rows, exp_nonpos, fitting_state_ti
 # kernels' lists are pruned by K (`fitting_state_tiles`): BV 64 with 4 warps spilled at K = 256.
 _STATE_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                   for bv in (32, 64) for nw in (8, 4) for ns in (2, 3)]
+# The state backward in float32 first with one stage: with two, kda's with a read weight spilled 20 B.
+_STATE_BWD_FLOAT32_FIRST = triton.Config({"BV": 32}, num_warps=8, num_stages=1)
 _CHUNK_CONFIGS = [triton.Config({"BV": bv}, num_warps=nw, num_stages=ns)
                   for bv in (32, 64) for nw in (4, 8) for ns in (2, 3)]
 # (One stage for the first: with two, it needed 240 KB of shared memory for a delta rule in float32.)
-# For float32, BV 16: with 32, 64 or 4 warps the delta rules still spilled.
+# For float32, BV 16: with 32, 64 or 4 warps the delta rules still spilled. 8 warps only: with 4, gla
+# and kda spilled 16 to 124 B in bfloat16 at K = 256.
 _GRAD_CONFIGS = [triton.Config({"BV": 64}, num_warps=8, num_stages=1)] + [
-    triton.Config({"BV": bv}, num_warps=nw, num_stages=2) for bv in (64, 32) for nw in (8, 4)]
+    triton.Config({"BV": bv}, num_warps=8, num_stages=2) for bv in (64, 32)]
 _GRAD_FLOAT32_FIRST = triton.Config({"BV": 16}, num_warps=8, num_stages=1)
 
 
@@ -195,7 +198,8 @@ def state_fwd_kernel(k, v, w, A, h0, hs, d_out, ht, offsets, chunk_offsets, Hb, 
         tl.store(ht + state_row(i_s, i_h, Hb, SLOTS) * K * V + p_state, b_h, mask=m_kv)
 
 
-@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "BS", "DECAY", "DELTA"], prune=fitting_state_tiles)
+@autotune_or_first(_STATE_CONFIGS, key=["K", "V", "BT", "BS", "DECAY", "DELTA"], prune=fitting_state_tiles,
+                   float32_first=_STATE_BWD_FLOAT32_FIRST)
 @triton.heuristics({"HAS_DHT": lambda args: args["dht"] is not None,
                     "STORE_DH0": lambda args: args["dh0"] is not None,
                     "HAS_READ_W": lambda args: args["read_w"] is not None})
@@ -235,21 +239,26 @@ def state_bwd_kernel(q, k, w, A, do, read_w, dd_local, dht, dhs, dd, dh0, offset
             p_k, m_tk = tile(rows * Hb + i_h, m_t, o_k, K)
             p_v, m_tv = tile(rows * Hb + i_h, m_t, o_v, V)
             b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-            b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
-            b_do = load_do(do, p_v, m_tv, read_w, rows, m_t, DT, HAS_READ_W)
             b_dd = tl.load(dd_local + p_v, mask=m_tv, other=0.0)
             if DECAY == 0:
                 b_dd += mm(b_k, b_dh.to(DT))
             elif DECAY == 1:
                 b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
                 b_dd += mm(b_k, b_dh.to(DT)) * tl.where(m_t, exp_nonpos(a_last - b_a), 0.0)[:, None]
-                b_q = b_q * tl.exp(b_a)[:, None]
             else:
                 b_a, a_last = load_decay(A, rows, m_t, start + n - 1, Hb, i_h, o_k, m_k, K, DECAY)
                 b_kd = b_k.to(tl.float32) * exp_nonpos(a_last[None, :] - b_a)
                 b_dd += mm(b_kd.to(DT), b_dh.to(DT))
-                b_q = b_q * tl.exp(b_a)
             tl.store(dd + p_v, b_dd.to(dd.dtype.element_ty), mask=m_tv)
+            # q and dO only now: held through the product above, they spilled (kda, float32)
+            b_q = tl.load(q + p_k, mask=m_tk, other=0.0).to(tl.float32)
+            if DECAY == 1:
+                b_q = b_q * tl.exp(b_a)[:, None]
+            elif DECAY == 2:
+                if DT == tl.float32:  # the decays read again (from L2): held, they spilled in float32
+                    b_a = tl.load(A + p_k, mask=m_tk, other=0.0)
+                b_q = b_q * tl.exp(b_a)
+            b_do = load_do(do, p_v, m_tv, read_w, rows, m_t, DT, HAS_READ_W)
             b_prev = mma(tl.trans(b_q.to(DT)), (b_do.to(tl.float32) * scale).to(DT), b_prev)
             if DELTA:
                 b_prev -= mm(tl.trans(tl.load(w + p_k, mask=m_tk, other=0.0)), b_dd.to(DT))

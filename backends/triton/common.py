@@ -69,25 +69,32 @@ class Tuned:
     when kernels are compiled and autotuning is on, else the first of `candidates` is used. `fn` is
     the kernel (`triton.jit`), `configs` its configurations, the first of them the one that runs
     without autotuning, unless `float32_first` is given: the one for float32 keys `k` (which every
-    kernel with one has), whose products hold split copies of their operands and need smaller blocks.
-    `prune(configs, named_args, **kwargs)` (autotune's `early_config_prune`, such as `fitting_state_tiles`)
-    drops the configurations that do not suit a launch's shapes, for autotuning and without it."""
+    kernel with one has), whose products hold split copies of their operands and need smaller blocks;
+    it is a candidate for float32 keys only. `prune(configs, named_args, **kwargs)` (autotune's
+    `early_config_prune`, such as `fitting_state_tiles`) drops the configurations that do not suit a
+    launch's shapes, for autotuning and without it."""
 
     def __init__(self, fn, configs, key, kwargs, float32_first=None, prune=None):
         self.fn = fn
         self.configs = configs + ([float32_first] if float32_first is not None else [])
         self.float32_first = float32_first
         self.prune = prune
-        if prune is not None:
-            kwargs = dict(kwargs, prune_configs_by={"early_config_prune": prune})
+        if prune is not None or float32_first is not None:
+            kwargs = dict(kwargs, prune_configs_by={"early_config_prune": self._for_launch})
         self.tuner = None if interpreting() else triton.autotune(configs=self.configs, key=key, **kwargs)(fn)
 
     def candidates(self, dtype: "torch.dtype | None", args: dict) -> list:
         """The configurations that may run for keys of `dtype` in a launch with the arguments `args`
         (its constexprs at least): those `prune` keeps, the one that runs without autotuning first."""
         first = self.float32_first if dtype == torch.float32 else None
-        ordered = ([first] if first is not None else []) + [c for c in self.configs if c is not first]
+        ordered = ([first] if first is not None else []) + [c for c in self.configs if c is not self.float32_first]
         return ordered if self.prune is None else self.prune(ordered, {}, **args)
+
+    def _for_launch(self, configs, named_args, **kwargs):
+        """autotune's `early_config_prune`: `candidates` for the launch's keys."""
+        args = {**named_args, **kwargs}
+        k = args.get("k")
+        return self.candidates(None if k is None else k.dtype, args)
 
     def __getitem__(self, grid):
         if self.tuner is not None and autotuning():
