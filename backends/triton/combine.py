@@ -93,10 +93,10 @@ class Combine(torch.autograd.Function):
             raise RuntimeError(HIGHER_ORDER_ERROR)
         out, weights, positions = ctx.saved_tensors
         E, Hb, V = ctx.out_shape
+        F = Hb * V
         weight_grad = ctx.needs_input_grad[1]
         dout = do.new_empty(E, Hb, V)
         dread_w = torch.empty_like(weights) if weight_grad else None
         combine_bwd_kernel[(E,)](out=out, positions=positions, read_w=weights, do=do.contiguous(), dout=dout,
-                                 dread_w=dread_w, F=Hb * V, R=ctx.shape[-1], BF=feature_block(Hb * V),
-                                 WEIGHT_GRAD=weight_grad)
+                                 dread_w=dread_w, F=F, R=ctx.shape[-1], BF=feature_block(F), WEIGHT_GRAD=weight_grad)
         return dout, dread_w.view(ctx.shape).to(ctx.read_w_dtype) if weight_grad else None, None, None

@@ -91,7 +91,8 @@ class Tuned:
         return ordered if self.prune is None else self.prune(ordered, {}, **args)
 
     def _for_launch(self, configs, named_args, **kwargs):
-        """autotune's `early_config_prune`: `candidates` for the launch's keys."""
+        """autotune's `early_config_prune`, and the choice without autotuning: `candidates` for the
+        launch's arguments (by name) and the dtype of its keys."""
         args = {**named_args, **kwargs}
         k = args.get("k")
         return self.candidates(None if k is None else k.dtype, args)
@@ -102,8 +103,7 @@ class Tuned:
         launch = self.fn[grid]
 
         def first_config(*args, **kwargs):
-            k = kwargs.get("k")
-            first = self.candidates(None if k is None else k.dtype, kwargs)[0]
+            first = self._for_launch(self.configs, {}, **kwargs)[0]
             fixed = dict(first.kwargs)
             if self.tuner is not None:  # compiled: the launch options too (the interpreter has none)
                 fixed.update(num_warps=first.num_warps, num_stages=first.num_stages)

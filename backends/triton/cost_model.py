@@ -84,8 +84,13 @@ class Layout:
     lengths: tuple
     Hb: int
     BT: int
-    equal_lengths: bool = False  # every packed sequence's length follows from the shapes (one slot, no cu_seqlens)
-    routes: int = 0  # R, the route entries of a token and head group; 0: the token order (no combine kernels)
+    routes: int = 0  # R, the route entries of a token and head group; 0: the token order (see `token_order`)
+
+    @property
+    def token_order(self) -> bool:
+        """One slot with one routing for all heads, no cu_seqlens: every packed sequence is a batch row,
+        its length follows from the shapes, and there are no combine kernels."""
+        return self.routes == 0
 
     @property
     def E(self) -> int:
@@ -109,7 +114,7 @@ class Layout:
     def num_chunks(self) -> int:
         """Chunks the layout is sized for, from the shapes alone (`function.max_chunks`): the
         per-chunk tensors have this many rows, and the programs past the real chunks return at once."""
-        return max_chunks(self.E, self.S, self.BT, self.lengths[0] if self.equal_lengths else None)
+        return max_chunks(self.E, self.S, self.BT, self.lengths[0] if self.token_order else None)
 
 
 def packed_layout(route_idx: torch.Tensor, num_slots: int, H: int, BT: int) -> Layout:
@@ -120,7 +125,7 @@ def packed_layout(route_idx: torch.Tensor, num_slots: int, H: int, BT: int) -> L
 
     B, T, Hr, R = route_idx.shape
     if num_slots == 1 and Hr == 1:
-        return Layout((T,) * B, H, BT, equal_lengths=True)
+        return Layout((T,) * B, H, BT)
     lengths = pack(route_idx, num_slots, H, every_segment=True).offsets.diff().tolist()
     return Layout(tuple(lengths), H // Hr, BT, routes=R)
 
@@ -131,8 +136,7 @@ def balanced_layout(B: int, T: int, H: int, m: int, R: int, Hr: int, BT: int) ->
     and head group."""
     per_slot, extra = divmod(T * R, m)
     lengths = [per_slot + (i < extra) for i in range(m)]
-    return Layout(tuple(L for _ in range(B * Hr) for L in lengths), H // Hr, BT, equal_lengths=m == 1,
-                  routes=0 if m == 1 and Hr == 1 else R)
+    return Layout(tuple(L for _ in range(B * Hr) for L in lengths), H // Hr, BT, routes=0 if m == 1 and Hr == 1 else R)
 
 
 def _family(rule) -> tuple:

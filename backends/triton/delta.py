@@ -52,6 +52,7 @@ def wy_key_block(BK: int, dtype: torch.dtype) -> int:
     """BKW of the WY kernels: `common.key_block`, at most 16 for float32 (see `_CONFIGS`)."""
     return min(key_block(BK, dtype), 16) if dtype == torch.float32 else key_block(BK, dtype)
 
+
 @helper
 def wy_l_block(k, b, A, Lk, start, n, i_h, Hb, BI: tl.constexpr, BJ: tl.constexpr, K: tl.constexpr, BKW: tl.constexpr,
                BT: tl.constexpr, DECAY: tl.constexpr):
