@@ -1,5 +1,5 @@
-"""Which adapter wraps which layer type: `register_adapter`, the lookups behind `wrap`, the layer
-types known not to map onto memplug yet, and `wrap` itself."""
+"""Which adapter wraps which layer type: `register_adapter`, the lookups behind `wrap`, and `wrap`
+itself."""
 from __future__ import annotations
 
 from typing import Optional

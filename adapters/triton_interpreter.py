@@ -112,7 +112,7 @@ def _check_internals() -> None:
 
 
 def enable_triton_interpreter() -> None:
-    """Turn Triton's interpreter on and apply the three patches (idempotent). Raises RuntimeError,
+    """Turn Triton's interpreter on and apply the four patches (idempotent). Raises RuntimeError,
     changing nothing, when the installed Triton is not a supported release or triton or fla were
     imported before."""
     global _ENABLED

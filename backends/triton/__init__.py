@@ -39,11 +39,11 @@ entering each chunk (and the delta family's u, w from the stored T) rather than 
 No kernel holds a whole [BT, K] tile where ptxas spilled registers for it: the output pass, its
 backward into d, the gradient kernel (one program per block of keys), the WY kernels and the
 per-channel attention forward take the keys `common.KEY_BLOCK` columns at a time (64; 32 for
-float32, whose products hold split copies of their operands; 16 in the WY kernels, which also hold
-[BT, BT] float32 tiles); the state kernels take a chunk's rows 16 at a time where a [BT, K] tile is over
-16 KB (float32 at K = 128, 16-bit at K = 256: `common.row_sub_block`); the cumulative sum of a
-per-channel decay takes 64 channels per program. What ptxas makes of each kernel:
-`compile_check.py`.
+float32, whose products hold split copies of their operands; 16 for float32 in the WY kernels,
+which also hold [BT, BT] float32 tiles: `delta.wy_key_block`); the state kernels take a chunk's
+rows 16 at a time where a [BT, K] tile is over 16 KB (float32 at K = 128, 16-bit at K = 256:
+`common.row_sub_block`); the cumulative sum of a per-channel decay takes 64 channels per program.
+What ptxas makes of each kernel: `compile_check.py`.
 Dtypes: float32 (products as "tf32x3": about float32 accuracy on tensor cores), float16 and bfloat16
 (tensor-core products, float32 accumulation, decays and states); float64 is left to the other
 backends. The key width K is limited to 256 (one block of the state per program), declared to the

@@ -2,10 +2,10 @@
 
 `count_host_reads()` patches the Tensor methods that copy a value to the host (`item`, `bool`,
 `int`, `float`, `tolist`, `nonzero`, ...) to count their calls on the CPU, where no sync can be
-seen. With `operators=True` it also counts the operators that read values back inside (`SYNCING_OPS`:
-on a GPU, `unique` or a `repeat_interleave` without `output_size` must learn their output's size),
-seen through a dispatch mode; the GPU test with `torch.cuda.set_sync_debug_mode("error")` sees every
-sync.
+seen. With `operators=True` it also counts, through a dispatch mode, the operators that read values
+back inside: those whose output's size depends on values (`SYNCING_OPS`: `unique`, `nonzero`, ...,
+and a `repeat_interleave` without `output_size`) and indexing with a boolean mask. The GPU test
+with `torch.cuda.set_sync_debug_mode("error")` sees every sync.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "non
 # Operators whose output size, or result on the host, depends on tensor values.
 SYNCING_OPS = {"_local_scalar_dense", "nonzero", "unique_consecutive", "_unique", "_unique2", "unique_dim",
                "unique_dim_consecutive", "masked_select", "bincount", "histc", "equal", "is_nonzero"}
+# Operators that take a list of index tensors second: a boolean one among them is a mask.
+MASKABLE_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
 class _SyncingOps(TorchDispatchMode):
@@ -32,7 +34,11 @@ class _SyncingOps(TorchDispatchMode):
         # repeat_interleave(repeats: Tensor) reaches here as its overload "Tensor"
         unsized = (name == "repeat_interleave" and func._overloadname == "Tensor"
                    and (kwargs or {}).get("output_size") is None)
-        if name in SYNCING_OPS or unsized:
+        # indexing with a boolean mask (x[mask], x[mask] = y) finds the mask's nonzeros inside the
+        # operator, out of this mode's sight
+        masked = name in MASKABLE_OPS and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ())
+        if name in SYNCING_OPS or unsized or masked:
             self.reads.append("op:" + name)
         return func(*args, **(kwargs or {}))
 
