@@ -10,10 +10,15 @@ Goals (printed as PASS/MISS, never asserted):
 - R = 2 of m = 64: fwd+bwd time <= 0.2x that of dense m = 64 (every slot routed, R = 64); `--sparse-m`
   runs this comparison at another m, without a goal;
 - decode: routed_step at >= 50% of the measured memory bandwidth on the bytes it must move.
+
+Each comparison first checks that the two sides compute the same outputs on its inputs (relative
+error of the forward outputs within `AGREEMENT` for the dtype; fla's MoM path with its token sort
+made stable, see `stable_argsort`); the command exits with status 1 if any check fails.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -30,6 +35,10 @@ CUDA_GOALS = {  # name -> (comparison, goal)
     "sparse_over_dense": ("<=", 0.2),
     "decode_bandwidth": (">=", 0.5),
 }
+# Largest relative error ||mine - theirs|| / ||theirs|| of forward outputs at which two computations of
+# the same function agree: each side's own error is about 3e-4 in float32 (fla's float32 products
+# are tf32), up to 1e-2 with 16-bit operands.
+AGREEMENT = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 SPARSE_GOAL_SLOTS = 64  # the slots at which "sparse_over_dense" is a goal (R = 2 of them)
 FLA_PLAIN = {  # rule -> fla chunk op of the plain (m = 1) rule
     "mamba2": "fla.ops.simple_gla.chunk_simple_gla",
@@ -90,6 +99,31 @@ def fla_mom_path(q, k, v, g, beta, route_idx, route_w, num_slots: int, chunk_fn=
     o = reconstruct(o, indices=indices, sorted_indices=sorted_indices, batch_size=B, seq_len=T, topk=R,
                     routing_weights=route_w.to(o.dtype), mask=token_mask)
     return o.view(B, T, H, V)
+
+
+@contextlib.contextmanager
+def stable_argsort():
+    """Within the block, `Tensor.argsort` sorts stably. fla's MoM `transform` orders each memory's
+    tokens with a plain argsort, which need not keep equal keys in order (on the CPU it does not,
+    beyond 16 entries): the tokens of a memory then run out of time order. The agreement check of the
+    MoM path runs under this, so that it checks the path's plumbing; its timing runs as fla wrote it."""
+    argsort = torch.Tensor.argsort
+    torch.Tensor.argsort = lambda self, *a, **kw: argsort(self, *a, **dict(kw, stable=True))
+    try:
+        yield
+    finally:
+        torch.Tensor.argsort = argsort
+
+
+def agreement(label: str, mine: torch.Tensor, theirs: torch.Tensor, dtype, failures: list) -> None:
+    """Prints whether `mine` and `theirs` (forward outputs of the same function on inputs of `dtype`)
+    agree within `AGREEMENT[dtype]`, appending `label` to `failures` if not (NaN never agrees)."""
+    mine, theirs = mine.detach().double(), theirs.detach().double()
+    error = ((mine - theirs).norm() / theirs.norm()).item()
+    ok = error <= AGREEMENT[dtype]  # False for NaN
+    print(f"  {label}: same outputs? rel. error {error:.1e} (<= {AGREEMENT[dtype]:g})  {'yes' if ok else 'NO'}")
+    if not ok:
+        failures.append(label)
 
 
 def _bench_ms(fn, smoke: bool) -> float:
@@ -164,15 +198,19 @@ def main(argv=None) -> int:
     time_ms = lambda fn: _bench_ms(fn, args.smoke)
     print(f"memplug bench: triton backend on {torch.cuda.get_device_name(dev)}, {args.dtype}; "
           f"B={args.B} T={args.T} H={args.H} K={args.K} V={args.V}; times: median of triton.testing.do_bench")
-    triton_against_fla(args, dev, time_ms)
-    return 0
+    failures = triton_against_fla(args, dev, time_ms)
+    if failures:
+        print(f"\noutputs differ in {len(failures)} comparison(s): {', '.join(failures)}")
+    return 1 if failures else 0
 
 
-def triton_against_fla(args, dev, time_ms) -> None:
+def triton_against_fla(args, dev, time_ms) -> list:
     """The four comparisons of the CUDA section on device `dev`, every time taken by `time_ms(fn) ->
-    ms`. (The tests run this on the CPU in Triton's interpreter, with fla's kernels patched to run
-    there: that checks that every comparison runs; its times say nothing about a GPU.)"""
+    ms`; returns the labels of those whose two sides computed different outputs. (The tests run this
+    on the CPU in Triton's interpreter, with fla's kernels patched to run there: that checks that
+    every comparison runs and agrees; its times say nothing about a GPU.)"""
     dtype = getattr(torch, args.dtype)
+    failures = []
     B, T, H, K, V = args.B, args.T, args.H, args.K, args.V
     bandwidth, matmul = measured_peaks(dtype, dev, time_ms, args.smoke)
     print(f"measured peaks: memory bandwidth {bandwidth / 1e9:,.0f} GB/s (device copy), "
@@ -213,6 +251,7 @@ def triton_against_fla(args, dev, time_ms) -> None:
         else:
             fla_run = lambda: op(x["q"], x["k"], x["v"], **fla_kw)[0]
         theirs = timed(f"{rule} fla {FLA_PLAIN[rule].rsplit('.', 1)[1]}", fla_run, leaves, rule, 1, 1)
+        agreement(f"{rule} triton vs fla", routed_scan(**x, backend="triton")[0], fla_run(), dtype, failures)
         print(f"  {rule}: triton / fla fwd+bwd = {mine / theirs:.2f}   {cuda_verdict('m1_over_fla', mine / theirs)}")
 
     # 2. routed gated_deltanet against fla's MoM path
@@ -224,6 +263,9 @@ def triton_against_fla(args, dev, time_ms) -> None:
         mom = lambda: fla_mom_path(x["q"], x["k"], x["v"], x["g"], x["beta"], x["route_idx"][:, :, 0],
                                    x["route_w"][:, :, 0], m)
         theirs = timed(f"m={m} fla MoM path", mom, leaves, "gated_deltanet", m, 2)
+        with stable_argsort():
+            agreement(f"m={m} triton vs fla MoM path (sort made stable)", routed_scan(**x, backend="triton")[0],
+                      mom(), dtype, failures)
         ratio = theirs / mine
         print(f"  m={m}: fla MoM / triton fwd+bwd = {ratio:.2f}   {cuda_verdict('mom_over_routed', ratio)}")
 
@@ -246,21 +288,30 @@ def triton_against_fla(args, dev, time_ms) -> None:
     fused = import_object("fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule")
     for m, R in ((1, 1), (16, 2)):
         x = cuda_inputs("gated_deltanet", args.decode_B, 1, H, K, V, m, R, dtype, dev, requires_grad=False)
-        state = torch.zeros(args.decode_B, H, m, K, V, device=dev)
+        state = torch.randn(args.decode_B, H, m, K, V, device=dev)  # never zeros: they hide unwritten memory
         step_kw = {n: x[n] for n in ("q", "k", "v", "g", "beta", "route_idx", "route_w", "rule", "coupling")}
         with torch.no_grad():
-            ms = time_ms(lambda: memplug.routed_step(**step_kw, state=state, backend="triton"))
+            o = memplug.routed_step(**step_kw, state=state.clone(), backend="triton")[0]
+            if m == 1:
+                expected = fused(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=state[:, :, 0])[0]
+                label = "m=1 triton vs fla fused_recurrent_gated_delta_rule"
+            else:
+                expected = memplug.routed_step(**step_kw, state=state.clone(), backend="reference")[0]
+                label = f"m={m} R={R} triton vs reference"
+            agreement(label, o, expected, dtype, failures)
+            ms = time_ms(lambda: memplug.routed_step(**step_kw, state=state, backend="triton"))  # state advances
         moved = args.decode_B * H * R * K * V * 4 * 2  # the routed slots' states, read and written
         frac = moved / (ms * 1e-3) / bandwidth
         print(f"  m={m:3d} R={R}: triton {ms * 1e3:8.1f} us, {moved / 2**20:8.1f} MiB of state moved, "
               f"{frac:6.1%} of measured bandwidth   {cuda_verdict('decode_bandwidth', frac)}")
         if m == 1:
-            s0 = torch.zeros(args.decode_B, H, K, V, device=dev)
+            s0 = torch.randn(args.decode_B, H, K, V, device=dev)
             with torch.no_grad():
                 fla_ms = time_ms(lambda: fused(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], initial_state=s0,
                                                output_final_state=True))
             print(f"        fla fused_recurrent_gated_delta_rule {fla_ms * 1e3:8.1f} us "
                   f"(triton / fla = {ms / fla_ms:.2f})")
+    return failures
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ def test_a_decode_loop_makes_no_host_sync_on_cuda(name):
     x = _x(12).cuda()
     with torch.no_grad():
         _, cache, _ = layer(x[:, :4], use_cache=True)
-        layer(x[:, 4:5], cache=cache.clone())  # a kernel's first launch tunes it, and timing syncs
+        layer(x[:, 4:5], cache=cache.clone())  # first launches compile (with autotuning on, time: syncs)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -181,7 +181,7 @@ def test_a_wrapped_fla_layer_decodes_without_host_sync_on_cuda(case, shared_slot
         pytest.skip("needs a CUDA GPU")
     routed, x, mask, cache = _wrapped_and_prefilled(case, shared_slot, "cuda")
     with torch.no_grad():
-        routed(x[:, 5:], attention_mask=mask, past_key_values=cache, use_cache=True)  # first launches tune
+        routed(x[:, 5:], attention_mask=mask, past_key_values=cache, use_cache=True)  # first launches compile
         routed, x, mask, cache = _wrapped_and_prefilled(case, shared_slot, "cuda")
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -335,7 +335,7 @@ def test_a_decode_step_replays_as_a_cuda_graph(name):
         _, cache, _ = layer(x[:, :6], use_cache=True)
         eager = cache.clone()
         static_x = x[:, 6:7].clone()
-        side = torch.cuda.Stream()  # warm-up (which tunes the kernels) on a side stream, as CUDA graphs ask
+        side = torch.cuda.Stream()  # warm-up (compiling the kernels) on a side stream, as CUDA graphs ask
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):

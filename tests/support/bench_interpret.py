@@ -3,7 +3,8 @@ the CPU: memplug's Triton kernels and fla's in Triton's interpreter (patched for
 `memplug.adapters.enable_triton_interpreter`), float16 (bfloat16 products are wrong in the
 interpreter, and fla's chunk_delta_rule refuses float32), the `--smoke` shapes (8 slots, not 64, in
 the sparse-against-dense comparison), each time one call. This checks that every comparison of the
-GPU benchmark runs, fla's calls included; the times it prints say nothing about a GPU. Run as a
+GPU benchmark runs, fla's calls included, and that its two sides compute the same outputs (it
+exits with status 1 if not); the times it prints say nothing about a GPU. Run as a
 script in its own process, since the interpreter must be on before fla is imported:
 
     python tests/support/bench_interpret.py
@@ -34,4 +35,5 @@ if __name__ == "__main__":
     args = bench_cuda.cuda_arguments(["--smoke", "--dtype", "float16", "--device", "cpu", "--sparse-m", "8"])
     print(f"triton_against_fla on the CPU in Triton's interpreter, float16; B={args.B} T={args.T} H={args.H} "
           f"K={args.K} V={args.V}; times: one call each (interpreted: not a benchmark)")
-    bench_cuda.triton_against_fla(args, "cpu", once_ms)
+    failures = bench_cuda.triton_against_fla(args, "cpu", once_ms)
+    sys.exit(1 if failures else 0)
