@@ -44,7 +44,7 @@ import yaml
 
 from memplug.routing import routing_stats, update_balance_biases
 
-from .config import AblateConfig, ModelConfig, TrainConfig, load_config, presets, resolved
+from .config import AblateConfig, ModelConfig, TrainConfig, load_config, presets, resolved, task_rules
 from .model import LM
 from .report import append_result, markdown_table, plot, read_results
 from .tasks import IGNORE, TASKS
@@ -95,7 +95,7 @@ def grid(config: AblateConfig) -> list[Run]:
     runs = []
     for task_name, task in config.tasks.items():
         model, train = resolved(config, task_name)
-        for rule in task.rules or config.rules:
+        for rule in task_rules(config, task):
             for memory in config.memories:
                 if config.lrs:
                     runs += [Run(task_name, rule, memory, config.seeds[0], model, dataclasses.replace(train, lr=lr),

@@ -51,7 +51,7 @@ class MQARConfig:
     test_seed: int = 1234
     train_num_pairs: Optional[list[int]] = None  # train on a mix of sizes (Zoology); None: num_pairs
     test_num_pairs: Optional[list[int]] = None  # also test at these sizes (accuracy_by_pairs)
-    rules: Optional[list[str]] = None  # the rules of the grid this task runs; None: all of them
+    rules: Optional[list[str]] = None  # the rules of the grid this task runs; None: all of them; []: none
     model: dict = field(default_factory=dict)  # overrides of `model` for this task
     train: dict = field(default_factory=dict)  # overrides of `train` for this task
 
@@ -234,7 +234,7 @@ def check_config(config: AblateConfig):
                                  f"would be overridden")
     for task_name, task in config.tasks.items():
         model, train = resolved(config, task_name)
-        for i, rule in enumerate(task.rules or ()):
+        for i, rule in enumerate(task_rules(config, task)):
             if rule not in config.rules:
                 raise ValueError(f"tasks.{task_name}.rules[{i}]: {rule!r} is not one of the grid's rules "
                                  f"{config.rules}")
@@ -291,6 +291,15 @@ def check_config(config: AblateConfig):
                 except (ValueError, TypeError) as e:
                     where = "model.router" if str(e).startswith("router") and model.router else "model.layer"
                     raise ValueError(f"{where} (task {task_name}, rule {rule}, memory {memory}): {e}") from None
+    if not any(task_rules(config, task) for task in config.tasks.values()):
+        raise ValueError(f"tasks: every task's rules is empty ({', '.join(f'tasks.{n}.rules' for n in config.tasks)}): "
+                         "nothing to train")
+
+
+def task_rules(config: AblateConfig, task) -> list[str]:
+    """The grid's rules a task runs: its `rules` (an empty list: none, the task left out), or every
+    rule of the grid where it names none."""
+    return config.rules if task.rules is None else task.rules
 
 
 def resolved(config: AblateConfig, task_name: str):

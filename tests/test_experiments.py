@@ -316,6 +316,7 @@ def _tiny(tmp_path, **changes):
     ({"tasks.mqar.test_examples": 0}, "tasks.mqar.test_examples"),
     ({"memories": ["backbone", "backbone_x0"]}, "memories[1]"),
     ({"tasks.lm.rules": ["gla"]}, "tasks.lm.rules[0]"),
+    ({"tasks.lm.rules": [], "tasks.mqar.rules": []}, "tasks"),
     ({"lrs": [1e-3, 1e-3]}, "lrs"),
     ({"lrs": [1e-3, -1.0]}, "lrs[1]"),
     ({"model.layer": {"backend": "nope"}}, "model.layer"),
@@ -510,6 +511,9 @@ def test_presets_parse():
     sweep = ablate.grid(study)  # every configuration at every rate, seed 0; the task's rules only for lm
     assert len(sweep) == (5 + 2) * len(study.memories) * len(study.lrs)
     assert {run.rule for run in sweep if run.task == "lm"} == {"mamba2", "gated_deltanet"}
+    # a rule the study came before, on MQAR alone: an empty list leaves a task out
+    kda = load_config(preset="study", overrides=["rules=[kda]", "tasks.lm.rules=[]"])
+    assert {(run.task, run.rule) for run in ablate.grid(kda)} == {("mqar", "kda")}
     with pytest.raises(ValueError, match="--preset"):
         load_config(preset="nope")
 
