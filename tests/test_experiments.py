@@ -316,7 +316,7 @@ def _tiny(tmp_path, **changes):
     ({"tasks.mqar.test_examples": 0}, "tasks.mqar.test_examples"),
     ({"memories": ["backbone", "backbone_x0"]}, "memories[1]"),
     ({"tasks.lm.rules": ["gla"]}, "tasks.lm.rules[0]"),
-    ({"tasks.lm.rules": [], "tasks.mqar.rules": []}, "tasks"),
+    ({"tasks.lm.rules": [], "tasks.mqar.rules": []}, "tasks: every task's rules is empty"),
     ({"lrs": [1e-3, 1e-3]}, "lrs"),
     ({"lrs": [1e-3, -1.0]}, "lrs[1]"),
     ({"model.layer": {"backend": "nope"}}, "model.layer"),

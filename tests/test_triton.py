@@ -607,6 +607,25 @@ def test_bench_mom_baseline_computes_the_same_layer(monkeypatch):
     _assert_close("o", o, o_ref)
 
 
+def test_bench_agreement_sees_a_few_wrong_rows_and_nan():
+    """The benchmark's agreement check: one wrong token of 2048 is within the bound on the whole
+    (its share of the norm is small) but not on its row; NaN never agrees; rounding agrees."""
+    from memplug.experiments.bench_cuda import AGREEMENT, agreement
+    theirs = torch.randn(2048, 2, 16, generator=torch.Generator().manual_seed(0))
+    bound = AGREEMENT[torch.bfloat16]
+    one_row = theirs.clone()
+    one_row[100] = torch.randn(2, 16)
+    nan = theirs.clone()
+    nan[0, 0, 0] = float("nan")
+    failures = []
+    agreement("rounded", {"o": (theirs.bfloat16(), theirs, bound)}, failures)
+    assert failures == []
+    agreement("one row", {"o": (one_row, theirs, bound)}, failures)
+    assert ((one_row - theirs).norm() / theirs.norm()).item() < bound and failures == ["one row"]
+    agreement("nan", {"o": (nan, theirs, bound), "other": (theirs, theirs, bound)}, failures)
+    assert failures == ["one row", "nan"]
+
+
 def test_bench_cuda_comparisons_run_in_the_interpreter():
     """Every comparison of `memplug bench --device cuda` (triton against fla's four chunk kernels, fla's
     MoM path at m = 4 and 16, R = 2 against dense (here at m = 8), decode against fla's fused recurrent step)
@@ -629,7 +648,7 @@ def test_bench_cuda_comparisons_run_in_the_interpreter():
     assert "R=2 / dense fwd+bwd" in out and "(no goal: it is for m = 64)" in out  # run at m = 8
     verdicts = out.count("PASS") + out.count("MISS")
     assert verdicts == len(FLA_PLAIN) + 2 + 2, out  # m = 1 rules, MoM m = 4 and 16, two decodes
-    assert out.count("same outputs?") == verdicts and out.count("  yes") == verdicts, out
+    assert out.count(" agree? ") == verdicts and out.count("  yes") == verdicts, out
 
 
 @cuda

@@ -2,7 +2,7 @@
 
 1. pack: the route entries of each (sequence, head group, slot) become one packed sequence
    (`backends/packing.py`), laid out in chunks of `default_chunk_size` rows (at most
-   `CHUNK_SIZE`; a one-slot scan without packing takes `CHUNK_SIZE`), in blocks of about
+   `CHUNK_SIZE`; a one-slot scan without `cu_seqlens`, not packed, takes `CHUNK_SIZE`), in blocks of about
    `block_rows` rows (`chunking.py`). The blocks are processed one after the other, each from
    gathering its entries' inputs to scattering their outputs, with the slot states carried from one
    to the next, so that no intermediate tensor grows with the sequence length: only the inputs, the
