@@ -11,6 +11,7 @@ make loop indices tensors, as compiled kernels have them. The interpreter change
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -22,6 +23,14 @@ if not torch.cuda.is_available():
 # oversubscribe the cores (two threads each spend more time waiting on each other than computing).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Each test starts from the same global random state, whatever ran before it on its worker: with
+    pytest-xdist the order differs between runs, and a tolerance checked on unseeded draws passed or
+    failed with it (test_bench_agreement_sees_a_few_wrong_rows_and_nan did, 1 run in several)."""
+    torch.manual_seed(0)
 
 
 def pytest_configure(config):

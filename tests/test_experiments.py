@@ -518,6 +518,23 @@ def test_presets_parse():
         load_config(preset="nope")
 
 
+def test_a_built_wheel_ships_every_preset(tmp_path):
+    """`memplug ablate --preset NAME` reads configs/NAME.yaml beside the installed package: a wheel (not
+    the editable install the tests run from) must carry every preset, and setuptools must not warn that
+    their folder is a package it would leave out."""
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path), str(root)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    assert "absent from the `packages` configuration" not in build.stdout + build.stderr
+    (wheel,) = tmp_path.glob("memplug-*.whl")
+    shipped = {Path(name).stem for name in zipfile.ZipFile(wheel).namelist()
+               if name.startswith("memplug/experiments/configs/") and name.endswith(".yaml")}
+    assert shipped == set(presets())
+
+
 # ------------------------------------------------------------------------------- the grid itself
 def test_code_version_names_the_commit():
     """Runs record the memplug code they trained with: in a git checkout, its commit (what

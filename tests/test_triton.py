@@ -608,13 +608,14 @@ def test_bench_mom_baseline_computes_the_same_layer(monkeypatch):
 
 
 def test_bench_agreement_sees_a_few_wrong_rows_and_nan():
-    """The benchmark's agreement check: one wrong token of 2048 is within the bound on the whole
-    (its share of the norm is small) but not on its row; NaN never agrees; rounding agrees."""
+    """The benchmark's agreement check: one wrong token of 2048 (zeroed) is within the bound on the
+    whole (its share of the norm is small) but not on its row; NaN never agrees; rounding agrees.
+    Nothing here draws from the global random state: the whole-norm error must not depend on test order."""
     from memplug.experiments.bench_cuda import AGREEMENT, agreement
     theirs = torch.randn(2048, 2, 16, generator=torch.Generator().manual_seed(0))
     bound = AGREEMENT[torch.bfloat16]
     one_row = theirs.clone()
-    one_row[100] = torch.randn(2, 16)
+    one_row[100] = 0
     nan = theirs.clone()
     nan[0, 0, 0] = float("nan")
     failures = []
