@@ -246,6 +246,18 @@ def _rule_panels(plt, rules, rows=1):
                         constrained_layout=True)
 
 
+def _legend(axes, fontsize):
+    """One legend for the whole figure, on its top-right panel, gathered from every panel: a panel alone
+    may lack some lines (a rule whose runs of one memory all diverged) or have none, while each memory has
+    the same colour and marker in every panel. A figure with no labelled line gets no legend."""
+    handles = {}
+    for ax in (ax for row in axes for ax in row):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        axes[0][-1].legend(list(handles.values()), list(handles), fontsize=fontsize, loc="best")
+
+
 def _save(plt, fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -267,7 +279,7 @@ def _plot_against_state(plt, config, found, rules, colors, out):
                 mean, std = _mean_std([r["accuracy"] for r in rs if not r.get("diverged")])
                 x = rs[0].get(key, rs[0]["state_numel"])
                 if any(r.get("diverged") for r in rs):
-                    ax.plot([x], [0], "x", color="red", markersize=9)
+                    ax.plot([x], [0], "x", color="red", markersize=9, label="diverged (at 0)")
                 if mean is None:
                     continue
                 if is_backbone(memory):
@@ -289,7 +301,7 @@ def _plot_against_state(plt, config, found, rules, colors, out):
             ax.set_xlabel(("total" if row == 0 else "active") + " state (numbers per sequence)")
             ax.set_ylim(-0.05, 1.05)
         axes[row][0].set_ylabel("MQAR accuracy")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    _legend(axes, fontsize=7)
     fig.suptitle(f"{config.name}: MQAR accuracy against\ntotal state (top) and active state (bottom)")
     return _save(plt, fig, out / "accuracy_vs_state.png")
 
@@ -313,7 +325,7 @@ def _plot_curves(plt, config, task_name, found, rules, out):
         ax.grid(alpha=0.3)
         ax.set_xlabel("training step")
     axes[0][0].set_ylabel(f"validation {key.removeprefix('val_')}")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    _legend(axes, fontsize=7)
     fig.suptitle(f"{config.name}: {TASKS[task_name].title} validation "
                  f"{key.removeprefix('val_')} during training")
     return _save(plt, fig, out / f"{task_name}_training_curves.png")
@@ -335,7 +347,7 @@ def _plot_loss_by_position(plt, config, task_name, found, rules, out):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("position (bytes)")
     axes[0][0].set_ylabel("held-out loss so far (nats/byte)")
-    axes[0][-1].legend(fontsize=8, loc="best")
+    _legend(axes, fontsize=8)
     fig.suptitle(f"{config.name}: byte LM loss by position")
     return _save(plt, fig, out / "lm_loss_by_position.png")
 
@@ -347,13 +359,13 @@ def _plot_by_pairs(plt, config, found, rules, out):
         return None
     fig, axes = _rule_panels(plt, rules)
     for ax, rule in zip(axes[0], rules):
-        for memory in config.memories:
+        for i, memory in enumerate(config.memories):
             rs = [r for r in found if r["rule"] == rule and r["memory"] == memory]
             if not rs:
                 continue
             means = [_mean_std([(r.get("accuracy_by_pairs") or {}).get(str(p)) for r in rs])[0] for p in sizes]
             means = [float("nan") if m is None else m for m in means]
-            ax.plot(sizes, means, marker=MARKERS.get(memory, "o"), label=memory)
+            ax.plot(sizes, means, marker=MARKERS.get(memory, "o"), color=f"C{i}", label=memory)
         ax.set_title(rule)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(p) for p in sizes])
@@ -361,6 +373,6 @@ def _plot_by_pairs(plt, config, found, rules, out):
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR accuracy")
-    axes[0][-1].legend(fontsize=8, loc="best")
+    _legend(axes, fontsize=8)
     fig.suptitle(f"{config.name}: MQAR accuracy by number of pairs")
     return _save(plt, fig, out / "mqar_accuracy_by_pairs.png")

@@ -173,6 +173,43 @@ def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path):
     assert second["trained"] == [] and len(second["skipped"]) == 4
 
 
+def test_each_plot_has_one_legend_naming_every_memory_drawn(tmp_path, monkeypatch):
+    """The legend sits on the last panel but names what every panel draws: here gla's fm_sparse runs all
+    diverged, so its panel has no fm_sparse line (and mamba2's has no diverged mark); matplotlib warns
+    of no legend where nothing is drawn."""
+    import warnings
+
+    from memplug.experiments import report
+
+    config = load_config(str(_tiny(tmp_path, rules=["mamba2", "gla"], **{"tasks.lm": None})))
+    records = []
+    for rule in ("mamba2", "gla"):
+        for memory, state in (("backbone", 16), ("fm_sparse", 64)):
+            diverged = (rule, memory) == ("gla", "fm_sparse")
+            accuracy = None if diverged else 0.5
+            records.append({"task": "mqar", "rule": rule, "memory": memory, "seed": 0, "diverged": diverged,
+                            "accuracy": accuracy, "state_numel": state, "active_state_numel": state // 2,
+                            "curve": [{"step": 1, "val_accuracy": accuracy}, {"step": 2, "val_accuracy": accuracy}],
+                            "accuracy_by_pairs": {"2": accuracy, "4": accuracy}})
+    legends = {}
+
+    def save(plt, fig, path):
+        legends[path.name] = [[text.get_text() for text in ax.get_legend().get_texts()] if ax.get_legend() else None
+                              for ax in fig.axes]
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(report, "_save", save)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.plot(config, records, tmp_path)
+    assert legends == {
+        "accuracy_vs_state.png": [None, ["fm_sparse", "backbone frontier", "diverged (at 0)"], None, None],
+        "mqar_accuracy_by_pairs.png": [None, ["backbone", "fm_sparse"]],
+        "mqar_training_curves.png": [None, ["backbone", "fm_sparse"]],
+    }
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_a_routed_memory_on_one_fixed_slot_trains_like_the_backbone(rule):
     """Factorization Memory with every token on one slot (top-1 of 4, a zero router: equal scores,
