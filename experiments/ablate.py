@@ -79,7 +79,7 @@ class Run:
 
     def settings(self) -> dict:
         task = {k: v for k, v in dataclasses.asdict(self.task_config).items() if k not in ("model", "train", "rules")}
-        train = {k: v for k, v in dataclasses.asdict(self.train).items() if k not in ("threads", "device")}
+        train = {k: v for k, v in dataclasses.asdict(self.train).items() if k != "device"}
         return {"task": self.task, "rule": self.rule, "memory": self.memory, "seed": self.seed,
                 "task_config": task, "model": dataclasses.asdict(self.model), "train": train, "protocol": PROTOCOL}
 
@@ -214,6 +214,7 @@ def train_run(run: Run, task, env, progress=None) -> dict:
     train = run.train
     if train.batch_size % world:
         raise ValueError(f"train.batch_size: {train.batch_size} does not split over {world} processes")
+    torch.set_num_threads(train.threads)  # its own count, not the machine's: part of what its numbers depend on
     torch.manual_seed(run.seed)
     model = LM(task.vocab_size, run.model, run.memory, run.rule).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -311,17 +312,12 @@ def setup_env(train: TrainConfig) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if train.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device: 'cuda' asked for, but torch sees no CUDA device")
     use_cuda = train.device == "cuda" or (train.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if train.threads > 0:
-        torch.set_num_threads(train.threads)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return {"device": device, "rank": rank, "world_size": world}
@@ -384,13 +380,12 @@ def _exit_with_parent():
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _init_worker(counter, slots, lock, threads, show):
+def _init_worker(counter, slots, lock, show):
     from tqdm.auto import tqdm
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _exit_with_parent()
     tqdm.set_lock(lock)
-    torch.set_num_threads(threads)
     with slots.get_lock():
         slots.value += 1
         slot = slots.value
@@ -529,12 +524,12 @@ def _train_missing(config, runs, out, env, show, jobs, label) -> tuple[list, lis
                 _finished(record, out, show)
             trained.append(run.id)
     else:
-        trained = _run_parallel(todo, jobs, config.train.threads, out, show, grid_bar)
+        trained = _run_parallel(todo, jobs, out, show, grid_bar)
     grid_bar.close()
     return trained, skipped
 
 
-def _run_parallel(todo, jobs, threads, out, show, grid_bar):
+def _run_parallel(todo, jobs, out, show, grid_bar):
     import multiprocessing as mp
 
     from tqdm.auto import tqdm
@@ -542,11 +537,10 @@ def _run_parallel(todo, jobs, threads, out, show, grid_bar):
     ctx = mp.get_context("spawn")
     counter, slots, lock = ctx.Value("q", 0), ctx.Value("i", 0), ctx.RLock()
     tqdm.set_lock(lock)
-    threads = threads if threads > 0 else max(1, (os.cpu_count() or 1) // jobs)
     trained = []
     pool = None
     try:  # an interrupt can come while the pool starts: it is terminated all the same
-        pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(counter, slots, lock, threads, show))
+        pool = ctx.Pool(jobs, initializer=_init_worker, initargs=(counter, slots, lock, show))
         pending = [pool.apply_async(_worker, (run, f"[{i + 1}/{len(todo)}]")) for i, run in enumerate(todo)]
         while pending:
             pending[0].wait(0.5)

@@ -173,6 +173,30 @@ def test_a_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path):
     assert second["trained"] == [] and len(second["skipped"]) == 4
 
 
+def test_a_run_trains_with_its_own_thread_count_which_is_among_its_settings(tmp_path):
+    """The thread count changes a run's rounding, and a few hundred steps amplify it into different results:
+    a run trains with `train.threads` threads (default 1) whatever the process had set, and the count is in
+    its settings, so a grid run alone, two at a time or resumed on another machine gives the same numbers."""
+    from memplug.experiments.tasks import TASKS
+
+    config = load_config(str(_tiny(tmp_path, **{"tasks.lm": None})))
+    run = ablate.grid(config)[0]
+    task = TASKS[run.task].from_config(config.tasks[run.task])
+    env = {"device": torch.device("cpu"), "rank": 0, "world_size": 1}
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(3 - threads)  # what the process had: not what the run asks for
+            seen = set()
+            record = ablate.train_run(dataclasses.replace(run, train=dataclasses.replace(run.train, threads=threads)),
+                                      task, env, lambda loss: seen.add(torch.get_num_threads()))
+            assert seen == {threads} and record["train"]["threads"] == threads
+    finally:
+        torch.set_num_threads(before)
+    assert run.train.threads == 1
+    assert dataclasses.replace(run, train=dataclasses.replace(run.train, threads=2)).hash != run.hash
+
+
 def test_each_plot_has_one_legend_naming_every_memory_drawn(tmp_path, monkeypatch):
     """The legend sits on the last panel but names what every panel draws: here gla's fm_sparse runs all
     diverged, so its panel has no fm_sparse line (and mamba2's has no diverged mark); matplotlib warns
@@ -348,6 +372,7 @@ def _tiny(tmp_path, **changes):
     ({"train.weight_decay": -0.1}, "train.weight_decay"),
     ({"train.grad_clip": -1.0}, "train.grad_clip"),
     ({"train.threads": -2}, "train.threads"),
+    ({"train.threads": 0}, "train.threads"),
     ({"model.mlp_ratio": -1.0}, "model.mlp_ratio"),
     ({"tasks.mqar.power_a": -0.5}, "tasks.mqar.power_a"),
     ({"tasks.mqar.test_examples": 0}, "tasks.mqar.test_examples"),
