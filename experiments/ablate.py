@@ -334,8 +334,9 @@ def _broadcast(obj, env):
 def _run_bar(run, label, position, show):
     from tqdm.auto import tqdm
 
+    # disable=None: bars on a terminal only; in a log the line `_finished` prints per run is the progress
     return tqdm(total=run.train.steps, desc=f"{label} {run.id}", unit="step", position=position, leave=False,
-                dynamic_ncols=True, disable=not show)
+                dynamic_ncols=True, disable=None if show else True)
 
 
 def _progress(run_bar, tick):
@@ -512,7 +513,7 @@ def _train_missing(config, runs, out, env, show, jobs, label) -> tuple[list, lis
     # the tasks' data first: a missing or short text file stops the grid before any training
     tasks = {name: TASKS[name].from_config(config.tasks[name]) for name in dict.fromkeys(r.task for r in todo)}
     grid_bar = tqdm(total=sum(r.train.steps for r in todo), desc="grid", unit="step", position=0,
-                    dynamic_ncols=True, disable=not show or not todo)
+                    dynamic_ncols=True, disable=None if show and todo else True)
     trained = []
     if jobs == 1:
         for i, run in enumerate(todo):
@@ -572,17 +573,28 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _jobs(text: str) -> int:
+    """The type of --jobs: an integer >= 0 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: one per core), got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="memplug ablate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="presets: " + ", ".join(presets()))
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="a YAML config (see memplug/experiments/configs/*.yaml)")
+    source.add_argument("--config", help="a YAML config (the presets, experiments/configs/*.yaml, are examples)")
     source.add_argument("--preset", help="a config shipped with memplug: " + ", ".join(presets()))
     parser.add_argument("--out", required=True, help="output folder (results.jsonl, results.md, plots)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.steps=50 --set 'rules=[fm]'")
-    parser.add_argument("--jobs", type=int, help="runs trained at once on a CPU, each in its own process "
+    parser.add_argument("--jobs", type=_jobs, help="runs trained at once on a CPU, each in its own process "
                         "(default: the config's jobs; 0: one per core)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first, e.g. one that registers a rule (memplug.register_rule) the "
@@ -599,6 +611,10 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.preset, args.set)
     except ValueError as e:
         print(f"memplug ablate: bad config: {e}", file=sys.stderr)
+        return 2
+    blocked = next((p for p in (Path(args.out), *Path(args.out).parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        print(f"memplug ablate: --out: {blocked} exists and is not a folder", file=sys.stderr)
         return 2
     if args.dry_run:
         runs = grid(config)

@@ -63,6 +63,29 @@ class Case:
         return self.B * self.T
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for sizes and counts: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def rule_list(allowed=None):
+    """An argparse type: comma-separated rule names, each registered (and among `allowed`, when given)."""
+    def parse(text: str) -> list[str]:
+        known = memplug.available_rules() if allowed is None else [r for r in allowed if r in memplug.available_rules()]
+        rules = text.split(",")
+        for rule in rules:
+            if rule not in known:
+                raise argparse.ArgumentTypeError(f"{rule!r} is not one of {known}")
+        return rules
+    return parse
+
+
 def draw_inputs(rule: str, B: int, T: int, H: int, K: int, V: int, Hr: int, m: int, R: int, seed: int = 0) -> dict:
     """Layer-like float32 `routed_scan` tensors on the CPU: unit keys, decays in [-0.1, 0], write
     strengths in (0, 1), top-R of random logits with softmax weights (sum <= 1, so rule fm's gate
@@ -199,26 +222,28 @@ def main(argv=None) -> int:
     if _cuda_requested(argv):
         from .bench_cuda import main as bench_cuda
         return bench_cuda(argv)
-    parser = argparse.ArgumentParser(prog="memplug bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", default="chunked")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rule", default="gated_deltanet,fm", help="comma-separated rules")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (cpu)")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--B", type=int, default=1)
-    parser.add_argument("--H", type=int, default=4)
-    parser.add_argument("--K", type=int, default=64)
-    parser.add_argument("--V", type=int, default=64)
-    parser.add_argument("--T", type=int, default=2048, help="base sequence length")
-    parser.add_argument("--long-T", type=int, default=16384)
-    parser.add_argument("--m", type=int, default=8, help="slots per head at the base shape")
-    parser.add_argument("--many-slots", type=int, default=64)
-    parser.add_argument("--R", type=int, default=2)
+    parser = argparse.ArgumentParser(prog="memplug bench", description=__doc__.split("\n\n")[0],
+                                     epilog="Other programs, each with its own options (add --help): "
+                                            "--peers (chunked against its CPU peers), --model (the Triton "
+                                            "kernels' bytes and FLOPs against fla's, no GPU needed), --device "
+                                            "cuda (the triton backend against fla on a GPU; --smoke for tiny shapes).")
+    parser.add_argument("--backend", default="chunked", help=f"available here: {memplug.available_backends()}")
+    parser.add_argument("--device", default="cpu", choices=["cpu"], help="cuda: see below")
+    parser.add_argument("--rule", type=rule_list(), default="gated_deltanet,fm", help="comma-separated rules")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    for size, default, what in (("B", 1, None), ("H", 4, None), ("K", 64, None), ("V", 64, None),
+                                ("T", 2048, "base sequence length"), ("long-T", 16384, None),
+                                ("m", 8, "slots per head at the base shape"), ("many-slots", 64, None), ("R", 2, None),
+                                ("ref-tokens", 128, "tokens to time the reference on"), ("repeats", 5, None)):
+        parser.add_argument(f"--{size}", type=positive_int, default=default, help=what)
     parser.add_argument("--shared-routing", action="store_true", help="one routing for all heads (Hr = 1)")
-    parser.add_argument("--ref-tokens", type=int, default=128, help="tokens to time the reference on")
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     args = parser.parse_args(argv)
+    if args.backend not in memplug.available_backends():
+        parser.error(f"argument --backend: {args.backend!r} is not one of {memplug.available_backends()}")
+    if args.R > args.m:
+        parser.error(f"argument --R: {args.R} routes per token exceed --m {args.m} slots")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -229,7 +254,7 @@ def main(argv=None) -> int:
           f"routing, R={args.R}, coupling dt, {args.dtype}; base T={args.T}, m={args.m}")
     print(f"times: best of {args.repeats} rounds after a warm-up, shapes interleaved; peak memory: "
           + ("not measured" if args.no_memory else MEMORY_METHOD[device.type]))
-    for rule in args.rule.split(","):
+    for rule in args.rule:
         case = Case(rule, T=args.T, m=args.m, R=args.R, B=args.B, H=args.H, K=args.K, V=args.V,
                     shared_routing=args.shared_routing, dtype=args.dtype, device=args.device)
         bench_rule(case, args)

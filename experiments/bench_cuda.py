@@ -28,7 +28,7 @@ import memplug
 from memplug import routed_scan
 from memplug.imports import import_object
 
-from .bench import draw_inputs
+from .bench import draw_inputs, positive_int, rule_list
 
 CUDA_GOALS = {  # name -> (comparison, goal)
     "m1_over_fla": ("<=", 1.1),
@@ -194,16 +194,15 @@ def cuda_arguments(argv=None) -> argparse.Namespace:
                                      description="the triton backend against flash-linear-attention on a GPU")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--B", type=int, default=8)
-    parser.add_argument("--T", type=int, default=2048)
-    parser.add_argument("--H", type=int, default=16)
-    parser.add_argument("--K", type=int, default=128)
-    parser.add_argument("--V", type=int, default=128)
-    parser.add_argument("--rule", default="mamba2,gla,deltanet,gated_deltanet", help="rules of the m = 1 comparison")
-    parser.add_argument("--sparse-T", type=int, default=512, help="tokens per row of the sparse vs dense comparison")
-    parser.add_argument("--sparse-m", type=int, default=SPARSE_GOAL_SLOTS,
+    for size, default in (("B", 8), ("T", 2048), ("H", 16), ("K", 128), ("V", 128)):
+        parser.add_argument(f"--{size}", type=positive_int, default=default)
+    parser.add_argument("--rule", type=rule_list(FLA_PLAIN), default="mamba2,gla,deltanet,gated_deltanet",
+                        help=f"rules of the m = 1 comparison, of {list(FLA_PLAIN)}")
+    parser.add_argument("--sparse-T", type=positive_int, default=512,
+                        help="tokens per row of the sparse vs dense comparison")
+    parser.add_argument("--sparse-m", type=positive_int, default=SPARSE_GOAL_SLOTS,
                         help=f"slots of that comparison (its goal is for m = {SPARSE_GOAL_SLOTS}, none at another m)")
-    parser.add_argument("--decode-B", type=int, default=64)
+    parser.add_argument("--decode-B", type=positive_int, default=64)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repeats: checks that everything runs")
     parser.add_argument("--backend", default="triton", help=argparse.SUPPRESS)  # accepted for symmetry
     args = parser.parse_args(argv)
@@ -265,7 +264,7 @@ def triton_against_fla(args, dev, time_ms) -> list:
 
     # 1. m = 1 against fla's chunk kernels
     print("\nm = 1 (plain rule): triton vs fla")
-    for rule in args.rule.split(","):
+    for rule in args.rule:
         x = cuda_inputs(rule, B, T, H, K, V, 1, 1, dtype, dev)
         leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "route_w") if n in x]
         mine = timed(f"{rule} triton", lambda: routed_scan(**x, backend="triton")[0], leaves, rule, 1, 1)

@@ -193,6 +193,9 @@ def model_arguments(argv=None) -> argparse.Namespace:
             parser.error(f"--{name}: must be a positive integer, got {getattr(args, name)}")
     if args.R > args.m:
         parser.error(f"--R: at most --m ({args.m}) routes per token, got {args.R}")
+    import memplug
+    if args.rule not in memplug.available_rules():
+        parser.error(f"--rule: {args.rule!r} is not one of {memplug.available_rules()}")
     return args
 
 
@@ -201,13 +204,11 @@ def main(argv=None) -> int:
     # First, before triton or fla are imported: their kernels must be interpreted functions to be recorded.
     enable_triton_interpreter()
     args = model_arguments(argv)
-    import memplug
     from memplug.backends.triton import CHUNK_SIZE as BT
     from memplug.backends.triton.cost_model import GPUS, packed_layout
 
     from .bench_cuda import cuda_inputs
 
-    memplug.get_rule(args.rule)  # a clear error for an unknown rule, before any work
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     B, T, H, K, V, m, R = args.B, args.T, args.H, args.K, args.V, args.m, args.R

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import memplug
 from memplug import routed_scan
 
+from .bench import positive_int
+
 RULES = ("mamba2", "deltanet", "gated_deltanet")
 SLOTS = ((1, 1), (4, 2), (8, 2))  # (m, R)
 
@@ -139,12 +141,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="memplug bench --peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", action="store_true")
     parser.add_argument("--rule", default=",".join(RULES), help=f"comma-separated, of {RULES}")
-    parser.add_argument("--T", type=int, default=2048)
-    parser.add_argument("--H", type=int, default=4)
-    parser.add_argument("--K", type=int, default=64)
-    parser.add_argument("--V", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    for size, default in (("T", 2048), ("H", 4), ("K", 64), ("V", 64), ("threads", 2), ("repeats", 5)):
+        parser.add_argument(f"--{size}", type=positive_int, default=default)
     args = parser.parse_args(argv)
     rules = args.rule.split(",")
     for rule in rules:

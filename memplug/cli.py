@@ -5,6 +5,7 @@ Each subcommand lives in `memplug.experiments` and owns its arguments; this modu
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -23,7 +24,11 @@ def main(argv=None) -> int:
             return 2
         return 0
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    try:
+        return module.main(argv[1:]) or 0
+    except BrokenPipeError:  # the reader went away (`memplug ablate ... --dry-run | head`): no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet too
+        return 1  # as Python's documentation of SIGPIPE advises
 
 
 if __name__ == "__main__":

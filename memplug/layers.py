@@ -209,6 +209,10 @@ class RoutedMemory(nn.Module):
             raise ValueError(f"x: expected a tensor of shape [B, T, hidden_size={D}], got {shape}")
         if not x.is_floating_point():
             raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+        weights = self.o_proj.weight.dtype
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x: expected the dtype of the layer's parameters, {weights}, got {x.dtype} (cast one "
+                            f"of them, or run under torch.autocast)")
         check_bool("use_cache", use_cache)
         if cache is not None and not isinstance(cache, MemoryCache):
             raise TypeError(f"cache: expected a MemoryCache or None, got {type(cache).__name__}")

@@ -556,6 +556,67 @@ def test_ctrl_c_exits_cleanly(tmp_path):
     assert not any(_alive(p) for p in workers)
 
 
+def test_ablate_refuses_an_out_that_is_a_file_and_negative_jobs_before_any_work(tmp_path, capsys):
+    path = _tiny(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "sub"):
+        for dry_run in ([], ["--dry-run"]):
+            assert ablate.main(["--config", str(path), "--out", str(out), *dry_run]) == 2
+            assert capsys.readouterr().err.strip() == f"memplug ablate: --out: {afile} exists and is not a folder"
+    with pytest.raises(SystemExit) as info:
+        ablate.main(["--config", str(path), "--out", str(tmp_path / "o"), "--jobs", "-1"])
+    assert info.value.code == 2 and "argument --jobs: expected an integer >= 0" in capsys.readouterr().err
+    assert afile.read_text() == "" and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rule", "nosuch"], "argument --rule: 'nosuch' is not one of"),
+    (["--backend", "nosuch"], "argument --backend: 'nosuch' is not one of"),
+    (["--dtype", "float7"], "argument --dtype: invalid choice: 'float7'"),
+    (["--m", "-3"], "argument --m: expected an integer >= 1, got -3"),
+    (["--R", "9"], "argument --R: 9 routes per token exceed --m 8 slots"),
+    (["--peers", "--T", "0"], "argument --T: expected an integer >= 1, got 0"),
+    (["--model", "--rule", "nosuch"], "--rule: 'nosuch' is not one of"),
+    (["--device", "cuda", "--rule", "kda"], "argument --rule: 'kda' is not one of"),
+])
+def test_bench_names_a_bad_argument_before_any_work(args, message, capsys):
+    from memplug import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", *args])
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and message in captured.err and captured.out == ""
+
+
+def test_bench_help_names_its_other_programs(capsys):
+    from memplug import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps its lines
+    assert all(program in text for program in ("--peers", "--model", "--device cuda"))
+
+
+def test_output_to_a_pipe_has_no_progress_bars_and_a_closed_pipe_no_traceback(tmp_path):
+    """Bars are for a terminal: in a log they are thousands of carriage returns and escape codes, and the
+    line each finished run prints is the progress there. A reader that stops early (`| head`) is no error
+    worth a traceback."""
+    path = _tiny(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "memplug.cli", "ablate", "--config", str(path), "--out",
+                           str(tmp_path / "out"), "--jobs", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr and "\x1b[" not in done.stderr
+    assert sum("mqar/fm/" in line or "lm/fm/" in line for line in (done.stdout + done.stderr).splitlines()) >= 4
+    listing = subprocess.Popen([sys.executable, "-m", "memplug.cli", "ablate", "--preset", "study", "--out",
+                                str(tmp_path / "study"), "--dry-run"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    listing.stdout.close()  # before it writes a line (importing torch takes it longer than this)
+    err = listing.stderr.read()
+    assert listing.wait(timeout=120) == 1 and "Traceback" not in err, err
+
+
 def test_presets_parse():
     assert {"quick", "paper"} <= set(presets())
     paper = load_config(preset="paper")

@@ -261,6 +261,16 @@ def test_integer_input_is_named():
         layer(torch.ones(1, 4, layer.o_proj.out_features, dtype=torch.long))
 
 
+def test_input_of_another_dtype_than_the_parameters_is_named_unless_autocast_mixes_them():
+    layer = _layer().float()
+    x = _x(B=1, T=4).float()
+    with pytest.raises(TypeError, match="^x: expected the dtype of the layer's parameters, torch.float32, got "
+                                        "torch.float64"):
+        layer(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a mixed-precision forward: the dtypes differ on purpose
+        assert layer(x.bfloat16())[0].shape == x.shape
+
+
 @settings(max_examples=25, deadline=None)
 @given(T=st.integers(1, 9), split=st.integers(0, 9), width=st.integers(1, 4),
        lengths=st.lists(st.integers(1, 5), min_size=1, max_size=3))
