@@ -258,19 +258,20 @@ def check_scan(q, k, v, *, rule: Rule, route_idx, route_w, num_slots, g, beta, r
     args = ScanArgs(q, k, v, rule, route_idx, route_w, route_w if read_w is None else read_w, g, beta, m, coupling,
                     K ** -0.5 if scale is None else float(scale), initial_state, output_final_state, cu_seqlens)
     if check_values:
-        check_scan_values(args)
+        # routed_step takes its slot count from its state: a range error there is the state's as much as route_idx's
+        check_scan_values(args, slots="num_slots" if state_name == "initial_state" else f"{state_name}.shape[2]")
     return args
 
 
-def check_scan_values(args: ScanArgs) -> None:
+def check_scan_values(args: ScanArgs, slots: str = "num_slots") -> None:
     """The value checks of `check_scan`, on inputs whose shapes it has checked: slot indices in
     range and distinct within a token, routing weights finite and >= 0, `g` finite and <= 0, `beta`
     finite in [0, 1], and the rule's own `check` (fm: `route_w * beta <= 1`). Each reads values
-    back to the host."""
+    back to the host. `slots` names where the slot count came from, for the range error."""
     route_idx, route_w, read_w, g, beta = args.route_idx, args.route_w, args.read_w, args.g, args.beta
     m = args.num_slots
     if route_idx.numel() and (route_idx.min() < 0 or route_idx.max() >= m):
-        raise ValueError(f"route_idx: expected slot indices in [0, num_slots) = [0, {m}), "
+        raise ValueError(f"route_idx: expected slot indices in [0, {slots}) = [0, {m}), "
                          f"got values in [{int(route_idx.min())}, {int(route_idx.max())}]")
     if route_idx.shape[-1] > 1:
         ordered = route_idx.sort(dim=-1).values
