@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu"], help="cuda: see below")
     parser.add_argument("--rule", type=rule_list(), default="gated_deltanet,fm", help="comma-separated rules")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads (cpu)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     for size, default, what in (("B", 1, None), ("H", 4, None), ("K", 64, None), ("V", 64, None),
                                 ("T", 2048, "base sequence length"), ("long-T", 16384, None),
                                 ("m", 8, "slots per head at the base shape"), ("many-slots", 64, None), ("R", 2, None),
@@ -242,8 +242,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.backend not in memplug.available_backends():
         parser.error(f"argument --backend: {args.backend!r} is not one of {memplug.available_backends()}")
-    if args.R > args.m:
-        parser.error(f"argument --R: {args.R} routes per token exceed --m {args.m} slots")
+    for slots in ("m", "many_slots"):
+        if args.R > getattr(args, slots):
+            option = "--" + slots.replace("_", "-")
+            parser.error(f"argument --R: {args.R} routes per token exceed {option} {getattr(args, slots)} slots")
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -206,6 +206,9 @@ def cuda_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few repeats: checks that everything runs")
     parser.add_argument("--backend", default="triton", help=argparse.SUPPRESS)  # accepted for symmetry
     args = parser.parse_args(argv)
+    if args.sparse_m < 2:
+        parser.error(f"argument --sparse-m: its comparison routes R = 2, so it needs at least 2 slots, "
+                     f"got {args.sparse_m}")
     if args.smoke:
         args.B, args.T, args.H, args.K, args.V, args.sparse_T, args.decode_B = 1, 64, 2, 32, 32, 32, 4
     return args

@@ -240,8 +240,12 @@ def check_config(config: AblateConfig):
             if rule not in config.rules:
                 raise ValueError(f"tasks.{task_name}.rules[{i}]: {rule!r} is not one of the grid's rules "
                                  f"{config.rules}")
-        for name in ("steps", "batch_size", "lr", "threads"):
+        for name in ("steps", "batch_size", "lr"):
             _positive(getattr(train, name), _path(task_name, task, "train", name))
+        if train.threads < 1:  # configs written before 2026-12-05 hold 0, then "cores / processes"
+            raise ValueError(f"{_path(task_name, task, 'train', 'threads')}: expected an integer >= 1, the torch "
+                             f"threads of each run (0, once 'cores / processes', is gone: the count changes a run's "
+                             f"results; 1 is what every grid of several runs at once used), got {train.threads!r}")
         for name in ("warmup", "min_lr_ratio", "weight_decay", "grad_clip"):
             _positive(getattr(train, name), _path(task_name, task, "train", name), zero_ok=True)
         if train.device not in ("auto", "cpu", "cuda"):

@@ -25,7 +25,9 @@ def main(argv=None) -> int:
         return 0
     module = importlib.import_module(COMMANDS[argv[0]][0])
     try:
-        return module.main(argv[1:]) or 0
+        status = module.main(argv[1:]) or 0
+        sys.stdout.flush()  # a pipe's output is buffered: written here, where a closed pipe is caught
+        return status
     except BrokenPipeError:  # the reader went away (`memplug ablate ... --dry-run | head`): no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush stays quiet too
         return 1  # as Python's documentation of SIGPIPE advises

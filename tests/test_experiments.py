@@ -372,7 +372,7 @@ def _tiny(tmp_path, **changes):
     ({"train.weight_decay": -0.1}, "train.weight_decay"),
     ({"train.grad_clip": -1.0}, "train.grad_clip"),
     ({"train.threads": -2}, "train.threads"),
-    ({"train.threads": 0}, "train.threads"),
+    ({"train.threads": 0}, "train.threads: expected an integer >= 1"),
     ({"model.mlp_ratio": -1.0}, "model.mlp_ratio"),
     ({"tasks.mqar.power_a": -0.5}, "tasks.mqar.power_a"),
     ({"tasks.mqar.test_examples": 0}, "tasks.mqar.test_examples"),
@@ -576,6 +576,8 @@ def test_ablate_refuses_an_out_that_is_a_file_and_negative_jobs_before_any_work(
     (["--dtype", "float7"], "argument --dtype: invalid choice: 'float7'"),
     (["--m", "-3"], "argument --m: expected an integer >= 1, got -3"),
     (["--R", "9"], "argument --R: 9 routes per token exceed --m 8 slots"),
+    (["--many-slots", "1"], "argument --R: 2 routes per token exceed --many-slots 1 slots"),
+    (["--device", "cuda", "--sparse-m", "1"], "argument --sparse-m: its comparison routes R = 2"),
     (["--peers", "--T", "0"], "argument --T: expected an integer >= 1, got 0"),
     (["--model", "--rule", "nosuch"], "--rule: 'nosuch' is not one of"),
     (["--device", "cuda", "--rule", "kda"], "argument --rule: 'kda' is not one of"),
@@ -609,8 +611,9 @@ def test_output_to_a_pipe_has_no_progress_bars_and_a_closed_pipe_no_traceback(tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\r" not in done.stderr and "\x1b[" not in done.stderr
     assert sum("mqar/fm/" in line or "lm/fm/" in line for line in (done.stdout + done.stderr).splitlines()) >= 4
+    buffered = {k: v for k, v in env.items() if k != "PYTHONUNBUFFERED"}  # as a pipe's output is by default
     listing = subprocess.Popen([sys.executable, "-m", "memplug.cli", "ablate", "--preset", "study", "--out",
-                                str(tmp_path / "study"), "--dry-run"], env=env, stdout=subprocess.PIPE,
+                                str(tmp_path / "study"), "--dry-run"], env=buffered, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     listing.stdout.close()  # before it writes a line (importing torch takes it longer than this)
     err = listing.stderr.read()
@@ -645,11 +648,18 @@ def test_a_built_wheel_ships_every_preset(tmp_path):
     """`memplug ablate --preset NAME` reads configs/NAME.yaml beside the installed package: a wheel (not
     the editable install the tests run from) must carry every preset, and setuptools must not warn that
     their folder is a package it would leave out."""
+    import shutil
     import zipfile
 
+    # from a copy of the sources: a checkout's build/ (left by any earlier build) would lend the wheel its files
     root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    for package in ("memplug", "backends", "adapters", "experiments"):
+        shutil.copytree(root / package, source / package, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-                            str(tmp_path), str(root)], capture_output=True, text=True)
+                            str(tmp_path), str(source)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     assert "absent from the `packages` configuration" not in build.stdout + build.stderr
     (wheel,) = tmp_path.glob("memplug-*.whl")
