@@ -44,7 +44,7 @@ import yaml
 
 from memplug.routing import routing_stats, update_balance_biases
 
-from .config import AblateConfig, ModelConfig, TrainConfig, load_config, presets, resolved, task_rules
+from .config import AblateConfig, ModelConfig, TrainConfig, int_at_least, load_config, presets, resolved, task_rules
 from .model import LM
 from .report import append_result, markdown_table, plot, read_results
 from .tasks import IGNORE, TASKS
@@ -573,17 +573,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _jobs(text: str) -> int:
-    """The type of --jobs: an integer >= 0 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0 (0: one per core), got {value}")
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="memplug ablate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -594,8 +583,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output folder (results.jsonl, results.md, plots)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.steps=50 --set 'rules=[fm]'")
-    parser.add_argument("--jobs", type=_jobs, help="runs trained at once on a CPU, each in its own process "
-                        "(default: the config's jobs; 0: one per core)")
+    parser.add_argument("--jobs", type=int_at_least(0, "0: one per core"),
+                        help="runs trained at once on a CPU, each in its own process (default: the config's jobs; "
+                             "0: one per core)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import MODULE first, e.g. one that registers a rule (memplug.register_rule) the "
                              "grid uses")

@@ -34,6 +34,8 @@ import torch
 import memplug
 from memplug import routed_scan
 
+from .config import positive_int
+
 GOALS = {  # name -> (comparison, goal)
     "vs_reference": (">=", 20.0),
     "long_over_base": ("<=", 10.0),
@@ -61,17 +63,6 @@ class Case:
     @property
     def tokens(self) -> int:
         return self.B * self.T
-
-
-def positive_int(text: str) -> int:
-    """An argparse type for sizes and counts: an integer >= 1 (argparse names the option in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def rule_list(allowed=None):

@@ -28,7 +28,8 @@ import memplug
 from memplug import routed_scan
 from memplug.imports import import_object
 
-from .bench import draw_inputs, positive_int, rule_list
+from .bench import draw_inputs, rule_list
+from .config import positive_int
 
 CUDA_GOALS = {  # name -> (comparison, goal)
     "m1_over_fla": ("<=", 1.1),

@@ -4,6 +4,7 @@ or a wrong type raises `ValueError` naming the field by its path (e.g. `tasks.mq
 `configs/*.yaml` are the presets (`--preset NAME`)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import typing
@@ -182,6 +183,25 @@ def from_dict(cls, data, where: str):
 def _positive(value, path, zero_ok=False):
     if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
         raise ValueError(f"{path}: expected a finite value {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def int_at_least(minimum: int, note: str = ""):
+    """An argparse type for the command lines' counts and sizes: an integer >= `minimum` (argparse names the
+    option in its error); `note` says what the bound means."""
+    bound = f"an integer >= {minimum}" + (f" ({note})" if note else "")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def _path(task_name, task, section, name):

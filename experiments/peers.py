@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import memplug
 from memplug import routed_scan
 
-from .bench import positive_int
+from .bench import rule_list
+from .config import positive_int
 
 RULES = ("mamba2", "deltanet", "gated_deltanet")
 SLOTS = ((1, 1), (4, 2), (8, 2))  # (m, R)
@@ -140,14 +141,12 @@ def small_layer_ratio(repeats: int) -> tuple:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="memplug bench --peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", action="store_true")
-    parser.add_argument("--rule", default=",".join(RULES), help=f"comma-separated, of {RULES}")
+    parser.add_argument("--rule", type=rule_list(RULES), default=",".join(RULES),
+                        help=f"comma-separated, of the rules with a CPU peer, {list(RULES)}")
     for size, default in (("T", 2048), ("H", 4), ("K", 64), ("V", 64), ("threads", 2), ("repeats", 5)):
         parser.add_argument(f"--{size}", type=positive_int, default=default)
     args = parser.parse_args(argv)
-    rules = args.rule.split(",")
-    for rule in rules:
-        if rule not in RULES:
-            parser.error(f"--rule: {rule!r} has no CPU peer; choose from {RULES}")
+    rules = args.rule
     torch.set_num_threads(args.threads)
     print(f"memplug bench --peers: chunked against fla's PyTorch chunk references (m = 1) and a MoM-style loop "
           f"over them (m > 1, coupling none); value checks off; {torch.get_num_threads()} threads, float32, "
